@@ -1,0 +1,215 @@
+"""The model manifest: what an exported ONNX file says about itself.
+
+The trainer writes it as JSON into the file's `metadata_props["oteo"]`; the daemon, `oteo
+evaluate` and the benchmarks read it back. It is the single definition of the contract, so every
+consumer makes the same decisions from the same file.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+METADATA_KEY = "oteo"
+
+Architecture = Literal["dense", "conv1d", "gru", "lstm"]
+Variant = Literal["basic", "denoising", "sparse", "contractive", "robust", "variational"]
+Noise = Literal["none", "gaussian", "salt_pepper", "masking", "cauchy"]
+ThresholdRule = Literal["quantile", "pot", "max"]
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, malformed, or of a schema this runtime does not know."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AlarmPolicy(_Strict):
+    """How window scores become alarms; `oteo evaluate`, the benchmarks and the daemon share it."""
+
+    hop: int = Field(1, ge=1, description="Samples between two scored windows of a stream.")
+    enter_threshold: float = Field(
+        gt=0, description="Smoothed score at or above which a window counts as exceeding."
+    )
+    exit_threshold: float = Field(
+        gt=0, description="An active alarm ends once the smoothed score stays below this."
+    )
+    k: int = Field(3, ge=1, description="Exceeding windows among the last `n` that raise an alarm.")
+    n: int = Field(5, ge=1, description="Length of the k-of-n minimum-duration window.")
+    clear_windows: int = Field(
+        3, ge=1, description="Consecutive windows below `exit_threshold` that end an alarm."
+    )
+    cooldown_windows: int = Field(
+        0, ge=0, description="Windows after an alarm ends during which no new alarm starts."
+    )
+    smoothing_alpha: float = Field(
+        1.0, gt=0, le=1, description="EWMA weight of the newest score; 1 means no smoothing."
+    )
+
+    @model_validator(mode="after")
+    def _check_consistent(self) -> AlarmPolicy:
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) must not exceed n ({self.n})")
+        if self.exit_threshold > self.enter_threshold:
+            raise ValueError(
+                f"exit_threshold ({self.exit_threshold}) must not exceed "
+                f"enter_threshold ({self.enter_threshold})"
+            )
+        return self
+
+
+class Calibration(_Strict):
+    """How the alarm thresholds were derived from scores of held-back normal windows."""
+
+    rule: ThresholdRule = Field(
+        description="quantile: empirical; pot: generalised Pareto tail fit; "
+        "max: too few windows for either, the largest score times a margin (warned)."
+    )
+    quantile: float = Field(gt=0, lt=1, description="Target quantile of normal window scores.")
+    exit_quantile: float = Field(gt=0, lt=1, description="Quantile used for the exit threshold.")
+    windows: int = Field(ge=1, description="Held-back normal windows the scores came from.")
+    cross_fitted: bool = Field(
+        description="Scores came from models that did not see those windows (small data)."
+    )
+    parameters: dict[str, float] = Field(
+        default_factory=dict, description="Rule parameters (POT: u, shape, scale, exceedances)."
+    )
+    target_false_alarms_per_day: float | None = Field(
+        None, ge=0, description="User target for alarm events per day on normal data."
+    )
+    false_alarms_per_day: float = Field(
+        ge=0, description="Alarm events per day when the policy is replayed on held-back data."
+    )
+    heldback_hours: float = Field(ge=0, description="Duration of the held-back data.")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class Quantiles(_Strict):
+    """Quantiles of scores of normal windows: turn a score into a p-value or a normalised value."""
+
+    levels: list[float] = Field(description="Increasing probabilities in (0, 1).")
+    values: list[float] = Field(description="Score at each level (non-decreasing).")
+
+    @model_validator(mode="after")
+    def _check(self) -> Quantiles:
+        if len(self.levels) != len(self.values) or len(self.levels) < 2:
+            raise ValueError("levels and values must have the same length (at least 2)")
+        if any(b <= a for a, b in zip(self.levels, self.levels[1:], strict=False)):
+            raise ValueError("levels must increase")
+        return self
+
+    def p_value(self, score: float) -> float:
+        """P(normal score >= score), interpolated between the tabulated quantiles."""
+        lv = np.asarray(self.levels)
+        vals = np.asarray(self.values)
+        # Beyond the last tabulated value the p-value is floored at 1 - levels[-1].
+        return 1.0 - float(np.interp(score, vals, lv, left=0.0, right=lv[-1]))
+
+
+class ChannelQuantiles(_Strict):
+    """Per-channel quantiles of normal channel scores (one list of values per channel)."""
+
+    levels: list[float]
+    values: list[list[float]] = Field(description="values[c][i]: channel c at levels[i].")
+
+
+class Provenance(_Strict):
+    data_fingerprint: str = Field(description="sha256 of the training matrix (float32 bytes).")
+    source: str = Field("", description="Where the training data came from (file name).")
+    rows: int = Field(ge=0)
+    train_windows: int = Field(ge=0)
+    seed: int
+    epochs: int = Field(ge=0)
+    train_seconds: float = Field(ge=0)
+    oteo_version: str
+    torch_version: str = ""
+
+
+class Validation(_Strict):
+    train_loss: float
+    heldback_loss: float
+    parity_max_rel_error: float = Field(
+        description="Largest relative difference torch vs onnxruntime at export."
+    )
+    code_binariness: float | None = Field(
+        None, description="Hashing models: share of code units farther than 0.4 from 0.5."
+    )
+
+
+class Manifest(_Strict):
+    """Everything the runtime needs to know about a model file."""
+
+    schema_version: int = Field(SCHEMA_VERSION, description="Manifest schema version.")
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    created: str = Field(description="RFC 3339 UTC time of export.")
+    channels: list[str] = Field(min_length=1, description="Channel names, in input order.")
+    channel_mean: list[float] = Field(description="Standardisation mean per channel (raw units).")
+    channel_scale: list[float] = Field(description="Standardisation scale per channel (> 0).")
+    window: int = Field(ge=2, description="Samples per window.")
+    sample_period_s: float = Field(gt=0, description="Expected time between samples.")
+    architecture: Architecture
+    variant: Variant
+    noise: Noise = "none"
+    noise_level: float = Field(0.0, ge=0)
+    code_size: int = Field(ge=1)
+    hashable: bool = Field(description="The code is near-binary: code > 0.5 gives hash bits.")
+    calibration: Calibration
+    alarm: AlarmPolicy
+    score_quantiles: Quantiles
+    channel_score_quantiles: ChannelQuantiles
+    constant_channels: list[str] = Field(
+        default_factory=list, description="Channels near-constant in training (reported)."
+    )
+    provenance: Provenance
+    validation: Validation
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> Manifest:
+        n = len(self.channels)
+        if len(set(self.channels)) != n:
+            raise ValueError("channel names must be unique")
+        if len(self.channel_mean) != n or len(self.channel_scale) != n:
+            raise ValueError("channel_mean and channel_scale need one value per channel")
+        if any(s <= 0 for s in self.channel_scale):
+            raise ValueError("channel_scale values must be > 0")
+        if len(self.channel_score_quantiles.values) != n:
+            raise ValueError("channel_score_quantiles needs one row per channel")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        """Parse a manifest, refusing unknown schema versions with a clear message."""
+        try:
+            raw: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ManifestError("manifest must be a JSON object")
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(
+                f"manifest schema_version {version!r} is not supported (this oteo reads "
+                f"{SCHEMA_VERSION}); re-export the model with a matching oteo"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "manifest"
+            raise ManifestError(f"manifest.{where}: {first['msg']}") from exc
+
+
+def utc_now() -> str:
+    """Current time as an RFC 3339 UTC string with a Z suffix."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
