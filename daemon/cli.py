@@ -1,0 +1,106 @@
+"""The `oteo` command line: a thin adapter over the runtime's objects.
+
+Commands that need the trainer (`train`, `evaluate`, `simulate`, ...) are registered by the
+`training` package through the `oteo.commands` entry-point group and loaded only when used, so the
+edge runtime never imports torch or `training`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import click
+
+from daemon import __version__
+from daemon.distribution import check_distribution
+
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus keeps it from restart-looping
+
+
+class _PluginGroup(click.Group):
+    """A click group that also offers commands registered under the `oteo.commands` entry points."""
+
+    def _plugins(self) -> dict[str, Any]:
+        return {ep.name: ep for ep in entry_points(group="oteo.commands")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._plugins()))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        ep = self._plugins().get(cmd_name)
+        if ep is None:
+            return None
+        loaded = ep.load()
+        return loaded if isinstance(loaded, click.Command) else None
+
+
+@click.group(cls=_PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="oteo")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """oteo: autoencoder anomaly detection for machine sensor streams over MQTT."""
+    check_distribution()
+    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(model_path: Path, as_json: bool) -> None:
+    """Print a model file's manifest (validated by the same loader the daemon uses)."""
+    from daemon.model import Model, ModelFileError
+
+    try:
+        model = Model.load(model_path)
+    except ModelFileError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    m = model.manifest
+    if as_json:
+        doc = {"path": str(model_path), "sha256": model.sha256, "manifest": m.model_dump()}
+        click.echo(json.dumps(doc, indent=2))
+        return
+    cal, alarm = m.calibration, m.alarm
+    lines = [
+        f"{model_path}  sha256 {model.sha256}",
+        f"name {m.name}  version {m.version}  created {m.created}",
+        f"model {m.architecture} / {m.variant} (noise {m.noise} {m.noise_level:g}), "
+        f"code {m.code_size}{' (hashable)' if m.hashable else ''}",
+        f"window {m.window} samples x {len(m.channels)} channels, "
+        f"sample period {m.sample_period_s:g} s",
+        "channels " + ", ".join(m.channels),
+        f"thresholds enter {alarm.enter_threshold:.4g}  exit {alarm.exit_threshold:.4g}  "
+        f"(rule {cal.rule}, q {cal.quantile}, {cal.windows} windows"
+        f"{', cross-fitted' if cal.cross_fitted else ''})",
+        f"alarm hop {alarm.hop}, {alarm.k} of {alarm.n} windows, clear after "
+        f"{alarm.clear_windows}, cool-down {alarm.cooldown_windows}, "
+        f"smoothing {alarm.smoothing_alpha:g}",
+        f"false alarms/day on held-back data {cal.false_alarms_per_day:.2f} "
+        f"over {cal.heldback_hours:.1f} h"
+        + (
+            f" (target {cal.target_false_alarms_per_day:g})"
+            if cal.target_false_alarms_per_day is not None
+            else ""
+        ),
+        f"trained on {m.provenance.rows} rows ({m.provenance.source}), "
+        f"{m.provenance.epochs} epochs, seed {m.provenance.seed}, "
+        f"{m.provenance.train_seconds:.1f} s",
+        f"loss train {m.validation.train_loss:.4g}  held-back {m.validation.heldback_loss:.4g}  "
+        f"parity {m.validation.parity_max_rel_error:.1e}",
+    ]
+    if m.validation.code_binariness is not None:
+        lines.append(f"code binariness {m.validation.code_binariness:.1%}")
+    if m.constant_channels:
+        lines.append("near-constant channels " + ", ".join(m.constant_channels))
+    lines += [f"warning: {w}" for w in cal.warnings]
+    click.echo("\n".join(lines))

@@ -1,0 +1,168 @@
+"""Alarm thresholds from onnxruntime scores of held-back normal windows.
+
+Rule for a target quantile q of normal window scores:
+- quantile: the empirical quantile, when there are at least 10 / (1 - q) windows;
+- pot: peaks over threshold, a generalised Pareto fit to the excesses over a high empirical
+  quantile, when there are at least `MIN_EXCEEDANCES` excesses to fit;
+- max: otherwise, the largest score times a margin, with a warning that the data are too few.
+
+A false-alarm target is then checked at the level of alarm EVENTS: the alarm policy (k-of-n,
+hysteresis, cool-down) is replayed over the held-back series and the enter threshold raised until
+the replay meets the target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+
+from daemon.alarm import count_events, replay
+from daemon.manifest import AlarmPolicy, Calibration, ChannelQuantiles, Quantiles
+
+MIN_EXCEEDANCES = 20
+# The POT fit starts at this empirical quantile (or lower, to keep MIN_EXCEEDANCES excesses).
+POT_BASE_QUANTILE = 0.95
+MAX_RULE_MARGIN = 1.5
+QUANTILE_LEVELS = (0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999)
+
+
+@dataclass
+class Threshold:
+    value: float
+    rule: str
+    parameters: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def threshold(scores: np.ndarray, q: float) -> Threshold:
+    """The score that normal windows exceed with probability 1 - q, by the best-supported rule."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(s)
+    if n == 0:
+        raise ValueError("no held-back windows to calibrate on")
+    if n >= 10 / (1 - q):
+        return Threshold(float(np.quantile(s, q)), "quantile")
+    k = min(n - MIN_EXCEEDANCES, math.floor(n * POT_BASE_QUANTILE))
+    if k >= n // 2 and n - k >= MIN_EXCEEDANCES:
+        u = float(s[k - 1])
+        excess = s[k:] - u
+        excess = excess[excess > 0]
+        if len(excess) >= MIN_EXCEEDANCES and np.ptp(excess) > 0:
+            shape, _, scale = stats.genpareto.fit(excess, floc=0.0)
+            tail = len(excess) / n
+            p = (1 - q) / tail
+            if abs(shape) < 1e-6:
+                value = u - scale * math.log(p)
+            else:
+                value = u + scale / shape * (p ** (-shape) - 1)
+            if math.isfinite(value) and value >= u:
+                params = {"u": u, "shape": float(shape), "scale": float(scale)}
+                params["exceedances"] = float(len(excess))
+                cap = float(s[-1]) * MAX_RULE_MARGIN
+                if value <= cap:
+                    return Threshold(float(value), "pot", params)
+                # A very heavy fitted tail (shape near or above 1) extrapolates far past anything
+                # seen; the fit is not trusted beyond the margin the "max" rule would use.
+                warning = (
+                    f"tail fit (shape {shape:.2f}) extrapolates to {value:.4g}; capped at "
+                    f"{MAX_RULE_MARGIN} x the largest held-back score"
+                )
+                return Threshold(cap, "pot", {**params, "capped": 1.0}, [warning])
+    warning = (
+        f"only {n} held-back windows: too few for the q={q} quantile or a tail fit; "
+        f"threshold = {MAX_RULE_MARGIN} x the largest score. Record more normal data."
+    )
+    return Threshold(float(s[-1] * MAX_RULE_MARGIN), "max", {"margin": MAX_RULE_MARGIN}, [warning])
+
+
+def quantile_table(scores: np.ndarray) -> Quantiles:
+    """Score quantiles for p-values: empirical where supported, tail rule beyond, monotone."""
+    values = [threshold(scores, q).value for q in QUANTILE_LEVELS]
+    return Quantiles(levels=list(QUANTILE_LEVELS), values=np.maximum.accumulate(values).tolist())
+
+
+def channel_quantile_table(channel_scores: np.ndarray) -> ChannelQuantiles:
+    """Empirical per-channel quantiles (normalises each channel's contribution)."""
+    levels = [0.5, 0.9, 0.99]
+    values = np.quantile(channel_scores, levels, axis=0).T  # [C, L]
+    return ChannelQuantiles(levels=levels, values=values.tolist())
+
+
+def events_per_day(
+    series: Sequence[np.ndarray], policy: AlarmPolicy, period_s: float
+) -> tuple[float, float]:
+    """(alarm events per day, hours) when the policy is replayed over each contiguous series."""
+    events = sum(count_events(replay(s, policy)) for s in series)
+    hours = sum(len(s) for s in series) * policy.hop * period_s / 3600
+    return (events / (hours / 24) if hours > 0 else 0.0), hours
+
+
+def calibrate(
+    series: Sequence[np.ndarray],
+    base: AlarmPolicy,
+    period_s: float,
+    *,
+    q: float,
+    exit_q: float,
+    target_per_day: float | None,
+    cross_fitted: bool,
+) -> tuple[AlarmPolicy, Calibration]:
+    """Thresholds from held-back window scores (one array per contiguous series, hop-spaced)."""
+    scores = np.concatenate(series)
+    enter = threshold(scores, q)
+    leave = threshold(scores, exit_q)
+    exit_value = min(leave.value, enter.value)
+    policy = base.model_copy(update={"enter_threshold": enter.value, "exit_threshold": exit_value})
+    rate, hours = events_per_day(series, policy, period_s)
+    warnings = list(enter.warnings)
+    if target_per_day is not None and rate > target_per_day:
+        policy, rate = _raise_until(series, policy, period_s, target_per_day)
+        warnings.append(
+            f"enter threshold raised from {enter.value:.4g} to {policy.enter_threshold:.4g} "
+            f"to meet {target_per_day} false alarms/day on the held-back data"
+        )
+    if target_per_day is not None and hours < 24 / max(target_per_day, 1e-9):
+        warnings.append(
+            f"held-back data cover {hours:.1f} h: too short to confirm {target_per_day} "
+            "false alarms/day; the estimate is optimistic"
+        )
+    calibration = Calibration(
+        rule=enter.rule,  # type: ignore[arg-type]
+        quantile=q,
+        exit_quantile=exit_q,
+        windows=len(scores),
+        cross_fitted=cross_fitted,
+        parameters=enter.parameters,
+        target_false_alarms_per_day=target_per_day,
+        false_alarms_per_day=rate,
+        heldback_hours=hours,
+        warnings=warnings,
+    )
+    return policy, calibration
+
+
+def _raise_until(
+    series: Sequence[np.ndarray], policy: AlarmPolicy, period_s: float, target: float
+) -> tuple[AlarmPolicy, float]:
+    """Smallest enter threshold (bisection, ratio to the exit threshold kept) meeting the target."""
+    lo = policy.enter_threshold
+    hi = max(float(np.max(np.concatenate(series))) * 1.01, lo * 1.01)
+    ratio = policy.exit_threshold / policy.enter_threshold
+
+    def at(value: float) -> AlarmPolicy:
+        return policy.model_copy(update={"enter_threshold": value, "exit_threshold": value * ratio})
+
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if events_per_day(series, at(mid), period_s)[0] > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-4 * hi:
+            break
+    best = at(hi)
+    return best, events_per_day(series, best, period_s)[0]

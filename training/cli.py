@@ -1,0 +1,278 @@
+"""Trainer commands for the `oteo` CLI (registered through the `oteo.commands` entry points).
+
+Heavy imports (torch, pandas, matplotlib) happen inside the commands, so listing the CLI's help
+stays fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from daemon.cli import EXIT_CONFIG
+
+ARCHITECTURES = ("dense", "conv1d", "gru", "lstm")
+VARIANTS = ("basic", "denoising", "sparse", "contractive", "robust", "variational")
+NOISES = ("none", "gaussian", "salt_pepper", "masking", "cauchy")
+
+
+def _csv_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _data_options(f):  # type: ignore[no-untyped-def]
+    """Options shared by commands that read a table of sensor data."""
+    opts = [
+        click.option("--time-column", help="Timestamp column (default: auto-detected)."),
+        click.option("--channels", help="Comma-separated channel columns (default: all numeric)."),
+        click.option(
+            "--label-column",
+            "label_columns",
+            multiple=True,
+            default=("anomaly", "changepoint"),
+            show_default=True,
+            help="Label columns: never used as channels; rows with anomaly=1 are not trained on.",
+        ),
+        click.option("--period", type=float, help="Sample period in seconds (default: inferred)."),
+        click.option("--max-gap", type=float, help="Longest gap (s) to fill; longer ones split."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _load(path: Path, time_column, channels, label_columns, period, max_gap):  # type: ignore[no-untyped-def]
+    from training.data import DataError, load_table
+
+    try:
+        return load_table(
+            path,
+            time_column=time_column,
+            channels=_csv_list(channels),
+            label_columns=tuple(label_columns),
+            period_s=period,
+            max_gap_s=max_gap,
+        )
+    except (DataError, FileNotFoundError) as exc:
+        click.echo(f"error: {path}: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@click.command()
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Output .onnx (default: models/<data>.onnx)."
+)
+@_data_options
+@click.option("--window", default=32, show_default=True, help="Samples per window.")
+@click.option("--hop", default=1, show_default=True, help="Samples between scored windows.")
+@click.option(
+    "--architecture", type=click.Choice(ARCHITECTURES), default="dense", show_default=True
+)
+@click.option("--variant", type=click.Choice(VARIANTS), default="denoising", show_default=True)
+@click.option("--noise", type=click.Choice(NOISES), default="gaussian", show_default=True)
+@click.option(
+    "--noise-level", default=0.2, show_default=True, help="Std or probability of corruption."
+)
+@click.option("--code-size", default=16, show_default=True, help="Bottleneck units (hash bits).")
+@click.option("--hashing", is_flag=True, help="Near-binary code: code > 0.5 gives hash bits.")
+@click.option("--epochs", default=60, show_default=True, help="Most epochs (early stopping).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quantile", default=0.999, show_default=True, help="Enter threshold quantile.")
+@click.option(
+    "--false-alarms-per-day", default=1.0, show_default=True, help="Event-level target (0 = none)."
+)
+@click.option("--name", help="Model name (default: output file stem).")
+@click.option("--model-version", default="1", show_default=True)
+@click.option("--report/--no-report", default=True, help="Write plots beside the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+def train(
+    data,
+    out,
+    time_column,
+    channels,
+    label_columns,
+    period,
+    max_gap,
+    window,
+    hop,  # type: ignore[no-untyped-def]
+    architecture,
+    variant,
+    noise,
+    noise_level,
+    code_size,
+    hashing,
+    epochs,
+    seed,
+    quantile,
+    false_alarms_per_day,
+    name,
+    model_version,
+    report,
+    as_json,
+):
+    """Train an autoencoder on normal data in DATA (CSV) and export one ONNX file."""
+    from training.fit import FitConfig
+    from training.model import ModelConfig
+    from training.pipeline import TrainOptions
+    from training.pipeline import train as run_training
+
+    table = _load(data, time_column, channels, label_columns, period, max_gap)
+    out = out or Path("models") / f"{data.stem}.onnx"
+    if variant != "denoising" and noise == "gaussian" and noise_level == 0.2:
+        noise = "none"  # the noise default belongs to the denoising variant
+    try:
+        model_cfg = ModelConfig(
+            channels=len(table.channels),
+            window=window,
+            architecture=architecture,
+            variant=variant,
+            noise=noise,
+            noise_level=noise_level,
+            code_size=code_size,
+            hashing=hashing,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    opts = TrainOptions(
+        model=model_cfg,
+        fit=FitConfig(max_epochs=epochs, seed=seed, progress=not as_json),
+        name=name or out.stem,
+        version=model_version,
+        quantile=quantile,
+        false_alarms_per_day=false_alarms_per_day or None,
+        hop=hop,
+    )
+    result = run_training(table, opts, out)
+    report_path = None
+    if report:
+        from training.report import write_report
+
+        report_path = write_report(result, out.with_suffix(".report"))
+    m = result.manifest
+    summary = {
+        "path": str(out),
+        "seconds": round(result.seconds, 2),
+        "epochs": result.fit.epochs,
+        "enter_threshold": m.alarm.enter_threshold,
+        "exit_threshold": m.alarm.exit_threshold,
+        "rule": m.calibration.rule,
+        "false_alarms_per_day": m.calibration.false_alarms_per_day,
+        "parity_max_rel_error": m.validation.parity_max_rel_error,
+        "report": str(report_path) if report_path else None,
+        "notes": result.notes + m.calibration.warnings,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(
+        f"wrote {out} in {result.seconds:.1f} s ({result.fit.epochs} epochs); thresholds "
+        f"enter {m.alarm.enter_threshold:.4g} / exit {m.alarm.exit_threshold:.4g} "
+        f"(rule {m.calibration.rule}); parity {m.validation.parity_max_rel_error:.1e}"
+    )
+    for note in summary["notes"]:
+        click.echo(f"note: {note}")
+    if report_path:
+        click.echo(f"report: {report_path}")
+
+
+@click.command()
+@click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_data_options
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, path_type=Path),
+    help="Daemon config: apply its alarm-policy overrides.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write decisions.csv (timestamp,score,alarm) and a plot here.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print metrics as JSON.")
+def evaluate(
+    model_path,
+    data,
+    time_column,
+    channels,
+    label_columns,
+    period,
+    max_gap,  # type: ignore[no-untyped-def]
+    config_path,
+    out_dir,
+    as_json,
+):
+    """Score labelled DATA with MODEL through the daemon's alarm logic; print F1/FAR/MAR."""
+    from daemon.model import Model, ModelFileError
+    from training.evaluate import evaluate_table, write_outputs
+
+    try:
+        model = Model.load(model_path)
+    except ModelFileError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    m = model.manifest
+    if not channels:
+        channels = ",".join(m.channels)
+    table = _load(data, time_column, channels, label_columns, period or m.sample_period_s, max_gap)
+    policy = m.alarm
+    if config_path is not None:
+        from daemon.config import ConfigError, apply_alarm_overrides, load_config
+
+        try:
+            policy = apply_alarm_overrides(policy, load_config(config_path))
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+    label = label_columns[0] if label_columns else "anomaly"
+    result = evaluate_table(model, table, policy, label)
+    if out_dir is not None:
+        write_outputs(result, table, out_dir, policy)
+    if as_json:
+        click.echo(json.dumps(result.metrics, indent=2))
+    else:
+        click.echo(result.summary())
+
+
+@click.command()
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a CSV file (timestamp, channels, anomaly).",
+)
+@click.option("--rows", default=20_000, show_default=True, help="CSV mode: rows to write.")
+@click.option("--seed", default=1, show_default=True)
+@click.option("--period", default=1.0, show_default=True, help="Sample period in seconds.")
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    help="[STREAM:]KIND[@START_S[+DURATION_S]], or 'all'; repeatable.",
+)
+def simulate(csv_path, rows, seed, period, faults):  # type: ignore[no-untyped-def]
+    """Simulate a pump (8 correlated sensors) with optional injected faults."""
+    from training.fault import parse_fault, schedule_all
+    from training.simulator import simulate as run_simulation
+    from training.simulator import write_csv
+
+    if csv_path is None:
+        raise click.UsageError("give --csv FILE (MQTT mode comes with the daemon)")
+    specs = []
+    try:
+        for text in faults:
+            specs += schedule_all(rows * period) if text == "all" else [parse_fault(text)]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fault") from exc
+    data = run_simulation(rows, seed, specs, period_s=period)
+    write_csv(csv_path, data)
+    click.echo(
+        f"wrote {csv_path}: {rows} rows x {len(data.channels)} channels, "
+        f"{int(data.anomaly.sum())} anomalous rows from {len(data.faults)} faults"
+    )

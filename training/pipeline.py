@@ -1,0 +1,279 @@
+"""From a table of normal sensor data to one validated, self-describing ONNX file.
+
+Steps: split off the time-ordered tail for calibration, standardise on the training rows, fit,
+export, check parity torch vs onnxruntime, score the held-back windows with onnxruntime on the
+exported graph (the runtime path), calibrate thresholds, write the manifest, reload the file
+through the daemon's own loader. With too little held-back data the scores come from cross-fitted
+models instead (each scores the fold it did not see).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from daemon import __version__
+from daemon.manifest import AlarmPolicy, Manifest, Provenance, Validation, utc_now
+from daemon.model import OUTPUTS, Model, session_options
+from training import calibrate as cal
+from training.data import SensorTable, fingerprint, normal_segments, split_heldback, windows
+from training.export import PARITY_RTOL, ExportError, ScoringGraph, parity, to_onnx, with_manifest
+from training.fit import FitConfig, FitResult, fit
+from training.model import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Fewer held-back windows than this and the thresholds come from cross-fitted scores.
+MIN_HELDBACK_WINDOWS = 300
+CROSS_FOLDS = 4
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything `oteo train` can set; the defaults give a good model for 1 Hz machine data."""
+
+    model: ModelConfig
+    fit: FitConfig = field(default_factory=FitConfig)
+    name: str = "model"
+    version: str = "1"
+    heldback_fraction: float = 0.2
+    # Window-level quantile of normal scores for the enter threshold, and for the exit.
+    quantile: float = 0.999
+    exit_quantile: float = 0.99
+    false_alarms_per_day: float | None = 1.0
+    hop: int = 1
+    k: int = 3
+    n: int = 5
+    clear_windows: int = 3
+    cooldown_windows: int | None = None  # default: one window length
+    smoothing_alpha: float = 1.0
+    cross_fit: bool | None = None  # None: when held-back data are too few
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    manifest: Manifest
+    fit: FitResult
+    heldback_scores: np.ndarray
+    sample_windows: np.ndarray  # a few held-back windows, raw units (for the report)
+    sample_reconstructions: np.ndarray
+    codes: np.ndarray
+    seconds: float
+    notes: list[str]
+
+
+def standardisation(
+    table: SensorTable, segments: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.concatenate([table.values[a:b] for a, b in segments]).astype(np.float64)
+    mean = rows.mean(0)
+    # A near-constant channel would get a near-zero scale and turn any wiggle into an alarm.
+    scale = np.maximum(rows.std(0), 1e-3 * np.maximum(1.0, np.abs(mean)))
+    return mean.astype(np.float32), scale.astype(np.float32)
+
+
+def ort_run(session: ort.InferenceSession, x: np.ndarray, batch: int = 2048) -> list[np.ndarray]:
+    """All outputs for many windows, in batches of at least 2 (see daemon.model.Model.run)."""
+    parts: list[list[np.ndarray]] = [[] for _ in OUTPUTS]
+    for i in range(0, len(x), batch):
+        chunk = x[i : i + batch]
+        single = len(chunk) == 1
+        if single:
+            chunk = np.concatenate([chunk, chunk])
+        for j, out in enumerate(session.run(list(OUTPUTS), {"window": chunk})):
+            parts[j].append(out[:1] if single else out)
+    return [np.concatenate(p) for p in parts]
+
+
+def _export_and_check(result: FitResult, mean: np.ndarray, scale: np.ndarray, probe: np.ndarray):
+    cfg = result.model.cfg
+    graph = ScoringGraph(result.model, mean, scale).eval()
+    proto = to_onnx(graph, cfg.window, cfg.channels)
+    session = ort.InferenceSession(proto.SerializeToString(), session_options(1))
+    worst = 0.0
+    for batch in (probe[:1], probe[:64]):
+        worst = max(worst, parity(graph, session.run(list(OUTPUTS), {"window": batch}), batch))
+    if worst > PARITY_RTOL:
+        raise ExportError(f"torch vs onnxruntime differ by {worst:.2e} relative (> {PARITY_RTOL})")
+    return proto, session, worst
+
+
+def _series_windows(table: SensorTable, segments, window: int, hop: int) -> list[np.ndarray]:
+    """Held-back windows per contiguous segment, hop-spaced as the daemon scores them."""
+    out = []
+    for seg in segments:
+        x, _ = windows(table, window, hop, segments=[seg])
+        if len(x):
+            out.append(x)
+    return out
+
+
+def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
+    """Train, export, calibrate and write `out`; returns what the report needs."""
+    t0 = time.perf_counter()
+    cfg = replace(opts.model, channels=len(table.channels))
+    notes = list(table.notes)
+    if table.constant_channels:
+        notes.append(f"near-constant channels (kept, floor on scale): {table.constant_channels}")
+    normal = normal_segments(table)
+    train_segs, held_segs = split_heldback(table, opts.heldback_fraction)
+    train_segs, held_segs = normal_segments(table, train_segs), normal_segments(table, held_segs)
+    held_series = _series_windows(table, held_segs, cfg.window, opts.hop)
+    n_held = sum(len(s) for s in held_series)
+    cross = opts.cross_fit if opts.cross_fit is not None else n_held < MIN_HELDBACK_WINDOWS
+    if cross:
+        train_segs = normal
+    if not train_segs:
+        raise ValueError("no normal rows to train on")
+    mean, scale = standardisation(table, train_segs)
+    z = lambda x: (x - mean) / scale  # noqa: E731
+    x_train, _ = windows(table, cfg.window, 1, segments=train_segs)
+    if len(x_train) < 2:
+        raise ValueError(
+            f"only {len(x_train)} training windows of {cfg.window} samples; need more data"
+        )
+    held_all = (
+        np.concatenate(held_series)
+        if held_series
+        else np.empty((0, cfg.window, cfg.channels), np.float32)
+    )
+
+    if cross:
+        series, best_epochs = _cross_fit(table, normal, cfg, opts, mean, scale)
+        notes.append(
+            f"cross-fitted thresholds over {CROSS_FOLDS} folds ({sum(map(len, series))} windows)"
+        )
+        epochs = max(1, int(np.median(best_epochs)) + 1)
+        result = fit(cfg, z(x_train), z(x_train[:0]), opts.fit, epochs=epochs)
+    else:
+        result = fit(cfg, z(x_train), z(held_all), opts.fit)
+    probe = held_all[:64] if len(held_all) >= 64 else x_train[:64]
+    proto, session, worst = _export_and_check(result, mean, scale, probe)
+    if cross:
+        scores_series = series
+        eval_windows = x_train[:: max(1, len(x_train) // 256)]
+    else:
+        scores_series = [ort_run(session, s)[0] for s in held_series]
+        eval_windows = held_all
+    score, channel_score, recon, code = ort_run(session, eval_windows)
+    if cross:
+        score = np.concatenate(scores_series)
+        channel_score = channel_score  # from the final model: only used for normalisation
+
+    base = AlarmPolicy(
+        hop=opts.hop,
+        enter_threshold=1.0,
+        exit_threshold=1.0,
+        k=opts.k,
+        n=opts.n,
+        clear_windows=opts.clear_windows,
+        cooldown_windows=opts.cooldown_windows
+        if opts.cooldown_windows is not None
+        else cfg.window // opts.hop,
+        smoothing_alpha=opts.smoothing_alpha,
+    )
+    policy, calibration = cal.calibrate(
+        scores_series,
+        base,
+        table.period_s,
+        q=opts.quantile,
+        exit_q=opts.exit_quantile,
+        target_per_day=opts.false_alarms_per_day,
+        cross_fitted=cross,
+    )
+    for w in calibration.warnings:
+        log.warning("%s", w)
+    binariness = None
+    if cfg.hashing:
+        binariness = float(np.mean(np.abs(code - 0.5) > 0.4))
+    manifest = Manifest(
+        name=opts.name,
+        version=opts.version,
+        created=utc_now(),
+        channels=list(table.channels),
+        channel_mean=mean.tolist(),
+        channel_scale=scale.tolist(),
+        window=cfg.window,
+        sample_period_s=table.period_s,
+        architecture=cfg.architecture,  # type: ignore[arg-type]
+        variant=cfg.variant,  # type: ignore[arg-type]
+        noise=cfg.noise,  # type: ignore[arg-type]
+        noise_level=cfg.noise_level if cfg.noise != "none" else 0.0,
+        code_size=cfg.code_size,
+        hashable=cfg.hashing,
+        calibration=calibration,
+        alarm=policy,
+        score_quantiles=cal.quantile_table(score),
+        channel_score_quantiles=cal.channel_quantile_table(channel_score),
+        constant_channels=list(table.constant_channels),
+        provenance=Provenance(
+            data_fingerprint=fingerprint(table),
+            source=table.source,
+            rows=len(table.timestamps),
+            train_windows=len(x_train),
+            seed=opts.fit.seed,
+            epochs=result.epochs,
+            train_seconds=round(result.seconds, 3),
+            oteo_version=__version__,
+            torch_version=torch.__version__,
+        ),
+        validation=Validation(
+            train_loss=result.train_loss,
+            heldback_loss=result.heldback_loss,
+            parity_max_rel_error=worst,
+            code_binariness=binariness,
+        ),
+    )
+    data = with_manifest(proto, manifest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    Model.from_bytes(data, out)  # the daemon's own checks, before the file is visible
+    tmp.replace(out)
+    log.info("wrote %s (sha256 %s)", out, hashlib.sha256(data).hexdigest())
+    pick = np.linspace(0, len(eval_windows) - 1, num=min(4, len(eval_windows))).astype(int)
+    return TrainResult(
+        path=out,
+        manifest=manifest,
+        fit=result,
+        heldback_scores=score,
+        sample_windows=eval_windows[pick],
+        sample_reconstructions=recon[pick],
+        codes=code,
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+    )
+
+
+def _cross_fit(table, normal, cfg: ModelConfig, opts: TrainOptions, mean, scale):
+    """Out-of-fold window scores from CROSS_FOLDS contiguous folds, and each fold's best epoch."""
+    rows = np.concatenate([np.arange(a, b) for a, b in normal])
+    bounds = np.linspace(0, len(rows), CROSS_FOLDS + 1).astype(int)
+    series, best = [], []
+    for k in range(CROSS_FOLDS):
+        lo, hi = rows[bounds[k]], rows[bounds[k + 1] - 1] + 1
+        held = [(max(a, lo), min(b, hi)) for a, b in normal if min(b, hi) > max(a, lo)]
+        rest = [(a, min(b, lo)) for a, b in normal if min(b, lo) > a] + [
+            (max(a, hi), b) for a, b in normal if b > max(a, hi)
+        ]
+        x_rest, _ = windows(table, cfg.window, 1, segments=rest)
+        held_series = _series_windows(table, held, cfg.window, opts.hop)
+        if len(x_rest) < 2 or not held_series:
+            continue
+        x_held = np.concatenate(held_series)
+        fold_fit = replace(opts.fit, seed=opts.fit.seed + k + 1, progress=False)
+        result = fit(cfg, (x_rest - mean) / scale, (x_held - mean) / scale, fold_fit)
+        _, session, _ = _export_and_check(result, mean, scale, x_held[:64])
+        series.extend(ort_run(session, s)[0] for s in held_series)
+        best.append(result.best_epoch)
+    if not series:
+        raise ValueError("too little normal data to cross-fit thresholds; record more rows")
+    return series, best
