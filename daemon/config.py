@@ -206,11 +206,11 @@ class IngestSection(_Section):
         gt=0,
         description="A longer silence restarts the stream's window; default 5 sample periods.",
     )
-    reorder_tolerance_s: float | None = Field(
-        None,
+    reorder_tolerance_s: float = Field(
+        0.0,
         ge=0,
-        description="How late a reading may arrive and still be put in order; "
-        "default one sample period.",
+        description="How late a reading may arrive and still be put in order. Readings are "
+        "held this long before scoring, so it adds latency; 0 drops late readings (counted).",
     )
     stale_after_s: float | None = Field(
         None,
@@ -223,9 +223,8 @@ class IngestSection(_Section):
         return self.max_gap_s if self.max_gap_s is not None else 5 * sample_period_s
 
     def reorder_s(self, sample_period_s: float) -> float:
-        """The effective reorder_tolerance_s for a model with this sample period."""
-        tolerance = self.reorder_tolerance_s
-        return tolerance if tolerance is not None else sample_period_s
+        """The effective reorder_tolerance_s (the same for every sample period)."""
+        return self.reorder_tolerance_s
 
     def stale_s(self, sample_period_s: float) -> float:
         """The effective stale_after_s for a model with this sample period."""

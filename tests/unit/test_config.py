@@ -222,7 +222,7 @@ def test_protocol_accepts_a_bare_5(tmp_path: Path) -> None:
 
 def test_derived_ingest_timings_follow_the_sample_period() -> None:
     ingest = load_config(None, MINIMAL).ingest
-    assert (ingest.gap_s(0.5), ingest.reorder_s(0.5), ingest.stale_s(0.5)) == (2.5, 0.5, 5.0)
+    assert (ingest.gap_s(0.5), ingest.reorder_s(0.5), ingest.stale_s(0.5)) == (2.5, 0.0, 5.0)
     pinned = load_config(None, {**MINIMAL, "ingest.max_gap_s": 7}).ingest
     assert pinned.gap_s(0.5) == 7
 

@@ -1,0 +1,305 @@
+"""Every Prometheus metric of the daemon, on a private registry.
+
+Names follow `oteo_<noun>_<unit>` with base units; counters end in `_total`. Every fixed label
+value is created at start-up so its series exists at 0 (a `rate()` or an alert over a series that
+appears only on the first failure misses that failure). Per-stream series are capped: the first
+`max_stream_labels` streams get their own label value, later ones share `_other`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import get_args
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from daemon import __version__
+from daemon.messages import OPS, ErrorCode
+
+OTHER = "_other"
+
+MESSAGE_RESULTS = ("ok", "queue_full_qos0", "duplicate", "late", "unknown_stream_topic")
+"""`messages_total` results besides the payload drop reasons."""
+
+CONNECT_FAILURE_REASONS = (
+    "network",  # DNS, TCP, time-out: the broker was not reached
+    "tls",  # handshake or certificate refused
+    "bad_credentials",  # CONNACK: bad user name or password
+    "not_authorized",  # CONNACK: not authorised
+    "server_unavailable",  # CONNACK: server unavailable or busy
+    "refused_other",  # any other CONNACK refusal
+)
+PUBLISH_KINDS = ("event", "state", "score", "status", "reply")
+RELOAD_RESULTS = ("ok", "failed")
+OP_RESULTS = ("ok", *get_args(ErrorCode))
+HTTP_PATHS = ("/metrics", "/healthz", "/readyz", "/openapi.json", *(f"/ops/{op}" for op in OPS))
+"""`http_requests_total` path label values; any other path is counted as "other"."""
+
+# Inference of a small autoencoder on a CPU takes from tens of microseconds (one window) to
+# hundreds of milliseconds (a large batch on a slow ARM board).
+INFERENCE_BUCKETS_S = (
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1,
+)
+BATCH_BUCKETS = tuple(float(2**i) for i in range(11))  # 1 … 1024 windows
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+OP_BUCKETS_S = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+
+
+class Metrics:
+    """The daemon's metrics; the attributes are prometheus_client objects, used directly."""
+
+    def __init__(
+        self,
+        *,
+        max_stream_labels: int = 100,
+        drop_reasons: Sequence[str],
+        event_kinds: Sequence[str] = ("start", "update", "end"),
+        states: Sequence[str] = ("normal", "anomalous", "stale", "warming_up", "muted"),
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.max_stream_labels = max_stream_labels
+        self._stream_labels: dict[str, str] = {}
+        self._own_labels = 0
+        reg = self.registry
+
+        # Intake.
+        self.messages_total = Counter(
+            "oteo_messages_total",
+            "MQTT messages received, by result: ok or why it was dropped.",
+            ["result"],
+            registry=reg,
+        )
+        _touch(self.messages_total, _unique([*MESSAGE_RESULTS, *drop_reasons]))
+        self.readings_total = Counter(
+            "oteo_readings_total", "Valid readings taken into window buffers.", registry=reg
+        )
+        self.seq_gaps_total = Counter(
+            "oteo_seq_gaps_total", "Readings missing by their seq numbers.", registry=reg
+        )
+        self.gap_resets_total = Counter(
+            "oteo_gap_resets_total", "Window buffers restarted after a time gap.", registry=reg
+        )
+        self.filled_samples_total = Counter(
+            "oteo_filled_samples_total", "Samples filled in for short gaps.", registry=reg
+        )
+        self.aligner_incomplete_total = Counter(
+            "oteo_aligner_incomplete_total",
+            "Sample periods dropped because a per-channel topic did not deliver in time.",
+            registry=reg,
+        )
+        self.queue_depth_messages = Gauge(
+            "oteo_queue_depth_messages", "Messages waiting in the ingest queue.", registry=reg
+        )
+        self.last_message_timestamp_seconds = Gauge(
+            "oteo_last_message_timestamp_seconds",
+            "Unix time of the last valid reading.",
+            registry=reg,
+        )
+        self.no_data = Gauge(
+            "oteo_no_data",
+            "1 when no valid reading arrived for longer than the configured threshold.",
+            registry=reg,
+        )
+
+        # Scoring.
+        self.windows_scored_total = Counter(
+            "oteo_windows_scored_total", "Windows scored by the model.", registry=reg
+        )
+        self.inference_duration_seconds = Histogram(
+            "oteo_inference_duration_seconds",
+            "Duration of one model run (one batch).",
+            buckets=INFERENCE_BUCKETS_S,
+            registry=reg,
+        )
+        self.batch_size_windows = Histogram(
+            "oteo_batch_size_windows",
+            "Windows per model run.",
+            buckets=BATCH_BUCKETS,
+            registry=reg,
+        )
+        self.drift_windows_above_p99_ratio = Gauge(
+            "oteo_drift_windows_above_p99_ratio",
+            "Share of recent windows scoring above the 99th percentile of normal training data "
+            "(about 0.01 when the data still looks like training data).",
+            registry=reg,
+        )
+
+        # Alarms and events.
+        self.events_total = Counter(
+            "oteo_events_total", "Anomaly events emitted, by kind.", ["kind"], registry=reg
+        )
+        _touch(self.events_total, event_kinds)
+        self.event_latency_seconds = Histogram(
+            "oteo_event_latency_seconds",
+            "From the arrival of the reading that completed a window to its event being queued "
+            "for publishing.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        self.alarms_active = Gauge(
+            "oteo_alarms_active", "Streams with an active alarm.", registry=reg
+        )
+        # `oteo_streams`, not `oteo_streams_count`: `_count` is reserved for the sample count
+        # of histograms and summaries (promtool flags it), and a count of things has no unit.
+        self.streams = Gauge("oteo_streams", "Streams tracked, by state.", ["state"], registry=reg)
+        _touch(self.streams, states)
+
+        # Per stream, capped (see stream_label); few series per stream on purpose.
+        self.stream_score = Gauge(
+            "oteo_stream_score",
+            "Latest window score of a stream (for _other: of whichever pooled stream was last).",
+            ["stream"],
+            registry=reg,
+        )
+        self.stream_threshold = Gauge(
+            "oteo_stream_threshold",
+            "Alarm threshold of a stream's score, after its sensitivity.",
+            ["stream"],
+            registry=reg,
+        )
+        self.stream_anomalous = Gauge(
+            "oteo_stream_anomalous",
+            "1 while a stream is in alarm (for _other: as last written by a pooled stream).",
+            ["stream"],
+            registry=reg,
+        )
+
+        # Outbox.
+        self.outbox_events = Gauge(
+            "oteo_outbox_events", "Events in the outbox, not yet acknowledged.", registry=reg
+        )
+        self.outbox_bytes = Gauge("oteo_outbox_bytes", "Payload bytes in the outbox.", registry=reg)
+        self.outbox_dropped_total = Counter(
+            "oteo_outbox_dropped_total", "Oldest events dropped from a full outbox.", registry=reg
+        )
+        self.outbox_errors_total = Counter(
+            "oteo_outbox_errors_total",
+            "Outbox failures (disk full, read-only, corrupt file).",
+            registry=reg,
+        )
+
+        # MQTT.
+        self.mqtt_connected = Gauge(
+            "oteo_mqtt_connected", "1 while the broker has accepted the connection.", registry=reg
+        )
+        self.mqtt_reconnects_total = Counter(
+            "oteo_mqtt_reconnects_total", "Connections made after the first.", registry=reg
+        )
+        self.mqtt_connect_failures_total = Counter(
+            "oteo_mqtt_connect_failures_total",
+            "Failed connection attempts, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        _touch(self.mqtt_connect_failures_total, CONNECT_FAILURE_REASONS)
+        self.mqtt_published_total = Counter(
+            "oteo_mqtt_published_total",
+            "Messages handed to the broker, by kind.",
+            ["kind"],
+            registry=reg,
+        )
+        _touch(self.mqtt_published_total, PUBLISH_KINDS)
+        self.mqtt_publish_acks_total = Counter(
+            "oteo_mqtt_publish_acks_total",
+            "QoS 1 publications acknowledged by the broker.",
+            registry=reg,
+        )
+
+        # Model.
+        self.model_info = Gauge(
+            "oteo_model_info",
+            "The model being served (always 1).",
+            ["name", "version", "sha256"],
+            registry=reg,
+        )
+        self.model_reloads_total = Counter(
+            "oteo_model_reloads_total", "Model reloads, by result.", ["result"], registry=reg
+        )
+        _touch(self.model_reloads_total, RELOAD_RESULTS)
+        self.build_info = Gauge(
+            "oteo_build_info", "The oteo version running (always 1).", ["version"], registry=reg
+        )
+        self.build_info.labels(__version__).set(1)
+
+        # Operations and HTTP.
+        self.ops_total = Counter(
+            "oteo_ops_total",
+            "Operation requests, by operation and result.",
+            ["op", "result"],
+            registry=reg,
+        )
+        self.ops_duration_seconds = Histogram(
+            "oteo_ops_duration_seconds",
+            "Duration of an operation request.",
+            ["op"],
+            buckets=OP_BUCKETS_S,
+            registry=reg,
+        )
+        for op in OPS:
+            self.ops_duration_seconds.labels(op)
+            for result in OP_RESULTS:
+                self.ops_total.labels(op, result)
+        # Not pre-initialised: status codes are not a fixed set.
+        self.http_requests_total = Counter(
+            "oteo_http_requests_total",
+            "HTTP requests, by path (unknown paths as other) and status code.",
+            ["path", "code"],
+            registry=reg,
+        )
+
+    def stream_label(self, stream: str) -> str:
+        """The label value for `stream`: its id for the first streams seen, then `_other`.
+
+        A stream keeps its label for as long as it is tracked; a slot freed by
+        `forget_stream` goes to the next new stream.
+        """
+        label = self._stream_labels.get(stream)
+        if label is None:
+            if self._own_labels < self.max_stream_labels and stream != OTHER:
+                label = stream
+                self._own_labels += 1
+            else:
+                label = OTHER
+            self._stream_labels[stream] = label
+        return label
+
+    def forget_stream(self, stream: str) -> None:
+        """Remove an evicted stream's own series (pooled `_other` series stay)."""
+        label = self._stream_labels.pop(stream, None)
+        if label is None or label == OTHER:
+            return
+        self._own_labels -= 1
+        for gauge in (self.stream_score, self.stream_threshold, self.stream_anomalous):
+            gauge.remove(label)
+
+    def set_model(self, name: str, version: str, sha256: str) -> None:
+        """Name the model being served, replacing the previous one's series."""
+        self.model_info.clear()
+        self.model_info.labels(name, version, sha256).set(1)
+
+    @staticmethod
+    def http_path_label(path: str) -> str:
+        """`path` (without query) if it is one of HTTP_PATHS, else "other": bounded values."""
+        path = path.split("?", 1)[0]
+        return path if path in HTTP_PATHS else "other"
+
+
+def _touch(metric: Counter | Gauge, values: Iterable[str]) -> None:
+    for value in values:
+        metric.labels(value)
+
+
+def _unique(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(values))
