@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from daemon import __version__
-from daemon.distribution import check_distribution
+from daemon.distribution import DistributionError, check_distribution
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus keeps it from restart-looping
@@ -45,11 +45,15 @@ class _PluginGroup(click.Group):
 
 @click.group(cls=_PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="oteo")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="Debug log output.")
 def main(verbose: int) -> None:
     """oteo: autoencoder anomaly detection for machine sensor streams over MQTT."""
-    check_distribution()
-    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    try:
+        check_distribution()
+    except DistributionError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -104,3 +108,60 @@ def inspect(model_path: Path, as_json: bool) -> None:
         lines.append("near-constant channels " + ", ".join(m.constant_channels))
     lines += [f"warning: {w}" for w in cal.warnings]
     click.echo("\n".join(lines))
+
+
+def _overrides(model: Path | None, broker: str | None, http: str | None) -> dict[str, Any]:
+    """Dotted config overrides from the quick-use flags."""
+    out: dict[str, Any] = {}
+    if model is not None:
+        out["model.path"] = str(model)
+    if broker is not None:
+        out["mqtt.url"] = broker
+    if http is not None:
+        host, _, port = http.rpartition(":")
+        if not host or not port.isdigit():
+            raise click.BadParameter("use HOST:PORT, e.g. 127.0.0.1:9108", param_hint="--http")
+        out["http.bind"] = host.strip("[]")
+        out["http.port"] = int(port)
+    return out
+
+
+def _load_config(config_path: Path | None, overrides: dict[str, Any]) -> Any:
+    from daemon.config import ConfigError, load_config
+
+    if config_path is None and "model.path" not in overrides:
+        raise click.UsageError("give --config FILE or at least --model MODEL.onnx")
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@main.command("check-config")
+@click.argument("config_path", type=click.Path(path_type=Path))
+def check_config(config_path: Path) -> None:
+    """Validate a config file and print the effective config (secrets redacted)."""
+    cfg = _load_config(config_path, {})
+    click.echo(json.dumps(cfg.redacted(), indent=2, default=str))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config.")
+@click.option("--model", type=click.Path(path_type=Path), help="Model file (overrides config).")
+@click.option("--broker", help="Broker URL, e.g. mqtt://127.0.0.1:1883 (overrides config).")
+@click.option("--http", help="HTTP bind HOST:PORT (overrides config).")
+def run(config_path: Path | None, model: Path | None, broker: str | None, http: str | None) -> None:
+    """Run the daemon in the foreground (for systemd); SIGTERM or Ctrl-C stop it cleanly."""
+    from daemon.service import Daemon, StartupError
+
+    overrides = _overrides(model, broker, http)
+    cfg = _load_config(config_path, overrides)
+    try:
+        daemon = Daemon(cfg, config_path=config_path, overrides=overrides)
+        code = daemon.run()
+    except StartupError as exc:
+        logging.getLogger("oteo").error("%s", exc)
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(code)

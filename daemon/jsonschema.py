@@ -35,6 +35,11 @@ CONTRACTS: dict[str, tuple[type[BaseModel], Mode]] = {
     "hash_reply": (messages.HashReply, "serialization"),
     "score_reply": (messages.ScoreReply, "serialization"),
     "error_reply": (messages.ErrorReply, "serialization"),
+    "mute_request": (messages.MuteRequest, "validation"),
+    "unmute_request": (messages.UnmuteRequest, "validation"),
+    "sensitivity_request": (messages.SensitivityRequest, "validation"),
+    "control_reply": (messages.ControlReply, "serialization"),
+    "health_reply": (messages.HealthReply, "serialization"),
 }
 
 

@@ -55,7 +55,18 @@ DROP_REASONS: tuple[DropReason, ...] = get_args(DropReason)
 
 Op = Literal["denoise", "encode", "hash", "score"]
 OPS: tuple[Op, ...] = get_args(Op)
-ErrorCode = Literal["bad_request", "too_large", "not_hashable", "busy", "internal"]
+ControlOp = Literal["mute", "unmute", "sensitivity"]
+ErrorCode = Literal[
+    "bad_request",
+    "too_large",
+    "not_hashable",
+    "busy",
+    "internal",
+    "unknown_op",
+    "unavailable",
+    "not_found",
+    "unauthorized",
+]
 
 _RFC3339 = r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)$"
 _RFC3339_RE = re.compile(_RFC3339)
@@ -488,9 +499,63 @@ class ScoreReply(_Reply):
 class ErrorReply(_Reply):
     """A refused or failed operation."""
 
-    op: Op | None = Field(None, description="None when the requested op is not known.")
+    op: Op | ControlOp | None = Field(None, description="None when the requested op is not known.")
     error: ErrorCode
     message: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Control operations: change a stream's alarm handling; the daemon's main loop answers them.
+
+StreamId = Annotated[
+    str,
+    Field(min_length=1, max_length=200, pattern=r"^[^/+#]+$", description="A stream id."),
+]
+
+
+class _ControlRequest(_Input):
+    stream: StreamId
+    reply_to: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[^+#]+$",
+        description="Reply topic on MQTT 3.1.1 brokers (v5 uses the response topic).",
+    )
+    id: str | None = Field(None, max_length=200, description="Echoed in the reply.")
+
+
+class MuteRequest(_ControlRequest):
+    """Silence a stream's alarms for a while (scores are still computed)."""
+
+    duration_s: float = Field(gt=0, le=7 * 86400, description="How long; at most 7 days.")
+    reason: str | None = Field(None, max_length=500, description="Why, for the log.")
+
+
+class UnmuteRequest(_ControlRequest):
+    """End a stream's mute now."""
+
+
+class SensitivityRequest(_ControlRequest):
+    """Scale a stream's alarm sensitivity: the thresholds in force are divided by `factor`."""
+
+    factor: float = Field(ge=0.1, le=10, description="Above 1: more sensitive; 1: the default.")
+
+
+class ControlReply(_Reply):
+    """The outcome of a control operation on one stream."""
+
+    op: ControlOp
+    stream: str
+    ok: bool
+    state: str | None = Field(None, description="The stream's state after the operation.")
+    until: UtcTimestamp | None = Field(None, description="When a mute ends.")
+
+
+class HealthReply(_Output):
+    """The body of /healthz and /readyz."""
+
+    ok: bool
+    detail: dict[str, Any] = Field(description="What was checked, by name.")
 
 
 def bits_to_hex(bits: npt.NDArray[np.bool_]) -> str:

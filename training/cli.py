@@ -231,6 +231,13 @@ def evaluate(
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_CONFIG)
     label = label_columns[0] if label_columns else "anomaly"
+    if label not in table.labels:
+        click.echo(
+            f"error: {data}: no label column {label!r} (found {sorted(table.labels) or 'none'}); "
+            "pass --label-column",
+            err=True,
+        )
+        sys.exit(EXIT_CONFIG)
     result = evaluate_table(model, table, policy, label)
     if out_dir is not None:
         write_outputs(result, table, out_dir, policy)
@@ -247,7 +254,22 @@ def evaluate(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write a CSV file (timestamp, channels, anomaly).",
 )
+@click.option("--broker", help="Publish live to this broker instead (mqtt://host:port).")
 @click.option("--rows", default=20_000, show_default=True, help="CSV mode: rows to write.")
+@click.option(
+    "--runs",
+    default=1,
+    show_default=True,
+    help="CSV mode: split the rows over this many runs (seeds SEED..), 1 h apart.",
+)
+@click.option("--streams", default=1, show_default=True, help="MQTT mode: streams sim-0..N-1.")
+@click.option(
+    "--rate",
+    default=1.0,
+    show_default=True,
+    help="MQTT mode: readings per second per stream (each advances one period).",
+)
+@click.option("--duration", default=60.0, show_default=True, help="MQTT mode: seconds to run.")
 @click.option("--seed", default=1, show_default=True)
 @click.option("--period", default=1.0, show_default=True, help="Sample period in seconds.")
 @click.option(
@@ -256,21 +278,42 @@ def evaluate(
     multiple=True,
     help="[STREAM:]KIND[@START_S[+DURATION_S]], or 'all'; repeatable.",
 )
-def simulate(csv_path, rows, seed, period, faults):  # type: ignore[no-untyped-def]
-    """Simulate a pump (8 correlated sensors) with optional injected faults."""
-    from training.fault import parse_fault, schedule_all
-    from training.simulator import simulate as run_simulation
-    from training.simulator import write_csv
+def simulate(csv_path, broker, rows, runs, streams, rate, duration, seed, period, faults):  # type: ignore[no-untyped-def]
+    """Simulate a pump (8 correlated sensors) with optional faults, to CSV or to MQTT."""
+    from dataclasses import replace
 
-    if csv_path is None:
-        raise click.UsageError("give --csv FILE (MQTT mode comes with the daemon)")
+    from training.fault import parse_fault, schedule_all
+
+    if (csv_path is None) == (broker is None):
+        raise click.UsageError("give exactly one of --csv FILE or --broker URL")
+    total_s = rows * period if csv_path else duration
     specs = []
     try:
         for text in faults:
-            specs += schedule_all(rows * period) if text == "all" else [parse_fault(text)]
+            stream, _, kind = text.rpartition(":")
+            if kind == "all":
+                specs += [replace(s, stream=stream or None) for s in schedule_all(total_s)]
+            else:
+                specs.append(parse_fault(text))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--fault") from exc
-    data = run_simulation(rows, seed, specs, period_s=period)
+    if broker is not None:
+        from training.publisher import PublishPlan, publish
+
+        plan = PublishPlan(broker, streams, rate, duration, period, seed, faults=tuple(specs))
+        try:
+            counts = publish(plan)
+        except (OSError, ValueError, ConnectionError) as exc:
+            click.echo(f"error: {broker}: {exc}", err=True)
+            sys.exit(1)
+        click.echo(
+            f"published {counts['sent']} readings to {streams} streams "
+            f"({counts['acked']} acknowledged, {counts['anomalous']} in faults)"
+        )
+        return
+    from training.simulator import simulate_runs, write_csv
+
+    data = simulate_runs(rows, seed, runs, specs, period_s=period)
     write_csv(csv_path, data)
     click.echo(
         f"wrote {csv_path}: {rows} rows x {len(data.channels)} channels, "

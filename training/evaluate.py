@@ -25,7 +25,7 @@ class Evaluation:
     score: np.ndarray  # [T] score of the window ending at or last before each row (NaN: none)
     alarm: np.ndarray  # [T] bool, causal alarm decision per row
     label: np.ndarray  # [T] bool
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
 
     def summary(self) -> str:
         m = self.metrics
@@ -34,7 +34,7 @@ class Evaluation:
             f"precision {m['event_precision']:.2f}  recall {m['event_recall']:.2f}  "
             f"({m['detected_events']:.0f}/{m['true_events']:.0f} detected, "
             f"{m['false_events']:.0f} false, {m['false_events_per_day']:.2f}/day)  "
-            f"mean delay {m['mean_delay_s']:.1f} s"
+            + (f"mean delay {m['mean_delay_s']:.1f} s" if m["mean_delay_s"] is not None else "")
         )
 
 
@@ -73,7 +73,7 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
-def metrics(alarm: np.ndarray, label: np.ndarray, period_s: float) -> dict[str, float]:
+def metrics(alarm: np.ndarray, label: np.ndarray, period_s: float) -> dict[str, float | None]:
     """Pointwise F1/FAR/MAR (percent) and event-level precision/recall/delay."""
     tp = int(np.sum(alarm & label))
     fp = int(np.sum(alarm & ~label))
@@ -104,7 +104,7 @@ def metrics(alarm: np.ndarray, label: np.ndarray, period_s: float) -> dict[str, 
         "false_events_per_day": false_events / days if days else 0.0,
         "event_precision": sum(good_pred) / len(predicted) if predicted else 1.0,
         "event_recall": sum(hit_true) / len(true_events) if true_events else 1.0,
-        "mean_delay_s": float(np.mean(delays)) if delays else float("nan"),
+        "mean_delay_s": float(np.mean(delays)) if delays else None,
     }
 
 

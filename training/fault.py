@@ -12,7 +12,7 @@ relative to the channel's own statistics in the array it is given, never in abso
 | correlation_break | a reversed copy of itself from another time, the   | whole range   |
 |                   | most different in level: plausible values, but not |               |
 |                   | the operating point the other channels show        |               |
-| noise_burst       | extra Gaussian noise: noise becomes 5–8 × its own  | whole range   |
+| noise_burst       | extra noise: ≥ 5–8 × its own, ≥ 0.5–0.8 level std  | whole range   |
 
 Level scale = robust std of the channel (1.4826 × MAD); noise scale = robust std of its first
 differences / √2. Both fall back to plain std, and a constant channel to 1 % of its magnitude.
@@ -140,6 +140,12 @@ def _channel_scales(x: np.ndarray) -> tuple[float, float]:
     return (level if level > 0 else noise), (noise if noise > 0 else level)
 
 
+def channel_scales(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(level, noise) scale of every channel of [T, C] values, as `inject` measures them."""
+    pairs = [_channel_scales(values[:, c].astype(np.float64)) for c in range(values.shape[1])]
+    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
 def _break_source(x: np.ndarray, a: int, b: int, rng: np.random.Generator) -> np.ndarray:
     """A reversed stretch of the channel from another time, as far in level as we can find."""
     length = b - a
@@ -160,8 +166,14 @@ def inject(
     length: int,
     rng: np.random.Generator,
     channels: list[int] | None = None,
+    scales: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Inject one fault into a copy of float [T, C] values; return (copy, rows labelled [T])."""
+    """Inject one fault into a copy of float [T, C] values; return (copy, rows labelled [T]).
+
+    `scales` = (level, noise) per channel, from `channel_scales` of representative data: pass it
+    when `values` is short, since a few minutes of a machine in one regime understate how much
+    its channels normally move (and so the fault's size).
+    """
     if kind not in FAULT_KINDS:
         raise ValueError(f"unknown fault kind {kind!r} (kinds: {', '.join(FAULT_KINDS)})")
     if values.ndim != 2:
@@ -188,7 +200,10 @@ def inject(
         mask[a:b] = True
     for c in channels:
         x = values[:, c].astype(np.float64)
-        level, noise = _channel_scales(x)
+        if scales is None:
+            level, noise = _channel_scales(x)
+        else:
+            level, noise = float(scales[0][c]), float(scales[1][c])
         sign = rng.choice((-1.0, 1.0))
         if kind == "spike":
             out[rows, c] += sign * rng.uniform(6.0, 10.0, size=rows.size) * level
@@ -203,7 +218,10 @@ def inject(
         elif kind == "correlation_break":
             out[a:b, c] = _break_source(x, a, b, rng)
         else:  # noise_burst
-            # Independent extra noise of std σ·√(f²−1) makes the total noise σ·f.
+            # A loose connector or interference: extra noise at least 5-8 x the sensor's own
+            # and at least half the channel's normal swing (on a sensor whose noise is tiny
+            # against its range, 5 x the noise alone is invisible to anyone).
             factor = rng.uniform(5.0, 8.0)
-            out[a:b, c] += rng.normal(0.0, noise * math.sqrt(factor**2 - 1), size=span)
+            std = max(noise * math.sqrt(factor**2 - 1), rng.uniform(0.5, 0.8) * level)
+            out[a:b, c] += rng.normal(0.0, std, size=span)
     return out, mask

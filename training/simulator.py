@@ -235,6 +235,39 @@ def _format_times(timestamps: np.ndarray) -> list[str]:
     return [f"{t}Z" for t in text]
 
 
+def simulate_runs(
+    rows: int,
+    seed: int,
+    runs: int,
+    faults: Sequence[FaultSpec] = (),
+    period_s: float = 1.0,
+    start_time: float = DEFAULT_START_TIME,
+    gap_s: float = 3600.0,
+) -> SimulatedData:
+    """`runs` separate runs of the same pump build (seeds seed, seed+1, ...), `gap_s` apart.
+
+    Like recording several pumps of one build, or one pump on several days: the gaps split the
+    series, so the trainer never builds a window across two runs, and its held-back tail is
+    (mostly) a run it did not train on.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    parts: list[SimulatedData] = []
+    t0 = start_time
+    for r in range(runs):
+        n = rows // runs + (1 if r < rows % runs else 0)
+        part = simulate(n, seed + r, faults, period_s, t0)
+        parts.append(part)
+        t0 = (part.timestamps[-1] if n else t0) + gap_s
+    return SimulatedData(
+        timestamps=np.concatenate([p.timestamps for p in parts]),
+        values=np.concatenate([p.values for p in parts]),
+        anomaly=np.concatenate([p.anomaly for p in parts]),
+        channels=list(CHANNELS),
+        faults=[f for p in parts for f in p.faults],
+    )
+
+
 def write_csv(path: str | os.PathLike[str], data: SimulatedData) -> None:
     """Write `timestamp,<channels...>,anomaly` with RFC 3339 times and 6 significant digits."""
     with open(path, "w", newline="", encoding="utf-8") as handle:

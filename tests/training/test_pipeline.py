@@ -1,0 +1,194 @@
+"""From data to a calibrated file and back: small-data calibration and the CLI round trip.
+
+`oteo simulate` -> `oteo train` -> `oteo evaluate`, through the same `oteo` entry point users run
+(`daemon.cli.main`, with the trainer's commands loaded from the `oteo.commands` entry points).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from daemon.cli import EXIT_CONFIG, main
+from daemon.model import Model
+from training.data import from_array
+from training.pipeline import TrainResult
+from training.simulator import CHANNELS, simulate
+
+Trainer = Callable[..., TrainResult]  # the conftest's `train_tiny`
+
+CSV_ROWS = 3000
+FAULT_ROWS = (1500, 1800)  # level_shift@1500+300 at 1 s per row
+
+
+def oteo(*args: str | Path, exit_code: int = 0) -> Result:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == exit_code, f"oteo {' '.join(map(str, args))}: {result.output}"
+    return result
+
+
+def strict_json(text: str) -> Any:
+    """Parse RFC 8259 JSON: NaN and Infinity, which Python writes by default, are refused."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+# --- calibration on very little data ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def skab_sized(train_tiny: Trainer, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """400 rows, as in one SKAB experiment: 65 held-back windows, too few to calibrate on."""
+    table = from_array(simulate(400, seed=3).values, 1.0, channels=CHANNELS)
+    return train_tiny(tmp_path_factory.mktemp("skab") / "skab.onnx", table=table, epochs=2)
+
+
+def test_little_data_calibrates_on_cross_fitted_scores(skab_sized: TrainResult) -> None:
+    cal = skab_sized.manifest.calibration
+    assert cal.cross_fitted is True
+    # Out-of-fold scores cover all 400 rows, not only the 80-row tail (65 windows).
+    assert cal.windows > 65
+    assert Model.load(skab_sized.path).manifest.calibration.cross_fitted is True
+
+
+def test_little_data_thresholds_are_finite_and_enter_is_not_below_exit(
+    skab_sized: TrainResult,
+) -> None:
+    alarm = skab_sized.manifest.alarm
+    assert math.isfinite(alarm.enter_threshold) and math.isfinite(alarm.exit_threshold)
+    assert alarm.enter_threshold >= alarm.exit_threshold > 0
+
+
+# --- the CLI round trip -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def normal_csv(workdir: Path) -> Path:
+    path = workdir / "normal.csv"
+    oteo("simulate", "--csv", path, "--rows", CSV_ROWS, "--seed", 1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def labelled_csv(workdir: Path) -> Path:
+    path = workdir / "labelled.csv"
+    fault = f"level_shift@{FAULT_ROWS[0]}+{FAULT_ROWS[1] - FAULT_ROWS[0]}"
+    oteo("simulate", "--csv", path, "--rows", CSV_ROWS, "--seed", 2, "--fault", fault)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(normal_csv: Path, workdir: Path) -> dict[str, Any]:
+    out = workdir / "m.onnx"
+    result = oteo(
+        "train", normal_csv, "--out", out, "--window", 16, "--epochs", 3, "--json", "--no-report"
+    )
+    return strict_json(result.stdout)
+
+
+def test_simulate_writes_a_csv_with_one_row_per_sample(normal_csv: Path) -> None:
+    with normal_csv.open() as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["timestamp", *CHANNELS, "anomaly"]
+    assert len(rows) == CSV_ROWS + 1
+
+
+def test_simulated_fault_is_labelled_where_asked(labelled_csv: Path) -> None:
+    with labelled_csv.open() as fh:
+        labels = [int(r["anomaly"]) for r in csv.DictReader(fh)]
+    start, stop = FAULT_ROWS
+    assert labels[start:stop] == [1] * (stop - start)
+    assert sum(labels) == stop - start
+
+
+def test_train_json_summary_describes_the_written_file(trained: dict[str, Any]) -> None:
+    path = Path(trained["path"])
+    model = Model.load(path)
+    m = model.manifest
+    assert m.window == 16 and m.channels == CHANNELS
+    assert trained["enter_threshold"] == m.alarm.enter_threshold
+    assert trained["exit_threshold"] == m.alarm.exit_threshold
+    assert trained["rule"] == m.calibration.rule
+    assert trained["report"] is None
+    assert not path.with_suffix(".report").exists()
+    assert 1 <= trained["epochs"] <= 3
+    assert trained["parity_max_rel_error"] == m.validation.parity_max_rel_error
+    assert m.provenance.source == "normal.csv" and m.provenance.rows == CSV_ROWS
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained: dict[str, Any], labelled_csv: Path, workdir: Path) -> dict[str, Any]:
+    out_dir = workdir / "eval"
+    result = oteo("evaluate", trained["path"], labelled_csv, "--json", "--out", out_dir)
+    return {"metrics": json.loads(result.stdout), "dir": out_dir}
+
+
+def test_evaluate_json_has_pointwise_metrics(evaluated: dict[str, Any]) -> None:
+    metrics = evaluated["metrics"]
+    for key in ("f1", "far", "mar"):
+        assert math.isfinite(metrics[key])
+    assert 0.0 <= metrics["f1"] <= 1.0
+    assert 0.0 <= metrics["far"] <= 100.0 and 0.0 <= metrics["mar"] <= 100.0
+    assert metrics["true_events"] == 1
+    assert metrics["tp"] + metrics["fn"] == FAULT_ROWS[1] - FAULT_ROWS[0]
+    assert sum(metrics[k] for k in ("tp", "fp", "fn", "tn")) == CSV_ROWS
+
+
+def test_evaluate_writes_one_decision_per_input_row(evaluated: dict[str, Any]) -> None:
+    with (evaluated["dir"] / "decisions.csv").open() as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["timestamp", "score", "alarm"]
+    assert len(rows) == CSV_ROWS + 1
+    assert {r[2] for r in rows[1:]} <= {"0", "1"}
+    # The first rows have no complete window yet: no score; every later row has one.
+    assert all(r[1] == "" for r in rows[1:16]) and all(r[1] != "" for r in rows[16:])
+
+
+def test_evaluate_writes_the_score_plot(evaluated: dict[str, Any]) -> None:
+    plot = evaluated["dir"] / "score.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_json_is_strict_json_when_nothing_is_detected(
+    trained: dict[str, Any], normal_csv: Path
+) -> None:
+    # No labelled fault: no detection delay to average. Other tools (jq, JavaScript, Go) must
+    # still parse the output, so the delay cannot be printed as a bare NaN.
+    result = oteo("evaluate", trained["path"], normal_csv, "--json")
+    metrics = strict_json(result.stdout)
+    assert metrics["true_events"] == 0
+
+
+def test_evaluate_without_label_column_fails_with_one_error_line(
+    trained: dict[str, Any], labelled_csv: Path, workdir: Path
+) -> None:
+    unlabelled = workdir / "unlabelled.csv"
+    with labelled_csv.open() as src, unlabelled.open("w", newline="") as dst:
+        csv.writer(dst).writerows(row[:-1] for row in csv.reader(src))  # drop `anomaly`
+    result = oteo("evaluate", trained["path"], unlabelled, "--json", exit_code=EXIT_CONFIG)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "anomaly" in lines[0]
+
+
+def test_train_with_report_writes_the_report_page(normal_csv: Path, workdir: Path) -> None:
+    out = workdir / "reported.onnx"
+    result = oteo("train", normal_csv, "--out", out, "--window", 16, "--epochs", 1, "--json")
+    page = Path(json.loads(result.stdout)["report"])
+    assert page == out.with_suffix(".report") / "index.html"
+    assert page.is_file() and "<html" in page.read_text().lower()
