@@ -190,6 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._label = "other"
         self._unread = 0  # bytes of a request body not read
         self._dispatching = False
+        self._counted = False
         super().setup()
         self.connection.settimeout(self.app.timeout_s)  # every read and write, headers included
 
@@ -224,6 +225,10 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
+        if self._dispatching:
+            # Counted before the body leaves: a client that reads the reply and then the
+            # metric sees its own request.
+            self._count()
         if self.command != "HEAD":
             self.wfile.write(body)
 
@@ -246,6 +251,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._count()
 
     def _count(self) -> None:
+        if self._counted:
+            return
+        self._counted = True
         if self.app.on_request is not None:
             try:
                 self.app.on_request(self._label, self._status or 500)

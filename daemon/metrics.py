@@ -32,7 +32,6 @@ CONNECT_FAILURE_REASONS = (
 PUBLISH_KINDS = ("event", "state", "score", "status", "reply")
 RELOAD_RESULTS = ("ok", "failed")
 OP_RESULTS = ("ok", *get_args(ErrorCode))
-HTTP_PATHS = ("/metrics", "/healthz", "/readyz", "/openapi.json", *(f"/ops/{op}" for op in OPS))
 """`http_requests_total` path label values; any other path is counted as "other"."""
 
 # Inference of a small autoencoder on a CPU takes from tens of microseconds (one window) to
@@ -288,12 +287,6 @@ class Metrics:
         """Name the model being served, replacing the previous one's series."""
         self.model_info.clear()
         self.model_info.labels(name, version, sha256).set(1)
-
-    @staticmethod
-    def http_path_label(path: str) -> str:
-        """`path` (without query) if it is one of HTTP_PATHS, else "other": bounded values."""
-        path = path.split("?", 1)[0]
-        return path if path in HTTP_PATHS else "other"
 
 
 def _touch(metric: Counter | Gauge, values: Iterable[str]) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import prometheus_client
+
 from daemon.config import Config, ConfigError, load_config
 from daemon.engine import Engine, Work
 from daemon.http import HttpServer
@@ -68,6 +70,8 @@ class Daemon:
         self._accepting = True
         self._controls: queue.SimpleQueue[_Control] = queue.SimpleQueue()
         self.notifier = Notifier()
+        # `_created` series double the exposition and nobody graphs them (process-wide switch).
+        prometheus_client.disable_created_metrics()
         self.metrics = Metrics(
             max_stream_labels=cfg.metrics.max_stream_labels, drop_reasons=DROP_REASONS
         )

@@ -110,19 +110,25 @@ def calibrate(
     exit_q: float,
     target_per_day: float | None,
     cross_fitted: bool,
+    margin: float = 1.0,
 ) -> tuple[AlarmPolicy, Calibration]:
-    """Thresholds from held-back window scores (one array per contiguous series, hop-spaced)."""
+    """Thresholds from held-back window scores (one array per contiguous series, hop-spaced).
+
+    `margin` multiplies both thresholds: hours of held-back data cannot show the drift of days
+    (wear, seasons), so a quantile of them is optimistic for the weeks a model serves.
+    """
     scores = np.concatenate(series)
     enter = threshold(scores, q)
     leave = threshold(scores, exit_q)
-    exit_value = min(leave.value, enter.value)
-    policy = base.model_copy(update={"enter_threshold": enter.value, "exit_threshold": exit_value})
+    enter_value = enter.value * margin
+    exit_value = min(leave.value, enter.value) * margin
+    policy = base.model_copy(update={"enter_threshold": enter_value, "exit_threshold": exit_value})
     rate, hours = events_per_day(series, policy, period_s)
     warnings = list(enter.warnings)
     if target_per_day is not None and rate > target_per_day:
         policy, rate = _raise_until(series, policy, period_s, target_per_day)
         warnings.append(
-            f"enter threshold raised from {enter.value:.4g} to {policy.enter_threshold:.4g} "
+            f"enter threshold raised from {enter_value:.4g} to {policy.enter_threshold:.4g} "
             f"to meet {target_per_day} false alarms/day on the held-back data"
         )
     if target_per_day is not None and hours < 24 / max(target_per_day, 1e-9):
@@ -136,7 +142,7 @@ def calibrate(
         exit_quantile=exit_q,
         windows=len(scores),
         cross_fitted=cross_fitted,
-        parameters=enter.parameters,
+        parameters={**enter.parameters, "margin": margin},
         target_false_alarms_per_day=target_per_day,
         false_alarms_per_day=rate,
         heldback_hours=hours,

@@ -83,6 +83,12 @@ def _load(path: Path, time_column, channels, label_columns, period, max_gap):  #
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quantile", default=0.999, show_default=True, help="Enter threshold quantile.")
 @click.option(
+    "--margin",
+    default=1.5,
+    show_default=True,
+    help="Multiply calibrated thresholds (held-back hours understate days of drift).",
+)
+@click.option(
     "--false-alarms-per-day", default=1.0, show_default=True, help="Event-level target (0 = none)."
 )
 @click.option("--name", help="Model name (default: output file stem).")
@@ -108,6 +114,7 @@ def train(
     epochs,
     seed,
     quantile,
+    margin,
     false_alarms_per_day,
     name,
     model_version,
@@ -144,6 +151,7 @@ def train(
         version=model_version,
         quantile=quantile,
         false_alarms_per_day=false_alarms_per_day or None,
+        margin=margin,
         hop=hop,
     )
     result = run_training(table, opts, out)

@@ -48,6 +48,9 @@ class TrainOptions:
     quantile: float = 0.999
     exit_quantile: float = 0.99
     false_alarms_per_day: float | None = 1.0
+    # Thresholds x margin: a few hours of held-back data understate days of normal drift
+    # (the published SKAB Conv-AE uses 1.333 x its training quantile for the same reason).
+    margin: float = 1.5
     hop: int = 1
     k: int = 3
     n: int = 5
@@ -188,6 +191,7 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
         exit_q=opts.exit_quantile,
         target_per_day=opts.false_alarms_per_day,
         cross_fitted=cross,
+        margin=opts.margin,
     )
     for w in calibration.warnings:
         log.warning("%s", w)

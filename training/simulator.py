@@ -37,7 +37,7 @@ NOISE_STD = np.array([0.25, 0.05, 0.1, 0.05, 0.03, 0.4, 3.0, 0.12])
 HOLD_S = (180.0, 1800.0)  # a set point lasts 3–30 minutes
 RAMP_S = (20.0, 90.0)  # a VFD ramps between set points in tens of seconds
 WALK_TAU_S, WALK_STD = 600.0, 0.015  # slow wander of the speed around its set point
-WEAR_TAU_S = 6 * 3600.0  # condition drift: hours, stationary std 1 (scaled per channel below)
+WEAR_TAU_S = 3 * 86400.0  # condition drift over days (real wear takes weeks); std 1, scaled below
 OFFSET_TAU_S, OFFSET_STD = 12 * 3600.0, 0.03  # pressure sensor offset drift, bar
 FLUID_TAU_S, BEARING_TAU_S = 1200.0, 600.0  # thermal lags: tank/pipework vs bearing housing
 DAY_S = 86_400.0
@@ -76,7 +76,8 @@ class MachineSimulator:
         self._ramp_from, self._ramp_left, self._ramp_len = self._target, 0, 1
         self._hold_left = self._draw_steps(HOLD_S)
         self._walk = start.normal(0.0, WALK_STD)
-        self._wear = start.normal(0.0, 1.0)
+        # Pumps of one build differ a little in condition; most of the wear range is slow drift.
+        self._wear = start.normal(0.0, 0.5)
         self._offset = start.normal(0.0, OFFSET_STD)
         speed = np.array([self._target + self._walk])
         fluid_eq, bearing_eq = self._thermal_targets(speed, np.array([self._wear]), self._t)
