@@ -71,7 +71,7 @@ class Daemon:
         self._controls: queue.SimpleQueue[_Control] = queue.SimpleQueue()
         self.notifier = Notifier()
         # `_created` series double the exposition and nobody graphs them (process-wide switch).
-        prometheus_client.disable_created_metrics()
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.metrics = Metrics(
             max_stream_labels=cfg.metrics.max_stream_labels, drop_reasons=DROP_REASONS
         )
