@@ -73,23 +73,32 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
-def metrics(alarm: np.ndarray, label: np.ndarray, period_s: float) -> dict[str, float | None]:
-    """Pointwise F1/FAR/MAR (percent) and event-level precision/recall/delay."""
+def metrics(
+    alarm: np.ndarray, label: np.ndarray, period_s: float, tolerance_rows: int = 0
+) -> dict[str, float | None]:
+    """Pointwise F1/FAR/MAR (percent) and event-level precision/recall/delay.
+
+    At event level an alarm run matches a labelled run it overlaps or that ended fewer than
+    `tolerance_rows` before it starts: a window still contains an anomaly for up to one window
+    length after it (a 1-row spike is seen by the next `window` windows). Pointwise numbers stay
+    strict.
+    """
     tp = int(np.sum(alarm & label))
     fp = int(np.sum(alarm & ~label))
     fn = int(np.sum(~alarm & label))
     tn = int(np.sum(~alarm & ~label))
     true_events, predicted = runs(label), runs(alarm)
-    hit_true = [any(a < e and s < b for a, b in predicted) for s, e in true_events]
-    good_pred = [any(a < e and s < b for s, e in true_events) for a, b in predicted]
+    t = tolerance_rows
+    hit_true = [any(a < e + t and s < b for a, b in predicted) for s, e in true_events]
+    good_pred = [any(a < e + t and s < b for s, e in true_events) for a, b in predicted]
     delays = []
     for (s, e), hit in zip(true_events, hit_true, strict=True):
         if hit:
-            first = np.flatnonzero(alarm[s:e])
+            first = np.flatnonzero(alarm[s : e + t])
             delays.append(first[0] * period_s if len(first) else 0.0)
     false_events = len(predicted) - sum(good_pred)
     days = len(alarm) * period_s / 86400
-    return {
+    result: dict[str, float | None] = {
         "f1": tp / (tp + (fp + fn) / 2) if tp + fp + fn else 1.0,
         "far": 100 * fp / (fp + tn) if fp + tn else 0.0,
         "mar": 100 * fn / (fn + tp) if fn + tp else 0.0,
@@ -106,6 +115,7 @@ def metrics(alarm: np.ndarray, label: np.ndarray, period_s: float) -> dict[str, 
         "event_recall": sum(hit_true) / len(true_events) if true_events else 1.0,
         "mean_delay_s": float(np.mean(delays)) if delays else None,
     }
+    return result
 
 
 def evaluate_table(
@@ -115,7 +125,7 @@ def evaluate_table(
         raise ValueError(f"no label column {label_column!r} (found {sorted(table.labels)})")
     label = table.labels[label_column].astype(bool)
     score, alarm = causal_decisions(model, table, policy)
-    return Evaluation(score, alarm, label, metrics(alarm, label, table.period_s))
+    return Evaluation(score, alarm, label, metrics(alarm, label, table.period_s, model.window))
 
 
 def write_outputs(

@@ -12,7 +12,7 @@ relative to the channel's own statistics in the array it is given, never in abso
 | correlation_break | a reversed copy of itself from another time, the   | whole range   |
 |                   | most different in level: plausible values, but not |               |
 |                   | the operating point the other channels show        |               |
-| noise_burst       | extra noise: ≥ 5–8 × its own, ≥ 0.5–0.8 level std  | whole range   |
+| noise_burst       | extra noise: ≥ 5–8 × its own, ≥ 1–1.5 level std    | whole range   |
 
 Level scale = robust std of the channel (1.4826 × MAD); noise scale = robust std of its first
 differences / √2. Both fall back to plain std, and a constant channel to 1 % of its magnitude.
@@ -219,9 +219,9 @@ def inject(
             out[a:b, c] = _break_source(x, a, b, rng)
         else:  # noise_burst
             # A loose connector or interference: extra noise at least 5-8 x the sensor's own
-            # and at least half the channel's normal swing (on a sensor whose noise is tiny
+            # and at least the channel's normal swing (on a sensor whose noise is tiny
             # against its range, 5 x the noise alone is invisible to anyone).
             factor = rng.uniform(5.0, 8.0)
-            std = max(noise * math.sqrt(factor**2 - 1), rng.uniform(0.5, 0.8) * level)
+            std = max(noise * math.sqrt(factor**2 - 1), rng.uniform(1.0, 1.5) * level)
             out[a:b, c] += rng.normal(0.0, std, size=span)
     return out, mask

@@ -221,7 +221,7 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
         provenance=Provenance(
             data_fingerprint=fingerprint(table),
             source=table.source,
-            rows=len(table.timestamps),
+            rows=sum(b - a for a, b in table.segments),
             train_windows=len(x_train),
             seed=opts.fit.seed,
             epochs=result.epochs,

@@ -20,12 +20,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from training.fault import FaultSpec, channel_scales, inject
-from training.simulator import CHANNELS, MachineSimulator
+from training.fault import FaultSpec, inject
+from training.simulator import CHANNELS, MachineSimulator, reference_scales
 
 log = logging.getLogger(__name__)
-
-REFERENCE_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -46,9 +44,7 @@ def stream_series(plan: PublishPlan, index: int) -> tuple[np.ndarray, np.ndarray
     rows = max(1, round(plan.duration_s * plan.rate_hz))
     values = MachineSimulator(plan.seed + index, plan.period_s).step(rows)
     # Fault sizes come from hours of the same machine, not from this (possibly short) run.
-    scales = channel_scales(
-        MachineSimulator(plan.seed + 100_000, plan.period_s).step(REFERENCE_ROWS)
-    )
+    scales = reference_scales(0, plan.period_s)
     anomaly = np.zeros(rows, dtype=bool)
     rng = np.random.default_rng([plan.seed, index, 0xFA017])
     name = f"sim-{index}"

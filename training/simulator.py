@@ -10,6 +10,7 @@ condition drift (wear) and a slow pressure-sensor offset drift keep the data fro
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.fault import FaultSpec, inject
+from training.fault import FaultSpec, channel_scales, inject
 
 CHANNELS = [
     "motor_current_a",
@@ -41,6 +42,7 @@ WEAR_TAU_S = 3 * 86400.0  # condition drift over days (real wear takes weeks); s
 OFFSET_TAU_S, OFFSET_STD = 12 * 3600.0, 0.03  # pressure sensor offset drift, bar
 FLUID_TAU_S, BEARING_TAU_S = 1200.0, 600.0  # thermal lags: tank/pipework vs bearing housing
 DAY_S = 86_400.0
+REFERENCE_S, REFERENCE_SEED = 6 * 3600.0, 1_000_003
 
 
 class MachineSimulator:
@@ -202,6 +204,7 @@ def simulate(
     if rows < 0:
         raise ValueError(f"rows must be >= 0, got {rows}")
     values = MachineSimulator(seed, period_s, start_time, machine).step(rows)
+    scales = reference_scales(machine, period_s) if faults else None
     # A separate seed stream so adding a fault never changes the normal data.
     rng = np.random.default_rng([seed, 0xFA017])
     anomaly = np.zeros(rows, dtype=bool)
@@ -216,7 +219,7 @@ def simulate(
             start = int(rng.integers(low, max(low, int(0.9 * rows) - length) + 1))
         else:
             start = round(spec.start_s / period_s)
-        values, mask = inject(values, spec.kind, start, length, rng)
+        values, mask = inject(values, spec.kind, start, length, rng, scales=scales)
         anomaly |= mask
         placed.append((spec, min(start, rows), min(start + length, rows)))
     return SimulatedData(
@@ -234,6 +237,18 @@ def _format_times(timestamps: np.ndarray) -> list[str]:
     unit = "s" if np.all(micros % 1_000_000 == 0) else "ms" if np.all(micros % 1000 == 0) else "us"
     text = np.datetime_as_string(micros.astype("datetime64[us]"), unit=unit)
     return [f"{t}Z" for t in text]
+
+
+@functools.lru_cache(maxsize=8)
+def reference_scales(machine: int = 0, period_s: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(level, noise) scale per channel of the build's normal operation, for sizing faults.
+
+    Measured on ~6 hours of one run: a short run sits in one or two set points and would make
+    "4 standard deviations" a small fault against the range a model is trained on.
+    """
+    rows = max(1000, round(REFERENCE_S / period_s))
+    values = MachineSimulator(REFERENCE_SEED, period_s, machine=machine).step(rows)
+    return channel_scales(values)
 
 
 def simulate_runs(
