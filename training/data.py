@@ -59,8 +59,21 @@ def load_table(
     period_s: float | None = None,
     max_gap_s: float | None = None,
 ) -> SensorTable:
-    """Load a CSV (or Parquet) recording onto a regular grid of `period_s` (inferred if None)."""
+    """Load a CSV, Parquet or .npy recording onto a regular grid of `period_s` (inferred if None).
+
+    A .npy array [T, C] has no timestamps: `period_s` is required and channels are ch0, ch1, ...
+    """
     path = Path(path)
+    if path.suffix.lower() == ".npy":
+        if period_s is None:
+            raise DataError(f"{path.name}: a .npy array has no timestamps; pass --period SECONDS")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable .npy array ({exc})") from exc
+        table = from_array(np.asarray(array, dtype=np.float64), period_s)
+        table.source = path.name
+        return table
     frame = _read_frame(path)
     by_lower = {c.lower(): c for c in frame.columns}
     label_names = [by_lower[n.lower()] for n in label_columns if n.lower() in by_lower]

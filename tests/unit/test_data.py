@@ -252,3 +252,14 @@ def test_parquet_without_pyarrow_says_how_to_fix(tmp_path: Path) -> None:
             load_table(tmp_path / "x.parquet")
     else:
         pytest.skip("pyarrow is installed")
+
+
+def test_npy_array_needs_a_period_and_loads_with_one(tmp_path):
+    path = tmp_path / "values.npy"
+    np.save(path, np.arange(60, dtype=np.float64).reshape(20, 3))
+    with pytest.raises(DataError, match="--period"):
+        load_table(path)
+    table = load_table(path, period_s=0.5)
+    assert table.channels == ["ch0", "ch1", "ch2"]
+    assert table.period_s == 0.5 and table.values.shape == (20, 3)
+    assert table.source == "values.npy"
