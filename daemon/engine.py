@@ -285,28 +285,48 @@ class Engine:
         if self.cfg.topics.publish_scores:
             self._publish_score(stream, ts, step.smoothed, score, channel_score)
         muted = stream.muted_until > self.clock()
-        if muted:
-            if stream.state != "muted":
-                self._set_state(stream, "muted", ts)
-            return
+        alarm = stream.alarm
+        # While muted the alarm logic keeps running; only its messages are held back, so a
+        # fault that starts during a maintenance window is reported when the window closes.
         if step.transition is Transition.START:
             stream.alarm = Alarm.begin(ts, step.smoothed)
-            self._event(stream, "start", ts, step.smoothed, channel_score, observed, expected)
-            self._latency(item)
-            self._set_state(stream, "anomalous", ts)
-        elif step.transition is Transition.END and stream.alarm is not None:
-            self._event(stream, "end", ts, step.smoothed, channel_score, observed, expected)
-            self._latency(item)
+            if not muted:
+                self._announce(stream, item, ts, step.smoothed, channel_score, observed, expected)
+        elif step.transition is Transition.END and alarm is not None:
+            if alarm.published:  # an announced alarm is always closed, muted or not
+                self._event(stream, "end", ts, step.smoothed, channel_score, observed, expected)
+                self._latency(item)
             stream.alarm = None
-            self._set_state(stream, "normal", ts)
-        elif stream.alarm is not None:
-            alarm = stream.alarm
+            if not muted:
+                self._set_state(stream, "normal", ts)
+        elif alarm is not None:
             alarm.peak = max(alarm.peak, step.smoothed)
-            if ts - alarm.last_update_ts >= EVENT_UPDATE_S:
+            if not muted and not alarm.published:
+                self._announce(stream, item, ts, step.smoothed, channel_score, observed, expected)
+            elif not muted and ts - alarm.last_update_ts >= EVENT_UPDATE_S:
                 alarm.last_update_ts = ts
                 self._event(stream, "update", ts, step.smoothed, channel_score, observed, expected)
-        elif stream.state != "normal":
+        elif not muted and stream.state != "normal":
             self._set_state(stream, "normal", ts)
+        if muted and stream.state != "muted":
+            self._set_state(stream, "muted", ts)
+
+    def _announce(
+        self,
+        stream: Stream,
+        item: _Pending,
+        ts: float,
+        score: float,
+        channel_score: np.ndarray,
+        observed: np.ndarray,
+        expected: np.ndarray,
+    ) -> None:
+        assert stream.alarm is not None
+        stream.alarm.published = True
+        stream.alarm.last_update_ts = ts
+        self._event(stream, "start", ts, score, channel_score, observed, expected)
+        self._latency(item)
+        self._set_state(stream, "anomalous", ts)
 
     def _latency(self, item: _Pending) -> None:
         if item.arrival > 0:
@@ -340,6 +360,7 @@ class Engine:
             for c, share, normalised in top_contributions(
                 channel_score, self._channel_q99, TOP_CHANNELS
             )
+            if normalised > 0
         ]
         event = Event(
             event_id=alarm.event_id,
@@ -426,8 +447,10 @@ class Engine:
         stream.tracker.reset()
         if stream.alarm is not None:
             log.info("stream %s: alarm %s ends (%s)", stream.id, stream.alarm.event_id, why)
-            zeros = np.zeros(self.model.channels)
-            self._event(stream, "end", ts, stream.last_score or 0.0, zeros, zeros, zeros)
+            if stream.alarm.published:
+                # No window to blame: the end carries no channel contributions.
+                zeros = np.zeros(self.model.channels)
+                self._event(stream, "end", ts, stream.last_score or 0.0, zeros, zeros, zeros)
             stream.alarm = None
 
     def tick(self) -> None:
@@ -452,7 +475,7 @@ class Engine:
                 stream.buffer.reset()
                 self._set_state(stream, "stale", stream.last_ts or wall)
             elif stream.state == "muted" and stream.muted_until <= now:
-                self._set_state(stream, "anomalous" if stream.alarm else "normal", wall)
+                self._end_mute(stream, wall)
         counts = dict.fromkeys(("normal", "anomalous", "stale", "warming_up", "muted"), 0)
         for stream in self.streams.values():
             counts[stream.state] += 1
@@ -472,8 +495,14 @@ class Engine:
     def unmute(self, stream_id: str) -> Stream:
         stream = self._stream(stream_id)
         stream.muted_until = 0.0
-        self._set_state(stream, "anomalous" if stream.alarm else "normal", time.time())
+        self._end_mute(stream, time.time())
         return stream
+
+    def _end_mute(self, stream: Stream, ts: float) -> None:
+        """Back to the alarm state the logic is in; an alarm raised while muted is announced
+        with the next scored window (it carries that window's channels)."""
+        announced = stream.alarm is not None and stream.alarm.published
+        self._set_state(stream, "anomalous" if announced else "normal", ts)
 
     def set_sensitivity(self, stream_id: str, factor: float) -> Stream:
         self._sensitivity[stream_id] = factor

@@ -322,6 +322,14 @@ class MqttLink:
             self._outbound.append(msg)
         self.wake()
 
+    def set_status(self, online_payload: bytes, offline_payload: bytes) -> None:
+        """New status payloads (after a model reload): publish online now, offline at stop.
+
+        The last will registered with the broker keeps the old payload until the next connect.
+        """
+        self._online_payload, self._offline_payload = online_payload, offline_payload
+        self.publish(Outgoing(self._status_topic, online_payload, qos=1, retain=True))
+
     def wake(self) -> None:
         """Wake the network thread now (after publish, or when on_message has room again)."""
         # OSError: the buffer is full (a wake-up is pending anyway) or the link has stopped.

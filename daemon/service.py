@@ -68,6 +68,9 @@ class Daemon:
         self._stop = threading.Event()
         self._reload_requested = False
         self._accepting = True
+        # Held while a message is checked and queued, so shutdown cannot slip between the two
+        # (a reading acknowledged but queued after the final drain would be lost).
+        self._intake = threading.Lock()
         self._controls: queue.SimpleQueue[_Control] = queue.SimpleQueue()
         self.notifier = Notifier()
         # `_created` series double the exposition and nobody graphs them (process-wide switch).
@@ -138,7 +141,7 @@ class Daemon:
             outbox=self.outbox,
             on_state=self._on_link_state,
         )
-        self._link_connected_before = False
+        self._mirrored: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -189,7 +192,8 @@ class Daemon:
     def _shutdown(self) -> int:
         log.info("stopping: no new readings; finishing queued windows and flushing events")
         self.notifier.stopping()
-        self._accepting = False  # the link leaves further messages unacknowledged at the broker
+        with self._intake:
+            self._accepting = False  # further messages stay unacknowledged at the broker
         self._drain(timeout_s=0.0, until_empty=True)
         self._run_controls()
         acked = self.link.stop(timeout_s=10.0)
@@ -249,6 +253,18 @@ class Daemon:
         m = self.metrics
         m.queue_depth_messages.set(self.queue.qsize())
         m.mqtt_connected.set(1 if self.link.connected else 0)
+        # The outbox belongs to the network thread; its size and byte count are cached ints.
+        m.outbox_events.set(len(self.outbox))
+        m.outbox_bytes.set(self.outbox.bytes)
+        c = self.link.counters
+        self._mirror(m.outbox_dropped_total, "outbox_dropped", self.outbox.dropped)
+        self._mirror(m.outbox_errors_total, "outbox_errors", c.outbox_errors)
+        self._mirror(m.mqtt_publish_acks_total, "acked", c.acked)
+        self._mirror(m.mqtt_reconnects_total, "reconnects", c.reconnects)
+        for kind, count in list(c.connect_failures.items()):
+            self._mirror(m.mqtt_connect_failures_total.labels(reason=kind), f"cf_{kind}", count)
+        incomplete = sum(s.aligner.incomplete for s in self.engine.streams.values() if s.aligner)
+        self._mirror(m.aligner_incomplete_total, "incomplete", incomplete)
         stale_s = self.cfg.ingest.stale_s(self.engine.model.manifest.sample_period_s)
         m.no_data.set(1 if now - self._last_ok > stale_s else 0)
 
@@ -256,8 +272,12 @@ class Daemon:
 
     def _on_message(self, msg: Incoming) -> bool:
         """Parse, validate and queue one message (runs in the MQTT network thread)."""
-        if not self._accepting:
-            return False
+        with self._intake:
+            if not self._accepting:
+                return False
+            return self._take(msg)
+
+    def _take(self, msg: Incoming) -> bool:
         topics = self.engine.topics
         if msg.topic.startswith(topics.ops + "/"):
             self._ops_pool.submit(self._mqtt_op, msg)
@@ -297,16 +317,18 @@ class Daemon:
         self._last_ok = time.monotonic()
         return True
 
+    def _mirror(self, counter: Any, key: str, total: int) -> None:
+        """Advance a Prometheus counter to a running total kept elsewhere."""
+        last = self._mirrored.get(key, 0)
+        if total > last:
+            counter.inc(total - last)
+        self._mirrored[key] = total
+
     def _on_link_state(self, state: LinkState, reason: str) -> None:
         if state is LinkState.CONNECTED:
-            if self._link_connected_before:
-                self.metrics.mqtt_reconnects_total.inc()
-            self._link_connected_before = True
             self.notifier.send(f"STATUS=connected to {self.cfg.mqtt.host}:{self.cfg.mqtt.port}")
             # Retained states again: non-durable publishes made while disconnected were dropped.
             self._controls.put(_Control("_republish", {}))
-        elif state is LinkState.DISCONNECTED:
-            self.metrics.mqtt_connect_failures_total.labels(reason=_reason_label(reason)).inc()
 
     def _publish(
         self, topic: str, payload: bytes, *, qos: int, retain: bool, durable: bool
@@ -327,14 +349,9 @@ class Daemon:
             self.metrics.ops_total.labels(op=_op_label(op), result="no_reply_topic").inc()
             return
         self.link.publish(
-            Outgoing(
-                target.topic,
-                reply,
-                qos=1,
-                response_topic=None,
-                correlation_data=target.correlation_data,
-            )
+            Outgoing(target.topic, reply, qos=1, correlation_data=target.correlation_data)
         )
+        self.metrics.mqtt_published_total.labels(kind="reply").inc()
 
     def _observe_op(self, op: str, result: str, seconds: float) -> None:
         self.metrics.ops_total.labels(op=_op_label(op), result=result).inc()
@@ -453,6 +470,8 @@ class Daemon:
         self.model = model
         self._model_stamp = _stamp(cfg.model.path)
         self.metrics.model_reloads_total.labels(result="ok").inc()
+        # The retained status names the model being served.
+        self.link.set_status(self.engine.status("online"), self.engine.status("offline"))
         m = model.manifest
         log.info("reloaded (%s): model %s %s sha256 %s", why, m.name, m.version, model.sha256)
         self.notifier.send("READY=1", f"STATUS=model {m.name} {m.version}")
@@ -473,20 +492,6 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _reason_label(reason: str) -> str:
-    text = reason.lower()
-    for key in (
-        "not authorized",
-        "bad user name or password",
-        "refused",
-        "timed out",
-        "unreachable",
-    ):
-        if key in text:
-            return key.replace(" ", "_")
-    return "other"
 
 
 def _op_label(op: str) -> str:

@@ -23,6 +23,7 @@ class Alarm:
     started_ts: float
     peak: float
     last_update_ts: float
+    published: bool = False  # its start event went out (not while the stream was muted)
 
     @classmethod
     def begin(cls, ts: float, score: float) -> Alarm:
