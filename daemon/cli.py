@@ -39,7 +39,10 @@ class _PluginGroup(click.Group):
         ep = self._plugins().get(cmd_name)
         if ep is None:
             return None
-        loaded = ep.load()
+        try:
+            loaded = ep.load()
+        except ImportError:  # e.g. an edge install without the trainer's extras
+            return None
         return loaded if isinstance(loaded, click.Command) else None
 
 
