@@ -60,18 +60,23 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def load_model_or_exit(path: Path) -> Any:
+    """The validated model file, or one `error:` line and exit 78."""
+    from daemon.model import Model, ModelFileError
+
+    try:
+        return Model.load(path)
+    except ModelFileError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
 @main.command()
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def inspect(model_path: Path, as_json: bool) -> None:
     """Print a model file's manifest (validated by the same loader the daemon uses)."""
-    from daemon.model import Model, ModelFileError
-
-    try:
-        model = Model.load(model_path)
-    except ModelFileError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+    model = load_model_or_exit(model_path)
     m = model.manifest
     if as_json:
         doc = {"path": str(model_path), "sha256": model.sha256, "manifest": m.model_dump()}

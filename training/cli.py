@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from daemon.cli import EXIT_CONFIG
+from daemon.cli import EXIT_CONFIG, load_model_or_exit
 
 ARCHITECTURES = ("dense", "conv1d", "gru", "lstm")
 VARIANTS = ("basic", "denoising", "sparse", "contractive", "robust", "variational")
@@ -217,14 +217,9 @@ def evaluate(
     as_json,
 ):
     """Score labelled DATA with MODEL through the daemon's alarm logic; print F1/FAR/MAR."""
-    from daemon.model import Model, ModelFileError
     from training.evaluate import evaluate_table, write_outputs
 
-    try:
-        model = Model.load(model_path)
-    except ModelFileError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+    model = load_model_or_exit(model_path)
     m = model.manifest
     if not channels:
         channels = ",".join(m.channels)
