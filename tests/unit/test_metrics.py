@@ -224,3 +224,15 @@ def test_registries_are_private() -> None:
     first.readings_total.inc()
     assert value(second, "oteo_readings_total") == 0
     assert set(REGISTRY._names_to_collectors) == before
+
+
+def test_readme_lists_every_metric() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    metrics = Metrics(drop_reasons=DROP_REASONS)
+    names = [
+        fam.name + ("_total" if fam.type == "counter" else "") for fam in metrics.registry.collect()
+    ]
+    missing = [n for n in names if f"`{n}`" not in readme]
+    assert not missing, f"README's metrics reference lacks {missing}"
