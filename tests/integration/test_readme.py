@@ -1,0 +1,143 @@
+"""Every command the README shows is run here, or by the named test, or by CI.
+
+Commands are read from the README's ```bash blocks. The training walk-through runs verbatim in a
+temporary directory; the daemon walk-through runs with the broker and HTTP ports of this test
+and a shorter run (the substitutions are listed below). A README command that nothing covers
+fails `test_every_readme_command_is_covered`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+BIN = Path(sys.executable).parent
+
+# Commands covered elsewhere: the prefix of the command -> where.
+ELSEWHERE = {
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[demo]' && oteo demo": (
+        ".ci/run does the install; tests/integration/test_demo_command.py runs oteo demo"
+    ),
+    "pip install -e '.[train,test,demo]' && python -m pytest -q": ".ci/run",
+    "python -m pytest -q": ".ci/run",
+    "ruff check daemon training tests": ".ci/run",
+    "python -m daemon.jsonschema daemon/schema": "tests/unit/test_schema_drift.py",
+    "docker compose": "needs Docker: tests/integration/test_deploy.py parses compose.yaml",
+}
+TRAINING = "oteo simulate --csv normal.csv"
+DAEMON = "oteo run --model models/demo.onnx"
+
+
+def readme_commands() -> list[str]:
+    """Command lines of the README's bash blocks, comments stripped."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def block_with(first: str) -> list[str]:
+    commands = readme_commands()
+    start = next(i for i, c in enumerate(commands) if c.startswith(first))
+    end = start
+    while end + 1 < len(commands) and not any(
+        commands[end + 1].startswith(k) for k in (*ELSEWHERE, TRAINING, DAEMON)
+    ):
+        end += 1
+    return commands[start : end + 1]
+
+
+def test_every_readme_command_is_covered() -> None:
+    covered = set(block_with(TRAINING)) | set(block_with(DAEMON))
+    loose = [
+        c for c in readme_commands() if c not in covered and not c.startswith(tuple(ELSEWHERE))
+    ]
+    assert not loose, f"README commands no test runs: {loose}"
+
+
+def run(command: str, cwd: Path, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+def test_training_walkthrough_runs_verbatim(tmp_path: Path) -> None:
+    commands = block_with(TRAINING)
+    assert any(c.startswith("oteo evaluate") for c in commands)
+    for command in commands:
+        done = run(command, tmp_path)
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+    assert (tmp_path / "models/pump.onnx").is_file()
+    assert (tmp_path / "models/pump.report/index.html").is_file()
+    assert (tmp_path / "eval/decisions.csv").is_file() and (tmp_path / "eval/score.png").is_file()
+    metrics = json.loads(run("oteo evaluate models/pump.onnx test.csv --json", tmp_path).stdout)
+    assert metrics["true_events"] >= 6 and 0.0 <= metrics["f1"] <= 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_daemon_walkthrough_runs_with_test_ports(tmp_path: Path, mosquitto) -> None:
+    run_cmd, simulate_cmd, curl_cmd = block_with(DAEMON)
+    http = free_port()
+    substitutions = {
+        "1883": str(mosquitto.port),
+        "9108": str(http),
+        # A shorter run: 25 s instead of 120, the fault 8 s in for 10 s (still 100 samples).
+        "--duration 120": "--duration 25",
+        "@60+30": "@8+10",
+    }
+
+    def adapt(command: str) -> str:
+        for old, new in substitutions.items():
+            command = command.replace(old, new)
+        return command
+
+    shutil.copytree(ROOT / "models", tmp_path / "models")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    daemon = subprocess.Popen(
+        shlex.split(adapt(run_cmd)),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if (
+                    urllib.request.urlopen(f"http://127.0.0.1:{http}/readyz", timeout=2).status
+                    == 200
+                ):
+                    break
+            except OSError:
+                pass
+            assert daemon.poll() is None and time.monotonic() < deadline, "daemon not ready"
+            time.sleep(0.2)
+        sim = run(adapt(simulate_cmd), tmp_path, timeout_s=90)
+        assert sim.returncode == 0, sim.stderr
+        assert "published 5000 readings to 20 streams (5000 acknowledged" in sim.stdout
+        time.sleep(1.0)
+        out = run(adapt(curl_cmd), tmp_path).stdout
+        counts = dict(re.findall(r'kind="(\w+)"\} ([0-9.]+)', out))
+        assert float(counts["start"]) >= 1 and float(counts["end"]) >= 1, out
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0
