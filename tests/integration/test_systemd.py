@@ -198,11 +198,20 @@ def resolve_filter(values: list[str]) -> list[str]:
     return sorted(allowed | {"execve", "exit", "exit_group", "rt_sigreturn", "sigreturn"})
 
 
+TMPS = ("/tmp", "/var/tmp")
+
+
+def spec_keep() -> list[str]:
+    """What the sandbox binds back from under the home and temporary directories."""
+    keep = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), REPO}
+    tops = ("/root", "/home", *TMPS)
+    return sorted(str(p) for p in keep if any(str(p).startswith(h + "/") for h in tops))
+
+
 def sandbox_spec(
     unit: dict[str, list[str]], sources: dict[str, tuple[Path, bool]], env: dict[str, str]
 ) -> dict[str, Any]:
     families = the(unit, "RestrictAddressFamilies").split()
-    keep = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), REPO}
     homes = ("/root", "/home")
     environment = {"PATH": CLEAN_PATH, "LANG": "C.UTF-8", "HOME": "/"}
     for assignment in unit.get("Environment", []):
@@ -210,7 +219,8 @@ def sandbox_spec(
     environment.update(env)
     return {
         "binds": {name: [str(path), writable] for name, (path, writable) in sources.items()},
-        "keep": sorted(str(p) for p in keep if any(str(p).startswith(h + "/") for h in homes)),
+        # Hidden by ProtectHome or PrivateTmp, so bound back (CI may clone under /tmp).
+        "keep": spec_keep(),
         "homes": list(homes),
         "python": sys.executable,
         "uid": SERVICE_UID,
@@ -483,7 +493,8 @@ def test_sandbox_restrictions_hold(
         "write /srv/etc": "EROFS",
         "write /srv/state": "ok",
         "write /tmp": "ok",
-        "/tmp entries": [],
+        # PrivateTmp: empty, but for the test's own interpreter or checkout bound back in.
+        "/tmp entries": sorted({Path(k).parts[2] for k in spec_keep() if k.startswith("/tmp/")}),
         "/home entries": [],
         "write /root": "EROFS",
         "/proc/cpuinfo": True,  # onnxruntime's cpuinfo needs it: no ProcSubset=pid
@@ -716,16 +727,16 @@ def _enter_sandbox(spec: dict[str, Any], command: list[str]) -> None:
     for home in spec["homes"]:
         if os.path.isdir(home):
             _mount("-t", "tmpfs", "-o", "mode=0755,nosuid,nodev", "oteo-home", home)
+    # PrivateTmp
+    for tmp in TMPS:
+        if os.path.isdir(tmp):
+            _mount("-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "oteo-tmp", tmp)
     for index, keep in enumerate(spec["keep"]):
         os.makedirs(keep, exist_ok=True)
         _mount("--move", f"{SANDBOX}/.keep/{index}", keep)
     for home in spec["homes"]:
         if os.path.isdir(home):
             _mount("-o", "remount,bind,ro,nosuid,nodev", home)
-    # PrivateTmp
-    for tmp in ("/tmp", "/var/tmp"):
-        if os.path.isdir(tmp):
-            _mount("-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "oteo-tmp", tmp)
     _mount("-o", "remount,bind,ro,nosuid,nodev", SANDBOX)
     # ProtectProc=invisible (and ProcSubset=pid if set)
     _mount("-t", "proc", "-o", "nosuid,nodev,noexec," + spec["proc"], "proc", "/proc")
