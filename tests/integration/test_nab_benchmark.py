@@ -1,0 +1,87 @@
+"""`oteo benchmark nab` on three small NAB files, through the real trainer and runtime.
+
+Needs the NAB folder (../shared/datasets/nab from the repository, or $OTEO_NAB_DIR); the data are
+never copied into the repository: the test links three files into a temporary NAB layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from training.bench import benchmark
+from training.bench.nab import DetectorConfig, likelihood, read_corpus, report_rises, run_file
+
+NAB = Path(os.environ.get("OTEO_NAB_DIR", Path(__file__).parents[2] / "../shared/datasets/nab"))
+FILES = (
+    "realAdExchange/exchange-2_cpc_results.csv",
+    "realTraffic/speed_7578.csv",
+    "realAWSCloudwatch/iio_us-east-1_i-a2eb1cd9_NetworkIn.csv",
+)
+needs_nab = pytest.mark.skipif(
+    not (NAB / "labels" / "combined_windows.json").exists(),
+    reason=f"NAB dataset not found at {NAB.resolve()} (set OTEO_NAB_DIR)",
+)
+
+
+@pytest.fixture(scope="module")
+def small_nab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("nab")
+    for name in (
+        "labels/combined_windows.json",
+        "config/profiles.json",
+        *(f"data/{f}" for f in FILES),
+    ):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to((NAB / name).resolve())
+    return root
+
+
+@needs_nab
+def test_command_prints_scores_for_three_profiles_and_writes_likelihoods(
+    small_nab: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(benchmark, ["nab", str(small_nab), "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["files"] == 3 and summary["failed"] == {} and summary["seconds"] > 0
+    assert summary["fixed"]["threshold"] == 0.5
+    for profile in ("standard", "low_fp", "low_fn"):
+        # The optimum includes "no detection" (0) and cannot beat the perfect detector (100).
+        assert 0.0 <= summary[profile] <= 100.0
+        assert summary["fixed"][profile] <= summary[profile] + 1e-9
+    assert "[3/3]" in result.stderr
+    for f in read_corpus(small_nab):
+        lines = (out / f.labelled.name).read_text().splitlines()
+        assert lines[0] == "timestamp,anomaly_score" and len(lines) == f.labelled.rows + 1
+        lik = np.array([float(line.split(",")[1]) for line in lines[1:]])
+        assert ((lik >= 0) & (lik <= 1)).all()
+        assert not lik[: f.labelled.probation].any()
+
+
+@needs_nab
+def test_later_rows_never_change_earlier_likelihoods(small_nab: Path, tmp_path: Path) -> None:
+    f = next(f for f in read_corpus(small_nab) if f.labelled.name.endswith("speed_7578.csv"))
+    cut = 700
+    before = run_file(f, DetectorConfig(), tmp_path).likelihood
+    f.values = f.values.copy()
+    f.values[cut:] = f.values[cut:][::-1] * 3.0  # a different future, same length
+    after = run_file(f, DetectorConfig(), tmp_path).likelihood
+    np.testing.assert_array_equal(before[:cut], after[:cut])
+    assert not np.array_equal(before[cut:], after[cut:])
+
+
+def test_likelihood_and_reporting_are_causal() -> None:
+    rng = np.random.default_rng(1)
+    scores, history, cfg = rng.lognormal(size=3000), rng.lognormal(size=200), DetectorConfig()
+    full = report_rises(likelihood(scores, history, cfg), cfg.quiet)
+    for k in (1, 250, 2999):
+        part = report_rises(likelihood(scores[:k], history, cfg), cfg.quiet)
+        np.testing.assert_array_equal(part, full[:k])
+    assert ((full >= 0) & (full <= 1)).all()
