@@ -212,6 +212,12 @@ class IngestSection(_Section):
         description="How late a reading may arrive and still be put in order. Readings are "
         "held this long before scoring, so it adds latency; 0 drops late readings (counted).",
     )
+    max_future_s: float = Field(
+        86400.0,
+        gt=0,
+        description="Readings stamped further than this ahead of this host's clock are dropped "
+        "(bad_timestamp): one reading from a clock gone wild would otherwise re-anchor the stream.",
+    )
     stale_after_s: float | None = Field(
         None,
         gt=0,

@@ -8,6 +8,7 @@ MQTT link's queue), which makes it testable with plain function calls.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 # While an alarm lasts, an `update` event repeats its peak at most this often (data time).
 EVENT_UPDATE_S = 60.0
 TOP_CHANNELS = 3
+# Consecutive late readings (at least a window's worth) after which a stream re-anchors.
+LATE_RESET_MIN = 10
 
 
 class Publish(Protocol):
@@ -189,7 +192,21 @@ class Engine:
             return
         if out.result is PushResult.LATE:
             m.messages_total.labels(result="late").inc()
+            stream.late_run += 1
+            if stream.late_run >= max(LATE_RESET_MIN, self.model.window):
+                # A run of "late" readings means the stream's clock jumped back (or one bogus
+                # reading from the future anchored it): start again from the readings we get.
+                log.warning(
+                    "stream %s: %d late readings in a row, restarting its window",
+                    stream.id,
+                    stream.late_run,
+                )
+                m.gap_resets_total.inc()
+                self._interrupt(stream, ts, "clock jumped back")
+                stream.buffer.reset()
+                stream.late_run = 0
             return
+        stream.late_run = 0
         m.readings_total.inc()
         if out.seq_gap:
             m.seq_gaps_total.inc(out.seq_gap)
@@ -276,6 +293,12 @@ class Engine:
         expected: np.ndarray,
     ) -> None:
         stream, ts = item.stream, item.ts
+        if not math.isfinite(score):
+            # Inputs are checked to be finite float32; a model can still overflow. Such a
+            # window is counted and skipped so it cannot poison the stream's smoothing.
+            self.metrics.messages_total.labels(result="non_finite").inc()
+            log.warning("stream %s: non-finite score skipped", stream.id)
+            return
         step = stream.tracker.update(score)
         stream.last_score = step.smoothed
         # Drift signal: share of windows above the normal p99 (an EWMA over ~1 h at 1 Hz).
@@ -472,7 +495,7 @@ class Engine:
                         self._account(stream, _windows_only(out), stream.last_ts, 0.0)
             if stream.state != "stale" and now - stream.last_seen > stale_s:
                 self._interrupt(stream, stream.last_ts, "stale")
-                stream.buffer.reset()
+                stream.buffer.reset(keep_seq=True)
                 self._set_state(stream, "stale", stream.last_ts or wall)
             elif stream.state == "muted" and stream.muted_until <= now:
                 self._end_mute(stream, wall)

@@ -76,6 +76,11 @@ _READING_KEYS = frozenset({"ts", "seq", "values"})
 _CHANNEL_KEYS = frozenset({"ts", "value"})
 
 
+# The model computes in float32: a larger finite double would become inf inside the graph.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+SEQ_MAX = 2**63 - 1
+
+
 class PayloadError(ValueError):
     """An incoming payload is refused; `reason` is one of DROP_REASONS (a metric label)."""
 
@@ -228,8 +233,8 @@ class ReadingParser:
                 raise PayloadError("bad_schema", "a reading has ts, values and optional seq")
             stamps.append(parse_timestamp(item["ts"]))
             seq = item.get("seq")
-            if seq is not None and (type(seq) is not int or seq < 0):
-                raise PayloadError("bad_type", "seq must be a non-negative integer")
+            if seq is not None and (type(seq) is not int or not 0 <= seq <= SEQ_MAX):
+                raise PayloadError("bad_type", "seq must be an integer in [0, 2**63 - 1]")
             seqs.append(seq)
             rows.append(self._ordered(item["values"]))
         if not set(map(type, chain.from_iterable(rows))) <= _NUMBER_TYPES:
@@ -239,8 +244,8 @@ class ReadingParser:
                 finite = all(map(math.isfinite, rows[0]))
             except OverflowError:  # an integer beyond float range
                 finite = False
-            if not finite:
-                raise PayloadError("non_finite", "values must be finite (no NaN or Infinity)")
+            if not finite or max(map(abs, rows[0])) > FLOAT32_MAX:
+                raise PayloadError("non_finite", "values must be finite float32 numbers")
             values = np.array(rows[0], dtype=np.float64)
             values.flags.writeable = False
             return [ParsedReading(stamps[0], seqs[0], values)]
@@ -248,8 +253,8 @@ class ReadingParser:
             matrix = np.array(rows, dtype=np.float64)
         except OverflowError as exc:
             raise PayloadError("non_finite", "a value is out of float range") from exc
-        if not np.isfinite(matrix).all():
-            raise PayloadError("non_finite", "values must be finite (no NaN or Infinity)")
+        if not np.isfinite(matrix).all() or np.abs(matrix).max() > FLOAT32_MAX:
+            raise PayloadError("non_finite", "values must be finite float32 numbers")
         matrix.flags.writeable = False  # rows are views of one array: no aliasing surprises
         return [ParsedReading(*r) for r in zip(stamps, seqs, matrix, strict=True)]
 
@@ -271,8 +276,8 @@ class ReadingParser:
             value = float(raw)
         except OverflowError as exc:
             raise PayloadError("non_finite", "the value is out of float range") from exc
-        if not math.isfinite(value):
-            raise PayloadError("non_finite", "the value must be finite (no NaN or Infinity)")
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            raise PayloadError("non_finite", "the value must be a finite float32 number")
         return ChannelSample(ts, value)
 
     def parse_channel_value(self, payload: bytes) -> float:

@@ -291,12 +291,18 @@ class Daemon:
             return True
         try:
             if len(rest) == 2 and rest[1] == "data":
-                work = Work(stream, self._parser.parse(msg.payload), arrival=time.monotonic())
+                readings = self._parser.parse(msg.payload)
+                horizon = time.time() + self.cfg.ingest.max_future_s
+                if any(r.ts > horizon for r in readings):
+                    raise PayloadError("bad_timestamp", "a timestamp is too far in the future")
+                work = Work(stream, readings, arrival=time.monotonic())
             elif len(rest) == 3 and rest[1] == "ch":
                 index = self._channel_index.get(rest[2])
                 if index is None:
                     raise PayloadError("unknown_channel", f"unknown channel {rest[2]!r}")
                 sample = self._parser.parse_channel_sample(msg.payload)
+                if sample.ts is not None and sample.ts > time.time() + self.cfg.ingest.max_future_s:
+                    raise PayloadError("bad_timestamp", "the timestamp is too far in the future")
                 work = Work(stream, None, index, sample, arrival=time.monotonic())
             else:
                 self.metrics.messages_total.labels(result="unknown_stream_topic").inc()

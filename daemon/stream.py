@@ -47,6 +47,7 @@ class Stream:
     alarm: Alarm | None = None
     last_score: float | None = None
     pending_windows: int = 0  # windows queued for scoring, not yet scored
+    late_run: int = 0  # consecutive readings dropped as late
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -29,6 +29,10 @@ Float64Array = npt.NDArray[np.float64]
 _EPS = 1e-9
 
 
+# seq gaps larger than this are taken as a sender restart, not as lost readings.
+MAX_SEQ_GAP = 2**32
+
+
 class PushResult(enum.Enum):
     """What happened to a reading."""
 
@@ -143,14 +147,19 @@ class StreamBuffer:
         self._total = 0  # samples ever committed: numbers ring rows across resets
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the window, the grid, the sequence and any held readings."""
+    def reset(self, *, keep_seq: bool = False) -> None:
+        """Forget the window, the grid, any held readings and (unless `keep_seq`) the seq.
+
+        A stream that fell silent keeps its seq, so readings lost meanwhile still count as a
+        gap and redeliveries as duplicates.
+        """
+        last_seq = getattr(self, "_last_seq", None) if keep_seq else None
         self._anchor: float | None = None  # grid time of slot 0
         self._last_slot = 0  # slot of the newest committed sample (valid when _count > 0)
         self._count = 0  # samples committed since the reset
         self._until_ready = self.window  # samples until the next window is ready
         self._pos = self._capacity - 1  # ring row of the newest sample
-        self._last_seq: int | None = None
+        self._last_seq: int | None = last_seq
         self._held: list[tuple[float, int, int, int | None]] = []  # heap: ts, slot, row, seq
         self._held_slots: set[int] = set()
         self._free_rows = list(range(self._stage_rows))
@@ -294,7 +303,8 @@ class StreamBuffer:
         seq_gap = 0
         if seq is not None:
             if self._last_seq is not None and seq > self._last_seq + 1:
-                seq_gap = seq - self._last_seq - 1
+                # A jump beyond any plausible loss is a sender that changed its counter.
+                seq_gap = seq - self._last_seq - 1 if seq - self._last_seq <= MAX_SEQ_GAP else 0
             self._last_seq = seq  # also when lower: the sender restarted its counter
         result = PushResult.ACCEPTED
         step = slot - self._last_slot

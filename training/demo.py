@@ -480,6 +480,9 @@ def write_daemon_config(
             "reconnect_max_s": 2.0,
         },
         "http": {"bind": HOST, "port": http_port},
+        # The simulator fast-forwards data time (rate x the sample period): a long demo runs
+        # days ahead of this host's clock, which the daemon would otherwise refuse.
+        "ingest": {"max_future_s": 10 * 365 * 86400.0},
     }
     path = workdir / "oteo.toml"
     path.write_text(_toml(doc), encoding="utf-8")
