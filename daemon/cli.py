@@ -150,7 +150,14 @@ def _load_config(config_path: Path | None, overrides: dict[str, Any]) -> Any:
 @click.argument("config_path", type=click.Path(path_type=Path))
 def check_config(config_path: Path) -> None:
     """Validate a config file and print the effective config (secrets redacted)."""
+    from daemon.config import ConfigError
+
     cfg = _load_config(config_path, {})
+    try:
+        cfg.check_secrets()
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     click.echo(json.dumps(cfg.redacted(), indent=2, default=str))
 
 

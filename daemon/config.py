@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +39,25 @@ _UNSET_VAR = re.compile(r"\$\{?(\w+)")
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message is one line, `path.to.field: message`."""
+
+
+# Container secret mounts (Docker/Compose `secrets:`): only the container's own processes see
+# them, and a bind-mounted file keeps the host's mode, so "others" is not a meaningful boundary.
+CONTAINER_SECRETS = Path("/run/secrets")
+
+
+def read_secret(field: str, path: Path) -> str:
+    """A secret file's text; refused when other users may read it, as ssh does with keys."""
+    try:
+        mode = path.stat().st_mode
+        if mode & stat.S_IROTH and not path.resolve().is_relative_to(CONTAINER_SECRETS):
+            raise ConfigError(
+                f"{field}: {path} is readable by every user (mode {stat.S_IMODE(mode):04o}); "
+                f"run `chmod o-rwx {path}` (or hand it over with systemd LoadCredential=)"
+            )
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot read {path}: {exc.strerror}") from exc
 
 
 def _expand(path: Path) -> Path:
@@ -173,12 +193,7 @@ class MqttSection(_Section):
         """The password, read now from `password_file` or else `$OTEO_MQTT_PASSWORD`."""
         if self.password_file is None:
             return os.environ.get(PASSWORD_ENV) or None
-        try:
-            return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError(
-                f"mqtt.password_file: cannot read {self.password_file}: {exc.strerror}"
-            ) from exc
+        return read_secret("mqtt.password_file", self.password_file).rstrip("\r\n")
 
 
 class TopicsSection(_Section):
@@ -298,12 +313,7 @@ class HttpSection(_Section):
         """The ops API bearer token, read now from `token_file` (None: no token required)."""
         if self.token_file is None:
             return None
-        try:
-            token = self.token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"http.token_file: cannot read {self.token_file}: {exc.strerror}"
-            ) from exc
+        token = read_secret("http.token_file", self.token_file).strip()
         if not token:
             raise ConfigError(f"http.token_file: {self.token_file} is empty")
         return token
@@ -350,6 +360,14 @@ class Config(_Section):
     )
     outbox: OutboxSection = Field(default_factory=OutboxSection, description="Event outbox.")
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="Metrics.")
+
+    def check_secrets(self) -> None:
+        """Raise ConfigError unless every secret file is readable and not readable by all.
+
+        Start-up, reload and check-config call it; the values are read again where used.
+        """
+        self.mqtt.password()
+        self.http.token()
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, safe to print (no secrets)."""

@@ -138,6 +138,9 @@ class HttpServer:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # The listen backlog (socketserver's default is 5): a burst of scrapes and probes waits in
+    # the kernel instead of being refused; the connection cap below still bounds the threads.
+    request_queue_size = 128
 
     def __init__(self, app: HttpServer) -> None:
         self.app = app

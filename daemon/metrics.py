@@ -99,7 +99,9 @@ class Metrics:
             registry=reg,
         )
         self.queue_depth_messages = Gauge(
-            "oteo_queue_depth_messages", "Messages waiting in the ingest queue.", registry=reg
+            "oteo_queue_depth_messages",
+            "Messages waiting in the ingest queue (its deepest point in the last second).",
+            registry=reg,
         )
         self.last_message_timestamp_seconds = Gauge(
             "oteo_last_message_timestamp_seconds",

@@ -109,7 +109,8 @@ class LinkCounters:
     subscribe_acks: int = 0  # SUBACKs (one per connection when there are subscriptions)
     subscribe_failures: int = 0  # SUBACK failure codes
     received: int = 0
-    dropped_incoming: int = 0  # QoS 0 beyond the held bound, or undecodable topics
+    dropped_qos0: int = 0  # QoS 0 arriving while the held bound is full
+    bad_topics: int = 0  # topics that are not UTF-8
     held_incoming: int = 0  # offered to on_message but not taken yet
     callback_errors: int = 0
     published: int = 0  # handed to paho
@@ -254,6 +255,7 @@ class MqttLink:
 
         # Everything below belongs to the network thread.
         self._state = LinkState.DISCONNECTED
+        self._connect_error = ""  # paho's last error while CONNECTING (it reports none else)
         self._backoff = _Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
         self._next_attempt = 0.0
         self._ever_connected = False
@@ -454,6 +456,11 @@ class MqttLink:
     def _connect(self) -> None:
         cfg = self._cfg
         self._set_state(LinkState.CONNECTING, f"connecting to {cfg.host}:{cfg.port}")
+        # paho says why a connection closed before CONNACK only in its log (e.g. a TLS 1.3
+        # server rejecting our client certificate after the handshake); listen while connecting
+        # only, as formatting every packet's log line would cost on the hot path.
+        self._connect_error = ""
+        self._client.on_log = self._on_paho_log
         try:
             rc = self._client.reconnect()
         except ssl.SSLError as exc:  # also certificate verification failures
@@ -683,13 +690,13 @@ class MqttLink:
         try:
             topic = message.topic
         except UnicodeDecodeError:
-            self.counters.dropped_incoming += 1
+            self.counters.bad_topics += 1
             if qos > 0:
                 client.ack(message.mid, qos)  # it can never be processed; do not get it again
             return
         self.counters.received += 1
         if qos == 0 and len(self._held) >= self._max_held:
-            self.counters.dropped_incoming += 1
+            self.counters.dropped_qos0 += 1
             return
         incoming = Incoming(
             topic,
@@ -749,6 +756,7 @@ class MqttLink:
         reason: ReasonCode,
         props: Properties | None,
     ) -> None:
+        client.on_log = None
         if reason.is_failure:
             # paho closes the socket after this; _on_disconnect then sees DISCONNECTED.
             kind = _REFUSALS.get(reason.value, "refused_other")
@@ -824,7 +832,19 @@ class MqttLink:
             who = "broker closed" if flags.is_disconnect_packet_from_server else "lost"
             self._retry_later(f"MQTT connection to {self._where()} {who}: {reason}")
         elif self._state is LinkState.CONNECTING:
-            self._connect_failed("network", f"connection closed before CONNACK: {reason}")
+            client.on_log = None
+            detail = f"connection closed before CONNACK: {self._connect_error or reason}"
+            # ssl's errors name their source file (`_ssl.c`) or an `[SSL: ...]` reason.
+            in_tls = self._cfg.tls and "ssl" in self._connect_error.lower()
+            if in_tls and self._cfg.cert_file is None:
+                detail = (
+                    f"TLS: the broker may require a client certificate (mqtt.cert_file); {detail}"
+                )
+            self._connect_failed("tls" if in_tls else "network", detail)
+
+    def _on_paho_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == paho.MQTT_LOG_ERR:
+            self._connect_error = buf
 
     def _set_state(self, state: LinkState, reason: str) -> None:
         if state is self._state:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 MODEL_POLL_S = 2.0
+MAX_PENDING_OPS = 256  # MQTT ops requests queued for the two ops workers
 CONTROL_TIMEOUT_S = 2.0
 MAX_STREAM_ID = 128
 
@@ -62,6 +63,10 @@ class Daemon:
         config_path: Path | None = None,
         overrides: dict[str, Any] | None = None,
     ) -> None:
+        try:
+            cfg.check_secrets()
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from exc
         self.cfg = cfg
         self._config_path = config_path
         self._overrides = overrides or {}
@@ -106,6 +111,7 @@ class Daemon:
             observe=lambda op, result, s: self._observe_op(op, result, s),
         )
         self._ops_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="oteo-ops")
+        self._ops_slots = threading.BoundedSemaphore(MAX_PENDING_OPS)
         self._last_ok = time.monotonic()
         self._loop_alive = time.monotonic()
         try:
@@ -142,6 +148,7 @@ class Daemon:
             on_state=self._on_link_state,
         )
         self._mirrored: dict[str, int] = {}
+        self._depth_peak = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -234,6 +241,9 @@ class Daemon:
         except queue.Empty:
             self.engine.score_pending()
             return
+        # The gauge shows the deepest point since its last refresh: sampled only when idle,
+        # it would read 0 just after every drain.
+        self._depth_peak = max(self._depth_peak, self.queue.qsize() + 1)
         handled = 0
         while True:
             self.engine.handle(work)
@@ -251,7 +261,8 @@ class Daemon:
 
     def _update_gauges(self, now: float) -> None:
         m = self.metrics
-        m.queue_depth_messages.set(self.queue.qsize())
+        m.queue_depth_messages.set(max(self._depth_peak, self.queue.qsize()))
+        self._depth_peak = 0
         m.mqtt_connected.set(1 if self.link.connected else 0)
         # The outbox belongs to the network thread; its size and byte count are cached ints.
         m.outbox_events.set(len(self.outbox))
@@ -261,6 +272,11 @@ class Daemon:
         self._mirror(m.outbox_errors_total, "outbox_errors", c.outbox_errors)
         self._mirror(m.mqtt_publish_acks_total, "acked", c.acked)
         self._mirror(m.mqtt_reconnects_total, "reconnects", c.reconnects)
+        # Dropped inside the link, before the intake saw them: counted like the intake's own.
+        qos0_full = m.messages_total.labels(result="queue_full_qos0")
+        self._mirror(qos0_full, "link_qos0", c.dropped_qos0)
+        bad_topic = m.messages_total.labels(result="unknown_stream_topic")
+        self._mirror(bad_topic, "link_bad_topics", c.bad_topics)
         for kind, count in list(c.connect_failures.items()):
             self._mirror(m.mqtt_connect_failures_total.labels(reason=kind), f"cf_{kind}", count)
         incomplete = sum(s.aligner.incomplete for s in self.engine.streams.values() if s.aligner)
@@ -280,6 +296,12 @@ class Daemon:
     def _take(self, msg: Incoming) -> bool:
         topics = self.engine.topics
         if msg.topic.startswith(topics.ops + "/"):
+            # A bounded backlog: requests beyond it are answered by nobody (the caller times
+            # out) and counted, rather than queued without limit behind slow ones.
+            if not self._ops_slots.acquire(blocking=False):
+                op = _op_label(msg.topic.rsplit("/", 1)[-1])
+                self.metrics.ops_total.labels(op=op, result="busy").inc()
+                return True
             self._ops_pool.submit(self._mqtt_op, msg)
             return True
         parts = msg.topic.split("/")
@@ -345,6 +367,12 @@ class Daemon:
     # -- operations and controls -------------------------------------------------------------
 
     def _mqtt_op(self, msg: Incoming) -> None:
+        try:
+            self._answer_op(msg)
+        finally:
+            self._ops_slots.release()
+
+    def _answer_op(self, msg: Incoming) -> None:
         op = msg.topic.rsplit("/", 1)[-1]
         _status, reply = self.ops.handle(op, msg.payload)
         reply_to = None
@@ -458,6 +486,7 @@ class Daemon:
         try:
             if reread_config and self._config_path is not None:
                 cfg = load_config(self._config_path, self._overrides)
+                cfg.check_secrets()
             model = Model.load(
                 cfg.model.path, threads=cfg.model.onnx_threads, expected_sha256=cfg.model.sha256
             )

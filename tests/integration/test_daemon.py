@@ -864,6 +864,7 @@ def test_bad_config_and_bad_model_exit_78_with_one_line(tmp_path: Path, demo_mod
     secret = "hunter2-" + uuid.uuid4().hex
     password = tmp_path / "mqtt-password"
     password.write_text(secret + "\n", encoding="utf-8")
+    password.chmod(0o600)
     valid = {**base, "mqtt": {**base["mqtt"], "username": "oteo", "password_file": str(password)}}
     config = tmp_path / "valid.toml"
     config.write_text(toml_text(valid), encoding="utf-8")

@@ -331,8 +331,26 @@ def test_compose_other_services_find_their_mounted_configs() -> None:
     assert host_path(grafana, home) == DEPLOY / "grafana" / "dashboards" / "oteo.json"
 
 
-def test_container_config_passes_check_config() -> None:
-    result = run_oteo("check-config", str(DEPLOY / "oteo.toml"))
+def private_copy(secret: Path, directory: Path) -> Path:
+    """A mode-0600 copy of a committed example secret (git checks files out 0644, which the
+    daemon refuses outside a container's /run/secrets)."""
+    copy = directory / secret.name
+    copy.write_bytes(secret.read_bytes())
+    copy.chmod(0o600)
+    return copy
+
+
+def test_container_config_passes_check_config(tmp_path: Path) -> None:
+    """deploy/oteo.toml as the container sees it, /run/secrets/* pointed at private copies."""
+    text = (DEPLOY / "oteo.toml").read_text(encoding="utf-8")
+    for name in ("mqtt-password", "http-token"):
+        assert f"/run/secrets/{name}" in text
+        text = text.replace(
+            f"/run/secrets/{name}", str(private_copy(DEPLOY / "secrets" / name, tmp_path))
+        )
+    config = tmp_path / "oteo.toml"
+    config.write_text(text, encoding="utf-8")
+    result = run_oteo("check-config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "change-me" not in result.stdout, "check-config printed a secret"
 
@@ -576,11 +594,13 @@ def test_real_daemon_runs_with_the_deploy_config_on_the_deploy_broker(
     config["state_dir"] = str(tmp_path / "state")
     config["model"]["path"] = str(DEMO_MODEL)
     config["mqtt"]["url"] = deploy_broker.url
-    config["mqtt"]["password_file"] = str(DEPLOY / "secrets" / "mqtt-password")
+    config["mqtt"]["password_file"] = str(
+        private_copy(DEPLOY / "secrets" / "mqtt-password", tmp_path)
+    )
     config["http"] = {
         "bind": "127.0.0.1",
         "port": free_port(),
-        "token_file": str(DEPLOY / "secrets" / "http-token"),
+        "token_file": str(private_copy(DEPLOY / "secrets" / "http-token", tmp_path)),
     }
     instance = config["instance"]
     monitor = connect("monitor")

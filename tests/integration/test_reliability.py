@@ -33,6 +33,7 @@ from fault_kit import (
     T0,
     Fleet,
     LoginPublisher,
+    MemorySampler,
     NetNs,
     StreamPublisher,
     demo_manifest,
@@ -44,6 +45,7 @@ from fault_kit import (
     outbox_entries,
     outbox_rows,
     readings_for,
+    rss_kib,
     wait_for,
     windows_for,
 )
@@ -609,6 +611,63 @@ def test_half_open_partition_is_detected_in_two_keepalives_and_the_outbox_flushe
 
 
 # -- 4. slow consumer ----------------------------------------------------------------------------
+
+
+def test_slow_consumer_keeps_the_queue_bounded_and_qos1_waits_at_the_broker(
+    mosquitto: Broker, fleet: Fleet
+) -> None:
+    """A 16-reading ingest queue under bursts far larger: QoS 1 waits at the broker (nothing
+    lost, nothing twice), QoS 0 beyond the queue is dropped and counted, memory stays flat, the
+    connection is kept."""
+    queue_size = 16
+    daemon = fleet(mosquitto.url, ingest={"queue_size": queue_size})
+    assert daemon.proc is not None
+    baseline_kib = rss_kib(daemon.proc.pid)[0]
+    sampler = MemorySampler(daemon.proc.pid)
+    sampler.start()
+    depths: list[float] = []
+    qos1 = interleave(*(readings_for(f"q1-{i}", 2000, seed=i) for i in range(4)))
+    qos0 = interleave(*(readings_for(f"q0-{i}", 2000, seed=i) for i in range(2)))
+    started = time.monotonic()
+    pub = Publisher(mosquitto.host, mosquitto.port)
+    for i, (topic, payload) in enumerate(qos1):
+        pub.send(topic, payload)
+        if i % 500 == 0:  # the gauge is refreshed once a second
+            depths.append(daemon.metrics()("oteo_queue_depth_messages"))
+    pub.flush()
+    published_s = time.monotonic() - started
+    for topic, payload in qos0:
+        pub.send(topic, payload, qos=0)
+    pub.flush()
+    pub.close()
+    m = settle(
+        daemon,
+        lambda m: m("oteo_readings_total") >= len(qos1) and m("oteo_queue_depth_messages") == 0,
+        60,
+        "the QoS 1 burst processed",
+    )
+    drained_s = time.monotonic() - started
+    peak_kib = sampler.stop()
+    f = mqtt_figures(m)
+    dropped0 = m("oteo_messages_total", result="queue_full_qos0")
+    taken0 = f["ok"] - len(qos1)
+    print(
+        f"\nfault 4 slow consumer (queue {queue_size}): QoS 1 sent {len(qos1)} in "
+        f"{published_s:.1f} s, processed {f['readings']:.0f} - {len(qos1)} QoS 1 - "
+        f"duplicates {f['duplicate']:.0f}, seq gaps {f['seq_gaps']:.0f}, all done after "
+        f"{drained_s:.1f} s; QoS 0 sent {len(qos0)}: taken {taken0:.0f}, dropped and counted "
+        f"{dropped0:.0f}, unaccounted {len(qos0) - taken0 - dropped0:.0f}; queue depth seen "
+        f"{max([*depths, 0]):.0f}; RSS {baseline_kib / 1024:.0f} MiB -> peak "
+        f"{peak_kib / 1024:.0f} MiB; reconnects {f['reconnects']:.0f}"
+    )
+    assert f["readings"] - taken0 == len(qos1)
+    assert f["duplicate"] == 0
+    assert f["seq_gaps"] <= dropped0  # QoS 0 drops are gaps (but the last drops show no gap)
+    assert taken0 + dropped0 == len(qos0), "QoS 0 messages dropped without being counted"
+    assert max([*depths, 0]) <= queue_size
+    assert f["reconnects"] == 0 and m("oteo_mqtt_connected") == 1
+    assert (peak_kib - baseline_kib) / 1024 < 60, "memory grew under the burst"
+    assert daemon.stop() == 0
 
 
 # -- 6. disk full ----------------------------------------------------------------------------

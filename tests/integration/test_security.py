@@ -19,9 +19,10 @@ from typing import Any
 
 import daemon_harness
 import pytest
-from daemon_harness import Metrics, Publisher, run_oteo
+from daemon_harness import Metrics, Publisher, daemon_config, run_oteo
 from daemon_harness import toml_text as harness_toml
 from fault_kit import (
+    DEMO_MODEL,
     T0,
     Fleet,
     MemorySampler,
@@ -219,6 +220,68 @@ def make_cert(d: Path, ca: str, name: str, ext: str, expired: bool = False) -> t
     return d / f"{name}.pem", d / f"{name}.key"
 
 
+def test_tls_good_chain_connects_and_every_bad_one_is_refused_and_counted(
+    make_broker: BrokerFactory, fleet: Fleet, tmp_path: Path
+) -> None:
+    d = tmp_path / "pki"
+    d.mkdir()
+    ca, _ = make_ca(d, "oteo-test-ca")
+    other_ca, _ = make_ca(d, "someone-else")
+    server, server_key = make_cert(d, "oteo-test-ca", "server", "subjectAltName=IP:127.0.0.1")
+    old, old_key = make_cert(d, "oteo-test-ca", "old", "subjectAltName=IP:127.0.0.1", expired=True)
+    client, client_key = make_cert(d, "oteo-test-ca", "client", "extendedKeyUsage=clientAuth")
+    tls = {"cafile": ca, "require_certificate": True, "persistence": False}
+    good_broker = make_broker(certfile=server, keyfile=server_key, **tls)
+    old_broker = make_broker(certfile=old, keyfile=old_key, **tls)
+    creds = {"ca_file": str(ca), "cert_file": str(client), "key_file": str(client_key)}
+    url = f"mqtts://127.0.0.1:{good_broker.port}"
+    timing = {"reconnect_min_s": 0.5, "reconnect_max_s": 1.0}
+    cases: dict[str, tuple[str, dict[str, Any]]] = {
+        "good chain": (url, creds),
+        "wrong CA": (url, {**creds, "ca_file": str(other_ca)}),
+        "wrong host name": (f"mqtts://localhost:{good_broker.port}", creds),
+        "expired server certificate": (f"mqtts://127.0.0.1:{old_broker.port}", creds),
+        "no client certificate": (url, {"ca_file": str(ca)}),
+    }
+    daemons = {
+        name: fleet(u, start=False, mqtt={**timing, **settings})
+        for name, (u, settings) in cases.items()
+    }
+    for daemon in daemons.values():
+        daemon.start(wait=None)
+    for daemon in daemons.values():
+        wait_for(lambda d=daemon: d.get("/healthz")[0] == 200, 20, "the daemon up")
+    wait_for(lambda: daemons["good chain"].get("/readyz")[0] == 200, 10, "the good chain")
+    time.sleep(2.0)  # a few attempts each
+    results = {}
+    for name, daemon in daemons.items():
+        m = daemon.metrics()
+        series = m.series("oteo_mqtt_connect_failures_total")
+        failures = {labels["reason"]: v for labels, v in series if v}
+        warnings = [
+            line.split("WARNING daemon.mqtt: ", 1)[-1][:160]
+            for line in daemon.log_text().splitlines()
+            if "cannot connect" in line
+        ]
+        results[name] = (daemon.get("/readyz")[0], failures, warnings[:1])
+        print(f"\nTLS {name}: readyz {results[name][0]}, failures {failures}, log {warnings[:1]}")
+    assert results["good chain"][0] == 200 and results["good chain"][1] == {}
+    expected_words = {
+        "wrong CA": "certificate verify failed",
+        "wrong host name": "certificate verify failed",
+        "expired server certificate": "certificate has expired",
+        "no client certificate": "certificate",
+    }
+    for name, words in expected_words.items():
+        status, failures, warnings = results[name]
+        assert status == 503, name
+        assert set(failures) == {"tls"} and failures["tls"] >= 1, (name, failures)
+        assert warnings and words in warnings[0], (name, warnings)
+    for daemon in daemons.values():
+        assert daemon.running
+        assert daemon.stop() == 0
+
+
 # -- 12. secrets ---------------------------------------------------------------------------------
 
 
@@ -280,6 +343,52 @@ def test_secrets_never_appear_in_arguments_logs_check_config_or_metrics(
     ]
     print(f"\nsecrets: looked in {sorted(places)}; leaks {leaks}")
     assert leaks == []
+
+
+def test_secret_files_readable_by_others_are_refused(tmp_path: Path) -> None:
+    """mqtt.password_file and http.token_file with mode 0644: `oteo run` must refuse (exit 78,
+    one line naming the file), as ssh does with a private key others can read."""
+    procs = {}
+    for field in ("password_file", "token_file"):
+        directory = tmp_path / field
+        directory.mkdir()
+        secret = directory / "secret"
+        secret.write_text("s3cret-" + uuid.uuid4().hex + "\n", encoding="utf-8")
+        secret.chmod(0o644)
+        cfg = daemon_config(directory, "mqtt://127.0.0.1:1", DEMO_MODEL)
+        if field == "password_file":
+            cfg["mqtt"].update(username="oteo", password_file=str(secret))
+        else:
+            cfg["http"]["token_file"] = str(secret)
+        config = directory / "oteo.toml"
+        config.write_text(harness_toml(cfg), encoding="utf-8")
+        procs[field] = (
+            secret,
+            subprocess.Popen(
+                daemon_harness.oteo_command("run", "--config", str(config)),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+    deadline = time.monotonic() + 6.0  # a refusal takes ~2.5 s (imports, model load)
+    outcome = {}
+    for field, (secret, proc) in procs.items():
+        try:
+            _, stderr = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=5)
+            outcome[field] = "accepted: the daemon ran"
+            continue
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        if proc.returncode == 78 and len(errors) == 1 and str(secret) in errors[0]:
+            outcome[field] = "refused"
+        else:
+            outcome[field] = f"exit {proc.returncode}: {stderr[-300:]}"
+    print(f"\nsecret files readable by others: {outcome}")
+    assert outcome == {"password_file": "refused", "token_file": "refused"}
 
 
 # -- 13. HTTP ------------------------------------------------------------------------------------

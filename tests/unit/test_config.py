@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
+import daemon.config
 from daemon.config import (
     AlarmSection,
     Config,
     ConfigError,
     apply_alarm_overrides,
     load_config,
+    read_secret,
 )
 from daemon.manifest import AlarmPolicy
 
@@ -102,6 +104,7 @@ def test_non_loopback_bind_needs_a_token_file() -> None:
 def test_token_is_read_from_its_file(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("abc123\n", encoding="utf-8")
+    token.chmod(0o600)
     config = load_config(None, {**MINIMAL, "http.bind": "0.0.0.0", "http.token_file": token})
     assert config.http.token() == "abc123"
     token.write_text("\n", encoding="utf-8")
@@ -163,6 +166,7 @@ def test_instance_must_be_topic_safe(instance: str) -> None:
 def test_password_comes_from_file_and_never_shows(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("s3cret-from-file\n", encoding="utf-8")
+    secret.chmod(0o600)
     config = load_config(None, {**MINIMAL, "mqtt.password_file": secret})
     assert config.mqtt.password() == "s3cret-from-file"
     assert "s3cret" not in json.dumps(config.redacted())
@@ -200,6 +204,7 @@ def test_password_file_under_credentials_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "mqtt").write_text("from-systemd", encoding="utf-8")
+    (tmp_path / "mqtt").chmod(0o400)  # as systemd hands credentials over
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     config = load_config(None, {**MINIMAL, "mqtt.password_file": "${CREDENTIALS_DIRECTORY}/mqtt"})
     assert config.mqtt.password() == "from-systemd"
@@ -243,3 +248,36 @@ def test_alarm_overrides_are_validated_against_the_model_policy() -> None:
 
 def test_alarm_section_covers_every_policy_field() -> None:
     assert set(AlarmPolicy.model_fields) <= set(AlarmSection.model_fields)
+
+
+@pytest.mark.parametrize(("mode", "accepted"), [(0o600, True), (0o640, True), (0o644, False)])
+def test_secret_files_readable_by_everyone_are_refused(
+    tmp_path: Path, mode: int, accepted: bool
+) -> None:
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    secret.chmod(mode)
+    cfg = load_config(None, {**MINIMAL, "mqtt.username": "u", "mqtt.password_file": str(secret)})
+    if accepted:
+        cfg.check_secrets()
+        assert cfg.mqtt.password() == "s3cret"
+    else:
+        with pytest.raises(ConfigError, match=r"mqtt.password_file: .* readable by every user"):
+            cfg.check_secrets()
+
+
+def test_container_secret_mounts_may_be_readable_by_everyone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compose bind-mounts a secret with the host file's mode; the container is the boundary."""
+    monkeypatch.setattr(daemon.config, "CONTAINER_SECRETS", tmp_path)
+    secret = tmp_path / "http-token"
+    secret.write_text("t0ken\n", encoding="utf-8")
+    secret.chmod(0o644)
+    assert read_secret("http.token_file", secret) == "t0ken\n"
+
+
+def test_a_missing_secret_file_names_the_field(tmp_path: Path) -> None:
+    cfg = load_config(None, {**MINIMAL, "http.token_file": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match=r"^http.token_file: cannot read .*nope"):
+        cfg.check_secrets()
