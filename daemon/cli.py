@@ -168,10 +168,16 @@ def check_config(config_path: Path) -> None:
 @click.option("--http", help="HTTP bind HOST:PORT (overrides config).")
 def run(config_path: Path | None, model: Path | None, broker: str | None, http: str | None) -> None:
     """Run the daemon in the foreground (for systemd); SIGTERM or Ctrl-C stop it cleanly."""
+    from daemon.config import ConfigError
     from daemon.service import Daemon, StartupError
 
     overrides = _overrides(model, broker, http)
     cfg = _load_config(config_path, overrides)
+    try:
+        cfg.check_secrets()  # before the model loads: a bad secret file fails fast
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     try:
         daemon = Daemon(cfg, config_path=config_path, overrides=overrides)
         code = daemon.run()

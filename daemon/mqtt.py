@@ -46,8 +46,8 @@ _MAX_PAYLOAD_BYTES = 268_435_455 - 65_536  # the protocol's packet limit, less r
 _CAP_LOG_EVERY_S = 300.0  # at the back-off cap, repeat the warning this rarely
 _ERROR_LOG_EVERY_S = 60.0
 CONNECT_FAILURE_KINDS = (
-    "network",  # DNS, TCP, time-out, connection closed before CONNACK
-    "tls",  # handshake or certificate
+    "network",  # DNS, TCP, time-out, connection closed before CONNACK (plain TCP)
+    "tls",  # handshake, certificate, or closed before CONNACK over TLS
     "bad_credentials",
     "not_authorized",
     "server_unavailable",
@@ -834,13 +834,15 @@ class MqttLink:
         elif self._state is LinkState.CONNECTING:
             client.on_log = None
             detail = f"connection closed before CONNACK: {self._connect_error or reason}"
-            # ssl's errors name their source file (`_ssl.c`) or an `[SSL: ...]` reason.
-            in_tls = self._cfg.tls and "ssl" in self._connect_error.lower()
-            if in_tls and self._cfg.cert_file is None:
-                detail = (
-                    f"TLS: the broker may require a client certificate (mqtt.cert_file); {detail}"
-                )
-            self._connect_failed("tls" if in_tls else "network", detail)
+            if not self._cfg.tls:
+                self._connect_failed("network", detail)
+                return
+            # Over TLS this is how a broker refuses our certificate (or its absence): TLS 1.3
+            # finishes the client's side of the handshake first, then the server closes, with
+            # an alert or without one depending on timing.
+            if self._cfg.cert_file is None:
+                detail = f"the broker may require a client certificate (mqtt.cert_file); {detail}"
+            self._connect_failed("tls", f"TLS: {detail}")
 
     def _on_paho_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
         if level == paho.MQTT_LOG_ERR:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 MODEL_POLL_S = 2.0
+DRAIN_SLICE_S = 0.25  # longest the loop handles readings before it ticks
 MAX_PENDING_OPS = 256  # MQTT ops requests queued for the two ops workers
 CONTROL_TIMEOUT_S = 2.0
 MAX_STREAM_ID = 128
@@ -244,12 +245,19 @@ class Daemon:
         # The gauge shows the deepest point since its last refresh: sampled only when idle,
         # it would read 0 just after every drain.
         self._depth_peak = max(self._depth_peak, self.queue.qsize() + 1)
+        deadline = time.monotonic() + DRAIN_SLICE_S
         handled = 0
         while True:
             self.engine.handle(work)
             handled += 1
             if handled % 64 == 0:
                 self.link.wake()  # room in the queue: let held-back QoS 1 messages in
+                if not until_empty and time.monotonic() >= deadline:
+                    # Under sustained load the queue never runs dry: return anyway so the loop
+                    # keeps ticking (stale streams, alarm timers, gauges, the watchdog).
+                    self._depth_peak = max(self._depth_peak, self.queue.qsize())
+                    self.engine.score_pending()
+                    return
             try:
                 work = self.queue.get_nowait()
             except queue.Empty:

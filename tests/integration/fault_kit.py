@@ -468,3 +468,45 @@ def wait_for(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval_s)
+
+
+def slow_model(path: Path, layers: int, width: int = 512) -> Path:
+    """The demo model made deliberately slow, with identical outputs: a chain of `layers` dense
+    tanh layers of `width` fed from each window is multiplied by zero and added to the score
+    (ReduceMean -> MatMul ... -> ReduceSum -> * 0 -> + score). It depends on the input, so
+    onnxruntime cannot fold it away at load; tanh keeps it finite, so 0 * x is exactly 0."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(DEMO_MODEL))
+    graph = proto.graph
+    producer = next(node for node in graph.node if "score" in node.output)
+    producer.output[list(producer.output).index("score")] = "score_fast"
+    rng = np.random.default_rng(11)
+    weights = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "slow_axes_12"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "slow_axis_1"),
+            numpy_helper.from_array(np.ones((1, width), dtype=np.float32), "slow_spread"),
+            numpy_helper.from_array(weights, "slow_weights"),
+            numpy_helper.from_array(np.zeros((), dtype=np.float32), "slow_zero"),
+        ]
+    )
+    nodes = [
+        helper.make_node("ReduceMean", ["window", "slow_axes_12"], ["slow_mean"], keepdims=0),
+        helper.make_node("Unsqueeze", ["slow_mean", "slow_axis_1"], ["slow_col"]),
+        helper.make_node("MatMul", ["slow_col", "slow_spread"], ["slow_h0"]),
+    ]
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"slow_h{i}", "slow_weights"], [f"slow_m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"slow_m{i}"], [f"slow_h{i + 1}"]))
+    nodes += [
+        helper.make_node("ReduceSum", [f"slow_h{layers}", "slow_axis_1"], ["slow_sum"], keepdims=0),
+        helper.make_node("Mul", ["slow_sum", "slow_zero"], ["slow_nothing"]),
+        helper.make_node("Add", ["score_fast", "slow_nothing"], ["score"]),
+    ]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
