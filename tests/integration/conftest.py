@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from fault_kit import Fleet
 
 START_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 5.0
@@ -149,3 +150,11 @@ def make_broker(tmp_path: Path) -> Iterator[BrokerFactory]:
 def mosquitto(make_broker: BrokerFactory) -> Broker:
     """A running Mosquitto with anonymous access and persistence."""
     return make_broker()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """Daemons as subprocesses (`fault_kit.Fleet`), all killed at the end of the test."""
+    made = Fleet(tmp_path)
+    yield made
+    made.close()

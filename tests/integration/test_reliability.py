@@ -60,13 +60,6 @@ BrokerFactory = Callable[..., Broker]
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    made = Fleet(tmp_path)
-    yield made
-    made.close()
-
-
-@pytest.fixture
 def watchers() -> Iterator[Callable[..., Watcher]]:
     made: list[Watcher] = []
 
