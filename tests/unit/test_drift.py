@@ -1,0 +1,43 @@
+"""The drift signal covers the last hour of windows, whatever their rate."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.drift import DriftMeter
+
+
+def test_share_of_windows_above_p99_over_the_last_hour() -> None:
+    meter = DriftMeter()
+    for minute in range(60):
+        meter.add(minute * 60.0, windows=100, above=1 if minute < 30 else 9)
+    assert meter.ratio(59 * 60.0) == pytest.approx((30 * 1 + 30 * 9) / 6000)
+
+
+def test_windows_older_than_an_hour_are_forgotten() -> None:
+    meter = DriftMeter()
+    meter.add(0.0, windows=1000, above=1000)  # a bad minute long ago
+    for minute in range(61, 121):
+        meter.add(minute * 60.0, windows=10, above=0)
+    assert meter.ratio(120 * 60.0) == 0.0
+
+
+def test_rate_does_not_change_the_time_span() -> None:
+    slow, fast = DriftMeter(), DriftMeter()
+    for second in range(0, 7200, 10):
+        above = second >= 3600
+        slow.add(float(second), windows=1, above=int(above))
+        fast.add(float(second), windows=50, above=50 * int(above))
+    # An EWMA per window would forget 50x faster for the fast stream; a time window does not.
+    assert slow.ratio(7199.0) == pytest.approx(fast.ratio(7199.0))
+    assert slow.ratio(7199.0) > 0.95
+
+
+def test_idle_hour_reads_zero_and_reset_forgets() -> None:
+    meter = DriftMeter()
+    meter.add(10.0, windows=5, above=5)
+    assert meter.ratio(20.0) == 1.0
+    assert meter.ratio(10.0 + 3601.0 + 60.0) == 0.0
+    meter.add(5000.0, windows=5, above=5)
+    meter.reset()
+    assert meter.ratio(5000.0) == 0.0
