@@ -89,6 +89,7 @@ class Recorder:
         self.metrics = metrics
         self.clock = clock
         self.max_bytes = int(cfg.max_mb * 1024 * 1024)
+        state_dir.mkdir(parents=True, exist_ok=True)
         self._conn = connect(self.path)
         self._close_dangling_marks()
         self._rows: list[Row] = []
