@@ -229,6 +229,48 @@ def test_retrain_service_is_hardened_like_oteo_service(unit: dict[str, list[str]
     assert float(found.group(1)) <= MAX_EXPOSURE and result.returncode == 0, result.stdout
 
 
+TRAIN_CONV1D = """
+from pathlib import Path
+from training.data import from_array
+from training.fit import FitConfig
+from training.model import ModelConfig
+from training.pipeline import TrainOptions, train
+from training.simulator import CHANNELS, simulate
+
+table = from_array(simulate(2000, seed=1).values, 1.0, channels=CHANNELS)
+cfg = ModelConfig(channels=8, window=16, hidden=16, code_size=4, architecture="conv1d")
+train(table, TrainOptions(model=cfg, fit=FitConfig(max_epochs=1, progress=False)), Path(OUT))
+"""
+
+
+def test_trainer_runs_under_the_retrain_units_system_call_filters(tmp_path: Path) -> None:
+    """The unit's seccomp directives, built as systemd builds them, around a real training run
+    (conv1d: the architecture whose oneDNN kernels MemoryDenyWriteExecute= would break)."""
+    retrain = unit_directives(RETRAIN.read_text(encoding="utf-8"))
+    families = the(retrain, "RestrictAddressFamilies").split()
+    spec = {
+        "allow": resolve_filter(retrain["SystemCallFilter"]),
+        "errno": getattr(errno, the(retrain, "SystemCallErrorNumber")),
+        "families": [int(getattr(socket, family)) for family in families],
+        "mdwe": retrain.get("MemoryDenyWriteExecute") == ["yes"],
+        "namespaces": the(retrain, "RestrictNamespaces") == "yes",
+        "suid": the(retrain, "RestrictSUIDSGID") == "yes",
+        "personality": the(retrain, "LockPersonality") == "yes",
+    }
+    out = tmp_path / "m.onnx"
+    code = TRAIN_CONV1D.replace("OUT", repr(str(out)))
+    result = subprocess.run(
+        [sys.executable, __file__, "seccomp", json.dumps(spec), "--", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.stat().st_size > 0
+
+
 # -- the sandbox, rebuilt from the unit ---------------------------------------------------------
 
 
