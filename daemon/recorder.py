@@ -152,6 +152,11 @@ class Recorder:
             # Mark changes matter more than readings: keep them for the next batch.
             self._marks = batch.marks
 
+    @property
+    def backlog(self) -> int:
+        """Batches handed over and not yet written."""
+        return self._queue.qsize()
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Close every open mark, write what is pending and stop the writer."""
         for name, open_mark in list(self._open.items()):
