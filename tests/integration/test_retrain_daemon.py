@@ -135,12 +135,22 @@ def test_record_retrain_promote_swaps_without_losing_or_repeating_a_window(
 
         thread = threading.Thread(target=keep_publishing)
         thread.start()
+        # The README's copy of a live recording, made while the daemon writes to it.
+        copy = tmp_path / "copy.sqlite3"
+        backup = subprocess.run(
+            ["sqlite3", str(daemon.state_dir / FILE_NAME), f".backup {copy}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert backup.returncode == 0, backup.stderr
         began = time.monotonic()
         result = subprocess.run(
             oteo_command(
                 "retrain",
                 "--store",
-                str(daemon.state_dir / FILE_NAME),
+                str(copy),
                 "--config",
                 str(daemon.config_path),
                 "--out",
@@ -218,9 +228,11 @@ def test_record_retrain_promote_swaps_without_losing_or_repeating_a_window(
         pub.close()
 
         # The recording kept everything (the periods in alarm marked) within its bounds.
-        m = daemon.metrics()
-        assert m("oteo_recorder_readings_total") == 2 * ROWS + sent[0] + 6000
-        assert m("oteo_recorder_dropped_total") == 0
+        total = 2 * ROWS + sent[0] + 6000
+        m = daemon.wait_metric(
+            lambda m: m("oteo_recorder_readings_total") == total, 15, "every reading recorded"
+        )
+        assert m("oteo_recorder_dropped_total") == 0 and m("oteo_recorder_errors_total") == 0
     finally:
         daemon.stop()
         watcher.close()

@@ -152,3 +152,17 @@ def test_unreadable_store_is_one_clear_error(tmp_path: Path) -> None:
         read(bad)
     with pytest.raises(RecordingError, match="no such recording"):
         read(tmp_path / "missing.sqlite3")
+
+
+def test_a_store_being_written_reads_consistently(tmp_path: Path) -> None:
+    """oteo retrain may read the live file: flushed readings are there, still in the WAL."""
+    recorder, metrics = make(tmp_path, streams=["*"])
+    recorder.record(work("p", NOW - 100, 30))
+    recorder.flush({})
+    deadline = time.monotonic() + 5
+    while counter(metrics, "oteo_recorder_readings_total") < 30:  # counted after COMMIT
+        assert time.monotonic() < deadline, "the writer did not commit"
+        time.sleep(0.01)
+    (rec,) = read(tmp_path / FILE_NAME)
+    assert len(rec.ts) == 30
+    recorder.close()
