@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,24 +103,27 @@ def connect(path: Path) -> sqlite3.Connection:
 def read(path: Path, streams: list[str] | None = None) -> list[StreamRecording]:
     """Every stream's readings (or those named), one entry per stream and channel layout.
 
-    The file is first copied with SQLite's backup API, so a store the daemon is writing to can
-    be read consistently.
+    The file is first copied with SQLite's backup API (to a temporary file), so a store the
+    daemon is writing to is read consistently.
     """
     if not path.is_file():
         raise RecordingError(f"{path}: no such recording (record.streams in the daemon config)")
-    try:
-        source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
-        snapshot = sqlite3.connect(":memory:")
-        source.backup(snapshot)
-        source.close()
-    except sqlite3.Error as exc:
-        raise RecordingError(f"{path}: not a readable recording ({exc})") from exc
-    try:
-        return _read(snapshot, path, streams)
-    except sqlite3.Error as exc:
-        raise RecordingError(f"{path}: not an oteo recording ({exc})") from exc
-    finally:
-        snapshot.close()
+    with tempfile.TemporaryDirectory(prefix="oteo-recording-") as tmp:
+        try:
+            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+            snapshot = sqlite3.connect(Path(tmp) / FILE_NAME)
+            try:
+                source.backup(snapshot)
+            finally:
+                source.close()
+        except sqlite3.Error as exc:
+            raise RecordingError(f"{path}: not a readable recording ({exc})") from exc
+        try:
+            return _read(snapshot, path, streams)
+        except sqlite3.Error as exc:
+            raise RecordingError(f"{path}: not an oteo recording ({exc})") from exc
+        finally:
+            snapshot.close()
 
 
 def _read(conn: sqlite3.Connection, path: Path, streams: list[str] | None) -> list[StreamRecording]:
@@ -144,23 +148,28 @@ def _read(conn: sqlite3.Connection, path: Path, streams: list[str] | None) -> li
             "SELECT DISTINCT layout FROM reading WHERE stream = ? ORDER BY layout", (sid,)
         ).fetchall():
             channels, period = layouts[lid]
-            rows = conn.execute(
-                "SELECT ts, channel, value FROM reading WHERE stream = ? AND layout = ? "
-                "ORDER BY ts, id",
-                (sid, lid),
-            ).fetchall()
-            ts, values = _to_arrays(rows, len(channels))
+            ts, values = _arrays(conn, sid, lid, len(channels))
             out.append(StreamRecording(name, channels, period, ts, values, marks.get(name, [])))
     return out
 
 
-def _to_arrays(rows: list[tuple[float, int, bytes]], n_channels: int) -> tuple[np.ndarray, ...]:
-    ts = np.array([r[0] for r in rows], dtype=np.float64)
-    values = np.full((len(rows), n_channels), np.nan)
-    for i, (_, channel, blob) in enumerate(rows):
-        data = np.frombuffer(blob, dtype="<f4")
-        if channel < 0:
-            values[i] = data
-        else:
-            values[i, channel] = data[0]
+def _arrays(
+    conn: sqlite3.Connection, stream: int, layout: int, n_channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One stream's readings in one layout, in time order, filled in chunks (bounded memory)."""
+    where = "FROM reading WHERE stream = ? AND layout = ?"
+    (count,) = conn.execute(f"SELECT COUNT(*) {where}", (stream, layout)).fetchone()
+    ts = np.empty(count, dtype=np.float64)
+    values = np.full((count, n_channels), np.nan)
+    cursor = conn.execute(f"SELECT ts, channel, value {where} ORDER BY ts, id", (stream, layout))
+    i = 0
+    while rows := cursor.fetchmany(10_000):
+        for t, channel, blob in rows:
+            ts[i] = t
+            data = np.frombuffer(blob, dtype="<f4")
+            if channel < 0:
+                values[i] = data
+            else:
+                values[i, channel] = data[0]
+            i += 1
     return ts, values
