@@ -421,7 +421,7 @@ def retrain(
     cfg = None
     if config_path is not None:
         try:
-            cfg = load_config(config_path, {"model.path": model_path})
+            cfg = load_config(config_path)
         except ConfigError as exc:
             click.echo(f"error: {config_path}: {exc}", err=True)
             sys.exit(EXIT_CONFIG)
@@ -429,6 +429,7 @@ def retrain(
         if cfg is None:
             raise click.UsageError("pass --model, or --config with model.path")
         model_path = cfg.model.path
+    # The live file is the one the daemon serves: its config's model.path, else --model.
     live = cfg.model.path if cfg is not None else model_path
     opts = RetrainOptions(
         streams=_csv_list(streams),
@@ -457,6 +458,8 @@ def retrain(
         write_report(outcome, live.with_name(live.stem + ".retrain.json"))
     if as_json:
         click.echo(json.dumps(outcome.as_dict(), indent=2))
+        if promote and outcome.promotion and outcome.promotion.startswith("failed"):
+            sys.exit(1)
         return
     champ, chall = outcome.champion, outcome.challenger
     click.echo(f"decision: {outcome.decision} ({'; '.join(outcome.reasons)})")
@@ -469,3 +472,5 @@ def retrain(
         click.echo(f"detected {kind}: champion {rate:.2f}, challenger {new:.2f}")
     click.echo(f"promotion: {outcome.promotion}")
     click.echo(f"report: {report}")
+    if promote and outcome.promotion and outcome.promotion.startswith("failed"):
+        sys.exit(1)

@@ -438,7 +438,11 @@ def promote(outcome: Outcome, challenger: Path, live: Path, pinned_sha256: str |
             f"{challenger} to {live} and reload"
         )
         return
-    _atomic_write(live, challenger.read_bytes())
+    try:
+        _atomic_write(live, challenger.read_bytes())
+    except OSError as exc:
+        outcome.promotion = f"failed: cannot replace {live} ({exc.strerror}); the champion stays"
+        return
     outcome.promoted = True
     outcome.promotion = f"replaced {live} (sha256 {outcome.challenger.sha256})"
 
