@@ -41,3 +41,50 @@ def test_idle_hour_reads_zero_and_reset_forgets() -> None:
     meter.add(5000.0, windows=5, above=5)
     meter.reset()
     assert meter.ratio(5000.0) == 0.0
+
+
+class _Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_engine_exports_the_share_above_p99_and_a_new_model_starts_afresh(
+    tiny_model_path, tmp_path
+) -> None:
+    import numpy as np
+
+    from daemon.config import load_config
+    from daemon.engine import Engine, Work
+    from daemon.messages import DROP_REASONS, ParsedReading
+    from daemon.metrics import Metrics
+    from daemon.model import Model
+    from training.simulator import MachineSimulator
+
+    model = Model.load(tiny_model_path)
+    cfg = load_config(None, {"model.path": str(model.path), "state_dir": str(tmp_path)})
+    metrics, clock = Metrics(drop_reasons=DROP_REASONS), _Clock()
+    engine = Engine(model, cfg, lambda *a, **k: None, metrics, clock=clock)
+    rows = MachineSimulator(seed=5).step(600)
+    shifted = rows + 50 * np.array(model.manifest.channel_scale)  # far from anything normal
+
+    def feed(values: np.ndarray, t0: float) -> float:
+        for i in range(0, len(values), 10):
+            chunk = values[i : i + 10]
+            engine.handle(
+                Work("s", [ParsedReading(t0 + i + j, None, v) for j, v in enumerate(chunk)])
+            )
+            engine.score_pending()
+            clock.now += 10.0
+            engine.tick()
+        return metrics.registry.get_sample_value("oteo_drift_windows_above_p99_ratio") or 0.0
+
+    normal = feed(rows[:300], 0.0)
+    drifted = feed(shifted[300:], 300.0)
+    print(f"drift ratio: normal {normal:.3f}, drifted {drifted:.3f}")
+    assert normal < 0.1  # ~1 % by construction of p99 (held-back data of this tiny model)
+    assert drifted > 0.4  # half of the hour's windows are far above p99
+    engine.use_model(Model.load(tiny_model_path))
+    engine.tick()
+    assert metrics.registry.get_sample_value("oteo_drift_windows_above_p99_ratio") == 0.0
