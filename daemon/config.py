@@ -334,6 +334,24 @@ class MetricsSection(_Section):
     )
 
 
+class RecordSection(_Section):
+    """Recording of readings into `state_dir/recording.sqlite3`, for `oteo retrain`."""
+
+    streams: list[str] = Field(
+        default_factory=list,
+        description="Streams to record: ids or shell patterns (`pump-*`); empty: recording off.",
+    )
+    max_mb: float = Field(
+        256.0, gt=0, description="Size cap of the recording; the oldest readings go first."
+    )
+    max_age_h: float = Field(
+        336.0, gt=0, description="Readings older than this (data time vs. wall clock) are deleted."
+    )
+    flush_s: float = Field(
+        1.0, gt=0, le=60, description="Readings are written in one transaction this often."
+    )
+
+
 def _default_state_dir() -> Path:
     # systemd's StateDirectory= may list several directories, colon-separated: use the first.
     return Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "state")
@@ -360,6 +378,9 @@ class Config(_Section):
     )
     outbox: OutboxSection = Field(default_factory=OutboxSection, description="Event outbox.")
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="Metrics.")
+    record: RecordSection = Field(
+        default_factory=RecordSection, description="Recording of readings for retraining."
+    )
 
     def check_secrets(self) -> None:
         """Raise ConfigError unless every secret file is readable and not readable by all.

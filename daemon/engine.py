@@ -19,6 +19,7 @@ import numpy as np
 from daemon import __version__
 from daemon.alarm import Transition
 from daemon.config import Config, apply_alarm_overrides
+from daemon.drift import DriftMeter
 from daemon.manifest import AlarmPolicy
 from daemon.messages import (
     ChannelContribution,
@@ -114,7 +115,10 @@ class Engine:
         self._pending: list[_Pending] = []
         self._sensitivity: dict[str, float] = dict(cfg.alarm.sensitivity)
         self.windows_scored = 0
-        self._drift_ewma = 0.0
+        # Drift: windows above the normal p99, counted here and folded into the meter by tick().
+        self.drift = DriftMeter()
+        self._drift_above = 0
+        self._drift_counted = 0
         self.use_model(model)
 
     # -- model -------------------------------------------------------------------------------
@@ -127,6 +131,10 @@ class Engine:
             # Windows already queued were cut for the old model: score them with it first, so
             # a swap loses no window and scores none twice.
             self.score_pending()
+            # The new model has its own quantiles: the last hour against the old p99 says
+            # nothing about it.
+            self.drift.reset()
+            self._drift_above, self._drift_counted = 0, self.windows_scored
         self.model = model
         self.policy: AlarmPolicy = apply_alarm_overrides(m.alarm, self.cfg.alarm)
         self.model_ref = ModelRef.of(m, model.sha256)
@@ -301,8 +309,7 @@ class Engine:
             return
         step = stream.tracker.update(score)
         stream.last_score = step.smoothed
-        # Drift signal: share of windows above the normal p99 (an EWMA over ~1 h at 1 Hz).
-        self._drift_ewma += ((score > self._p99) - self._drift_ewma) / 3600.0
+        self._drift_above += score > self._p99
         label = self.metrics.stream_label(stream.id)
         self.metrics.stream_score.labels(stream=label).set(step.smoothed)
         if self.cfg.topics.publish_scores:
@@ -505,7 +512,9 @@ class Engine:
         for state, count in counts.items():
             self.metrics.streams.labels(state=state).set(count)
         self.metrics.alarms_active.set(sum(1 for s in self.streams.values() if s.alarm))
-        self.metrics.drift_windows_above_p99_ratio.set(self._drift_ewma)
+        self.drift.add(now, self.windows_scored - self._drift_counted, self._drift_above)
+        self._drift_above, self._drift_counted = 0, self.windows_scored
+        self.metrics.drift_windows_above_p99_ratio.set(self.drift.ratio(now))
 
     # -- operator controls -------------------------------------------------------------------
 

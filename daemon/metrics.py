@@ -132,8 +132,8 @@ class Metrics:
         )
         self.drift_windows_above_p99_ratio = Gauge(
             "oteo_drift_windows_above_p99_ratio",
-            "Share of recent windows scoring above the 99th percentile of normal training data "
-            "(about 0.01 when the data still looks like training data).",
+            "Share of the last hour's windows scoring above the 99th percentile of normal "
+            "held-back data (about 0.01 while the data still looks like training data).",
             registry=reg,
         )
 
@@ -233,6 +233,33 @@ class Metrics:
             "oteo_build_info", "The oteo version running (always 1).", ["version"], registry=reg
         )
         self.build_info.labels(__version__).set(1)
+
+        # Recording (record.streams).
+        self.recorder_readings_total = Counter(
+            "oteo_recorder_readings_total",
+            "Readings written to the recording store.",
+            registry=reg,
+        )
+        self.recorder_deleted_total = Counter(
+            "oteo_recorder_deleted_total",
+            "Oldest readings deleted from the recording store, by reason (size or age).",
+            ["reason"],
+            registry=reg,
+        )
+        _touch(self.recorder_deleted_total, ("size", "age"))
+        self.recorder_dropped_total = Counter(
+            "oteo_recorder_dropped_total",
+            "Readings not recorded because the writer fell behind or failed.",
+            registry=reg,
+        )
+        self.recorder_errors_total = Counter(
+            "oteo_recorder_errors_total",
+            "Failed writes to the recording store (disk full, read-only, I/O).",
+            registry=reg,
+        )
+        self.recorder_bytes = Gauge(
+            "oteo_recorder_bytes", "Bytes in use in the recording store.", registry=reg
+        )
 
         # Operations and HTTP.
         self.ops_total = Counter(

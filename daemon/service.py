@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +33,7 @@ from daemon.mqtt import Incoming, LinkState, MqttLink, Outgoing
 from daemon.notify import Notifier
 from daemon.ops import OpsHandler, mqtt_reply_target
 from daemon.outbox import Outbox, OutboxError
+from daemon.recorder import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,18 @@ class Daemon:
                 f"state_dir: cannot use {cfg.state_dir} for the outbox ({exc}); "
                 "make it writable or set state_dir"
             ) from exc
+        self.recorder: Recorder | None = None
+        if cfg.record.streams:
+            try:
+                self.recorder = Recorder(cfg.record, cfg.state_dir, self.metrics)
+            except (OSError, sqlite3.Error) as exc:
+                raise StartupError(
+                    f"record: cannot use {cfg.state_dir} for the recording ({exc}); "
+                    "make it writable or set state_dir"
+                ) from exc
+            self.recorder.use_layout(
+                self.model.manifest.channels, self.model.manifest.sample_period_s
+            )
         self.ops = OpsHandler(
             lambda: self.engine.model,
             control=self.control,
@@ -175,7 +189,7 @@ class Daemon:
         )
         self.notifier.ready(f"model {m.name} {m.version}; waiting for MQTT")
         self.link.start()
-        next_tick = next_poll = next_dog = time.monotonic()
+        next_tick = next_poll = next_dog = next_record = time.monotonic()
         while not self._stop.is_set():
             self._drain(timeout_s=0.05)
             now = time.monotonic()
@@ -188,6 +202,9 @@ class Daemon:
                 next_tick = now + TICK_S
                 self.engine.tick()
                 self._update_gauges(now)
+            if self.recorder is not None and now >= next_record:
+                next_record = now + self.cfg.record.flush_s
+                self.recorder.flush(self.engine.streams)
             if now >= next_poll:
                 next_poll = now + MODEL_POLL_S
                 self._check_model_file()
@@ -204,6 +221,9 @@ class Daemon:
             self._accepting = False  # further messages stay unacknowledged at the broker
         self._drain(timeout_s=0.0, until_empty=True)
         self._run_controls()
+        if self.recorder is not None:
+            self.recorder.flush(self.engine.streams)
+            self.recorder.close()
         acked = self.link.stop(timeout_s=10.0)
         if not acked:
             log.warning(
@@ -248,6 +268,8 @@ class Daemon:
         deadline = time.monotonic() + DRAIN_SLICE_S
         handled = 0
         while True:
+            if self.recorder is not None:
+                self.recorder.record(work)
             self.engine.handle(work)
             handled += 1
             if handled % 64 == 0:
@@ -511,6 +533,8 @@ class Daemon:
         self.engine.cfg = cfg
         self.engine.use_model(model)
         self.model = model
+        if self.recorder is not None:
+            self.recorder.use_layout(model.manifest.channels, model.manifest.sample_period_s)
         self._model_stamp = _stamp(cfg.model.path)
         self.metrics.model_reloads_total.labels(result="ok").inc()
         # The retained status names the model being served.

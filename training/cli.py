@@ -322,3 +322,155 @@ def simulate(csv_path, broker, rows, runs, streams, rate, duration, seed, period
         f"wrote {csv_path}: {rows} rows x {len(data.channels)} channels, "
         f"{int(data.anomaly.sum())} anomalous rows from {len(data.faults)} faults"
     )
+
+
+def _timestamp(value: str | None) -> float | None:
+    """Unix seconds or RFC 3339 (`2026-03-01T00:00:00Z`)."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    from datetime import datetime
+
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is neither unix seconds nor RFC 3339") from exc
+    if parsed.tzinfo is None:
+        raise click.BadParameter(f"{value!r} has no time zone; add Z or +00:00")
+    return parsed.timestamp()
+
+
+@click.command()
+@click.option(
+    "--store",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="The daemon's recording (state_dir/recording.sqlite3, or a copy).",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    help="The champion: the model being served (default: model.path of --config).",
+)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Challenger file."
+)
+@click.option("--promote", is_flag=True, help="Replace the live model if the challenger wins.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The daemon's config: live model path, sha256 pin and alarm overrides.",
+)
+@click.option("--streams", help="Comma-separated streams to use (default: every recorded one).")
+@click.option("--days", default=7.0, show_default=True, help="Most recent days of data to use.")
+@click.option(
+    "--normal-since",
+    help="Readings from this time on are normal even where the daemon was in alarm "
+    "(a new set point you have checked). Unix seconds or RFC 3339.",
+)
+@click.option(
+    "--exclude-margin",
+    type=float,
+    help="Seconds left out around alarm, muted and stale periods (default 2 windows + 60 s).",
+)
+@click.option("--eval-fraction", default=0.2, show_default=True, help="Most recent normal share.")
+@click.option("--hidden", default=128, show_default=True, help="Hidden units (as oteo train).")
+@click.option("--epochs", default=60, show_default=True, help="Most epochs (early stopping).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--fault-trials", default=20, show_default=True, help="Injected faults per kind.")
+@click.option(
+    "--tolerance", default=0.1, show_default=True, help="Allowed drop of a detection rate."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def retrain(
+    store,
+    model_path,
+    out,
+    promote,
+    config_path,
+    streams,
+    days,  # type: ignore[no-untyped-def]
+    normal_since,
+    exclude_margin,
+    eval_fraction,
+    hidden,
+    epochs,
+    seed,
+    fault_trials,
+    tolerance,
+    as_json,
+):
+    """Train a challenger on recorded data; promote it only if it is not worse than the champion.
+
+    Writes OUT and OUT's report (`<out>.retrain.json`: decision, reasons, both models' false
+    alarms per day and detection rate per fault kind).
+    """
+    from daemon.config import ConfigError, load_config
+    from daemon.model import ModelFileError
+    from daemon.recording import RecordingError
+    from training.data import DataError
+    from training.retrain import RetrainError, RetrainOptions, write_report
+    from training.retrain import promote as promote_model
+    from training.retrain import retrain as run_retrain
+
+    cfg = None
+    if config_path is not None:
+        try:
+            cfg = load_config(config_path)
+        except ConfigError as exc:
+            click.echo(f"error: {config_path}: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+    if model_path is None:
+        if cfg is None:
+            raise click.UsageError("pass --model, or --config with model.path")
+        model_path = cfg.model.path
+    # The live file is the one the daemon serves: its config's model.path, else --model.
+    live = cfg.model.path if cfg is not None else model_path
+    opts = RetrainOptions(
+        streams=_csv_list(streams),
+        days=days if days > 0 else None,
+        normal_since=_timestamp(normal_since),
+        exclude_margin_s=exclude_margin,
+        eval_fraction=eval_fraction,
+        hidden=hidden,
+        epochs=epochs,
+        seed=seed,
+        fault_trials=fault_trials,
+        tolerance=tolerance,
+        alarm=cfg.alarm if cfg is not None else None,
+    )
+    try:
+        outcome = run_retrain(store, model_path, out, opts)
+    except (RetrainError, RecordingError, DataError, ModelFileError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if promote:
+        promote_model(outcome, out, live, cfg.model.sha256 if cfg is not None else None)
+    else:
+        outcome.promotion = "not asked (--promote)"
+    report = write_report(outcome, out.with_name(out.stem + ".retrain.json"))
+    if outcome.promoted:
+        write_report(outcome, live.with_name(live.stem + ".retrain.json"))
+    if as_json:
+        click.echo(json.dumps(outcome.as_dict(), indent=2))
+        if promote and outcome.promotion and outcome.promotion.startswith("failed"):
+            sys.exit(1)
+        return
+    champ, chall = outcome.champion, outcome.challenger
+    click.echo(f"decision: {outcome.decision} ({'; '.join(outcome.reasons)})")
+    click.echo(
+        f"false alarms/day: champion {champ.false_alarms_per_day:.2f}, "
+        f"challenger {chall.false_alarms_per_day:.2f} on {outcome.data['eval_hours']} h"
+    )
+    for kind, rate in champ.detection_rate.items():
+        new = chall.detection_rate[kind]
+        click.echo(f"detected {kind}: champion {rate:.2f}, challenger {new:.2f}")
+    click.echo(f"promotion: {outcome.promotion}")
+    click.echo(f"report: {report}")
+    if promote and outcome.promotion and outcome.promotion.startswith("failed"):
+        sys.exit(1)

@@ -79,6 +79,8 @@ def toml_text(doc: dict[str, Any]) -> str:
             return repr(value)
         if isinstance(value, dict):
             return "{" + ", ".join(f"{json.dumps(k)} = {scalar(v)}" for k, v in value.items()) + "}"
+        if isinstance(value, list | tuple):
+            return "[" + ", ".join(scalar(v) for v in value) + "]"
         return json.dumps(str(value))
 
     lines = [f"{k} = {scalar(v)}" for k, v in doc.items() if not isinstance(v, dict)]

@@ -53,6 +53,7 @@ REQUIRED_ALERTS = {
     "OteoAnomalyRateHigh",
     "OteoStreamStale",
     "OteoOutboxGrowing",
+    "OteoRetrainingDue",
 }
 Broker = Any  # conftest.Broker
 

@@ -35,6 +35,16 @@ ELSEWHERE = {
     "ruff check daemon training tests": ".ci/run",
     "python -m daemon.jsonschema daemon/schema": "tests/unit/test_schema_drift.py",
     "docker compose": "needs Docker: tests/integration/test_deploy.py parses compose.yaml",
+    # The "Retrain" section.
+    "sqlite3 ": "tests/integration/test_retrain_daemon.py copies a live recording with .backup",
+    "scp ": "copies a file to another host; nothing of oteo's to test",
+    "oteo retrain": (
+        "tests/training/test_retrain.py (--normal-since, --config, --promote, a sha256 pin, a "
+        "refused challenger) and tests/integration/test_retrain_daemon.py (against the daemon)"
+    ),
+    "oteo benchmark recorder": "prints numbers; not a test",
+    "systemctl": "needs systemd as PID 1: tests/integration/test_systemd.py verifies the units",
+    "journalctl": "needs systemd as PID 1",
 }
 TRAINING = "oteo simulate --csv normal.csv"
 DAEMON = "oteo run --model models/demo.onnx"

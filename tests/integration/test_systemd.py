@@ -162,6 +162,115 @@ def test_security_exposure_is_at_most_2() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# -- retraining: oteo-retrain.service + oteo-retrain.timer ------------------------------------
+
+RETRAIN = REPO / "systemd" / "oteo-retrain.service"
+TIMER = REPO / "systemd" / "oteo-retrain.timer"
+TRAIN_OTEO = "/opt/oteo/train-venv/bin/oteo"
+# oteo.service settings the retraining unit deliberately does not share, and why.
+RETRAIN_EXCEPTIONS = {
+    "MemoryDenyWriteExecute",  # PyTorch's oneDNN generates its kernels at run time
+    "IPAddressAllow",  # no network at all (PrivateNetwork=yes)
+    "RestrictAddressFamilies",  # AF_UNIX only
+    "LoadCredential",  # reads no secret
+}
+SANDBOX_KEYS = (
+    "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "DevicePolicy", "PrivateIPC",
+    "PrivateMounts", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+    "ProtectControlGroups", "ProtectClock", "ProtectHostname", "ProtectProc",
+    "RestrictNamespaces", "RestrictRealtime", "RestrictSUIDSGID", "LockPersonality",
+    "MemoryDenyWriteExecute", "NoNewPrivileges", "RemoveIPC", "CapabilityBoundingSet",
+    "AmbientCapabilities", "SystemCallArchitectures", "SystemCallFilter",
+    "SystemCallErrorNumber", "UMask", "DynamicUser", "StateDirectory", "StateDirectoryMode",
+    "IPAddressDeny", "IPAddressAllow", "RestrictAddressFamilies", "LoadCredential",
+)  # fmt: skip
+
+
+def test_retrain_units_pass_verify_with_an_existing_training_environment(tmp_path: Path) -> None:
+    """verify wants ExecStart's binary: the copies run this environment's oteo (it has torch)."""
+    script = str(Path(oteo_command()[0]))
+    for source in (RETRAIN, TIMER):
+        text = source.read_text(encoding="utf-8").replace(TRAIN_OTEO, script)
+        (tmp_path / source.name).write_text(text, encoding="utf-8")
+    result = analyze("verify", str(tmp_path / RETRAIN.name), str(tmp_path / TIMER.name))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+def test_retrain_service_is_skipped_without_the_training_environment() -> None:
+    retrain = unit_directives(RETRAIN.read_text(encoding="utf-8"))
+    assert the(retrain, "ConditionPathExists") == TRAIN_OTEO
+    assert the(retrain, "ExecStart").startswith(f"{TRAIN_OTEO} retrain --store /var/lib/oteo/")
+    assert "--promote" in the(retrain, "ExecStart")
+    assert the(retrain, "Type") == "oneshot"
+    timer = unit_directives(TIMER.read_text(encoding="utf-8"))
+    assert the(timer, "OnCalendar") and the(timer, "Persistent") == "true"
+    assert the(timer, "WantedBy") == "timers.target"
+
+
+def test_retrain_service_is_hardened_like_oteo_service(unit: dict[str, list[str]]) -> None:
+    retrain = unit_directives(RETRAIN.read_text(encoding="utf-8"))
+    for key in SANDBOX_KEYS:
+        if key in RETRAIN_EXCEPTIONS:
+            continue
+        assert retrain.get(key) == unit.get(key), f"{key}= differs from oteo.service"
+    # The same dynamic user as the daemon: the recording and the live model are its files.
+    assert the(retrain, "User") == "oteo" and the(retrain, "DynamicUser") == "yes"
+    assert the(retrain, "PrivateNetwork") == "yes"
+    assert "MemoryDenyWriteExecute" not in retrain
+    result = analyze(
+        "security", "--offline=true", f"--threshold={round(MAX_EXPOSURE * 10)}", str(RETRAIN)
+    )
+    found = re.search(
+        r"Overall exposure level for oteo-retrain\.service: (\d+\.\d+)", result.stdout
+    )
+    assert found, result.stdout + result.stderr
+    print(f"oteo-retrain.service exposure: {found.group(1)}")
+    assert float(found.group(1)) <= MAX_EXPOSURE and result.returncode == 0, result.stdout
+
+
+TRAIN_CONV1D = """
+from pathlib import Path
+from training.data import from_array
+from training.fit import FitConfig
+from training.model import ModelConfig
+from training.pipeline import TrainOptions, train
+from training.simulator import CHANNELS, simulate
+
+table = from_array(simulate(2000, seed=1).values, 1.0, channels=CHANNELS)
+cfg = ModelConfig(channels=8, window=16, hidden=16, code_size=4, architecture="conv1d")
+train(table, TrainOptions(model=cfg, fit=FitConfig(max_epochs=1, progress=False)), Path(OUT))
+"""
+
+
+def test_trainer_runs_under_the_retrain_units_system_call_filters(tmp_path: Path) -> None:
+    """The unit's seccomp directives, built as systemd builds them, around a real training run
+    (conv1d: the architecture whose oneDNN kernels MemoryDenyWriteExecute= would break)."""
+    retrain = unit_directives(RETRAIN.read_text(encoding="utf-8"))
+    families = the(retrain, "RestrictAddressFamilies").split()
+    spec = {
+        "allow": resolve_filter(retrain["SystemCallFilter"]),
+        "errno": getattr(errno, the(retrain, "SystemCallErrorNumber")),
+        "families": [int(getattr(socket, family)) for family in families],
+        "mdwe": retrain.get("MemoryDenyWriteExecute") == ["yes"],
+        "namespaces": the(retrain, "RestrictNamespaces") == "yes",
+        "suid": the(retrain, "RestrictSUIDSGID") == "yes",
+        "personality": the(retrain, "LockPersonality") == "yes",
+    }
+    out = tmp_path / "m.onnx"
+    code = TRAIN_CONV1D.replace("OUT", repr(str(out)))
+    result = subprocess.run(
+        [sys.executable, __file__, "seccomp", json.dumps(spec), "--", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.stat().st_size > 0
+
+
 # -- the sandbox, rebuilt from the unit ---------------------------------------------------------
 
 
