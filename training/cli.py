@@ -229,7 +229,7 @@ def evaluate(
         from daemon.config import ConfigError, apply_alarm_overrides, load_config
 
         try:
-            policy = apply_alarm_overrides(policy, load_config(config_path))
+            policy = apply_alarm_overrides(policy, load_config(config_path).alarm)
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_CONFIG)

@@ -174,6 +174,24 @@ def test_evaluate_json_is_strict_json_when_nothing_is_detected(
     assert metrics["true_events"] == 0
 
 
+def test_evaluate_applies_the_daemon_configs_alarm_overrides(
+    trained: dict[str, Any], labelled_csv: Path, workdir: Path
+) -> None:
+    """`--config`: the same [alarm] overrides the daemon would apply (here: a threshold no window
+    reaches, so nothing is flagged, unlike without the config)."""
+    config = workdir / "evaluate.toml"
+    config.write_text(
+        f'[model]\npath = "{trained["path"]}"\n\n'
+        "[alarm]\nenter_threshold = 1e30\nexit_threshold = 1e29\n",
+        encoding="utf-8",
+    )
+    plain = strict_json(oteo("evaluate", trained["path"], labelled_csv, "--json").stdout)
+    result = oteo("evaluate", trained["path"], labelled_csv, "--json", "--config", config)
+    overridden = strict_json(result.stdout)
+    assert plain["tp"] + plain["fp"] > 0
+    assert overridden["tp"] + overridden["fp"] == 0
+
+
 def test_evaluate_without_label_column_fails_with_one_error_line(
     trained: dict[str, Any], labelled_csv: Path, workdir: Path
 ) -> None:
