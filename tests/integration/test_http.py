@@ -163,12 +163,18 @@ def test_oversize_body_is_413(base: str) -> None:
 
 def test_post_without_content_length_is_refused(base: str) -> None:
     host, port = base.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    conn.request("POST", "/v1/ops/score", body=iter([b"{}"]), encode_chunked=True)
-    response = conn.getresponse()
-    assert response.status == 411
-    assert json.loads(response.read())["error"] == "bad_request"
-    conn.close()
+    # The whole request in one write: sent piecewise (http.client), the 411 could close the
+    # connection before the body went out, and the client would see a broken pipe instead.
+    request = (
+        b"POST /v1/ops/score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/json\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 411
+        assert json.loads(response.read())["error"] == "bad_request"
 
 
 def test_token_is_required_on_v1_routes(guarded: str, tiny_windows: np.ndarray) -> None:

@@ -26,7 +26,7 @@ from daemon.engine import Engine, Work
 from daemon.messages import DROP_REASONS, ParsedReading
 from daemon.metrics import Metrics
 from daemon.model import Model
-from daemon.recorder import Recorder
+from daemon.recorder import MAX_PENDING_BATCHES, Recorder
 from daemon.recording import FILE_NAME
 from training.fault import FAULT_KINDS, FaultSpec, inject
 from training.simulator import CHANNELS, reference_scales, simulate
@@ -94,8 +94,14 @@ def play(model: Model, series: list[np.ndarray], state_dir: Path | None, t0: flo
         engine.tick()
         if recorder:
             recorder.flush(engine.streams)
+            # Played far faster than real time: give the writer time, as a second between
+            # flushes would (it drops and counts readings when it falls behind).
+            deadline = time.monotonic() + 30.0
+            while recorder.backlog > MAX_PENDING_BATCHES // 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
     if recorder:
         recorder.close()
+        assert metrics.recorder_dropped_total._value.get() == 0, "the recording lost readings"
     return Played(events, t0, state_dir / FILE_NAME if state_dir else None)
 
 
@@ -163,7 +169,14 @@ def test_shifted_level_alarms_before_and_not_after_promote_and_a_fault_is_still_
     assert (tmp_path / "next.retrain.json").is_file()
     # The champion, always in alarm on the new level, detects nothing new; the challenger does.
     assert report["champion"]["false_alarms_per_day"] > report["challenger"]["false_alarms_per_day"]
-    assert np.mean(list(report["challenger"]["detection_rate"].values())) > 0.3
+    # (10 faults per kind and tiny models: single rates are coarse, so compare kinds, not means.)
+    champion_rates = report["champion"]["detection_rate"]
+    better = [
+        kind
+        for kind, rate in report["challenger"]["detection_rate"].items()
+        if rate > champion_rates[kind]
+    ]
+    assert len(better) >= 3, report["challenger"]["detection_rate"]
 
     promoted = Model.load(live)
     later = simulate(3000, seed=21).values + shift()
