@@ -13,13 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
 from daemon.cli import EXIT_CONFIG, main
 from daemon.model import Model
-from training.data import from_array
-from training.pipeline import TrainResult
+from training.data import SensorTable, from_array, windows
+from training.export import PARITY_RTOL, ScoringGraph
+from training.pipeline import TrainResult, graph_scores
 from training.simulator import CHANNELS, simulate
 
 Trainer = Callable[..., TrainResult]  # the conftest's `train_tiny`
@@ -59,6 +61,18 @@ def test_little_data_calibrates_on_cross_fitted_scores(skab_sized: TrainResult) 
     # Out-of-fold scores cover all 400 rows, not only the 80-row tail (65 windows).
     assert cal.windows > 65
     assert Model.load(skab_sized.path).manifest.calibration.cross_fitted is True
+
+
+def test_fold_scores_in_torch_match_the_exported_graph(
+    skab_sized: TrainResult, tiny_table: SensorTable
+) -> None:
+    """Cross-fit folds are scored in torch, not exported: that is safe only within parity."""
+    m = skab_sized.manifest
+    graph = ScoringGraph(skab_sized.fit.model, np.array(m.channel_mean), np.array(m.channel_scale))
+    x, _ = windows(tiny_table, m.window, 7)
+    torch_scores = graph_scores(graph, x)
+    ort_scores = Model.load(skab_sized.path).run(x).score
+    np.testing.assert_allclose(torch_scores, ort_scores, rtol=PARITY_RTOL)
 
 
 def test_little_data_thresholds_are_finite_and_enter_is_not_below_exit(
