@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -28,6 +29,7 @@ from training.data import SensorTable, fingerprint, normal_segments, split_heldb
 from training.export import PARITY_RTOL, ExportError, ScoringGraph, parity, to_onnx, with_manifest
 from training.fit import FitConfig, FitResult, fit
 from training.model import ModelConfig
+from training.preset import preset
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,29 @@ class TrainOptions:
     cooldown_windows: int | None = None  # default: one window length
     smoothing_alpha: float = 1.0
     cross_fit: bool | None = None  # None: when held-back data are too few
+    # Each channel's scale is at least this fraction of its mean magnitude: a near-constant
+    # channel would otherwise get a near-zero scale and turn any wiggle into an alarm.
+    scale_floor: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.scale_floor < 0 or self.margin <= 0:
+            raise ValueError("need scale_floor >= 0 and margin > 0")
+
+
+def options_for(preset_name: str, channels: int, **values: Any) -> TrainOptions:
+    """TrainOptions from a named preset (training/preset.py); `values` win, by field name."""
+    groups: dict[type, dict[str, Any]] = {ModelConfig: {}, FitConfig: {}, TrainOptions: {}}
+    names = {cls: {f.name for f in fields(cls)} - {"channels", "model", "fit"} for cls in groups}
+    for key, value in {**preset(preset_name).values, **values}.items():
+        owner = next((cls for cls in groups if key in names[cls]), None)
+        if owner is None:
+            raise ValueError(f"unknown training setting {key!r}")
+        groups[owner][key] = value
+    return TrainOptions(
+        model=ModelConfig(channels=channels, **groups[ModelConfig]),
+        fit=FitConfig(**groups[FitConfig]),
+        **groups[TrainOptions],
+    )
 
 
 @dataclass
@@ -75,12 +100,12 @@ class TrainResult:
 
 
 def standardisation(
-    table: SensorTable, segments: list[tuple[int, int]]
+    table: SensorTable, segments: list[tuple[int, int]], floor: float = 1e-3
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and scale (std, at least `floor` x the channel's magnitude, >= 1)."""
     rows = np.concatenate([table.values[a:b] for a, b in segments]).astype(np.float64)
     mean = rows.mean(0)
-    # A near-constant channel would get a near-zero scale and turn any wiggle into an alarm.
-    scale = np.maximum(rows.std(0), 1e-3 * np.maximum(1.0, np.abs(mean)))
+    scale = np.maximum(rows.std(0), floor * np.maximum(1.0, np.abs(mean)))
     return mean.astype(np.float32), scale.astype(np.float32)
 
 
@@ -145,7 +170,7 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
         train_segs = normal
     if not train_segs:
         raise ValueError("no normal rows to train on")
-    mean, scale = standardisation(table, train_segs)
+    mean, scale = standardisation(table, train_segs, opts.scale_floor)
     z = lambda x: (x - mean) / scale  # noqa: E731
     x_train, _ = windows(table, cfg.window, 1, segments=train_segs)
     if len(x_train) < 2:
