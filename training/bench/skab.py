@@ -203,7 +203,10 @@ def write_outputs(run: FileRun, out: Path) -> None:
     rows = zip(f.datetimes[TRAIN_ROWS:], run.alarm[TRAIN_ROWS:].astype(int).tolist(), strict=True)
     target.write_text("datetime;anomaly_pred\n" + "".join(f"{d};{a}\n" for d, a in rows))
     label = f.anomaly.astype(bool)
-    plot_scores(target.with_suffix(".png"), f.timestamps, run.score, run.alarm, label, run.policy)
+    trained = float(f.timestamps[TRAIN_ROWS - 1])
+    plot_scores(
+        target.with_suffix(".png"), f.timestamps, run.score, run.alarm, label, run.policy, trained
+    )
 
 
 def score_predictions(files: list[SkabFile], predictions: Path) -> list[FileScore]:
