@@ -166,6 +166,11 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
     held_series = _series_windows(table, held_segs, cfg.window, opts.hop)
     n_held = sum(len(s) for s in held_series)
     cross = opts.cross_fit if opts.cross_fit is not None else n_held < MIN_HELDBACK_WINDOWS
+    if not cross and n_held == 0:
+        raise ValueError(
+            f"the held-back last {opts.heldback_fraction:.0%} of the data holds no complete "
+            f"window of {cfg.window} samples; record more data or use a shorter window"
+        )
     if cross:
         train_segs = normal
     if not train_segs:

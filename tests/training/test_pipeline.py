@@ -267,3 +267,11 @@ def test_scale_floor_widens_a_channel_that_barely_moved_in_training() -> None:
     _, floored = standardisation(table, [(0, 400)], floor=5e-3)
     assert floored[0] == plain[0]  # a channel that moves keeps its own spread
     assert floored[1] == pytest.approx(0.4, rel=1e-3) and plain[1] < 0.1
+
+
+def test_no_heldback_window_without_cross_fitting_is_a_clear_error(
+    train_tiny: Trainer, tmp_path: Path
+) -> None:
+    table = from_array(simulate(150, seed=5).values, 1.0, channels=CHANNELS)
+    with pytest.raises(ValueError, match="no complete window of 64 samples"):
+        train_tiny(tmp_path / "x.onnx", table=table, cross_fit=False, window=64)
