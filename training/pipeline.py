@@ -102,7 +102,7 @@ class TrainResult:
 def standardisation(
     table: SensorTable, segments: list[tuple[int, int]], floor: float = 1e-3
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and scale (std, at least `floor` x the channel's magnitude, >= 1)."""
+    """Per-channel mean and scale: the std, but at least `floor` x max(1, |mean|)."""
     rows = np.concatenate([table.values[a:b] for a, b in segments]).astype(np.float64)
     mean = rows.mean(0)
     scale = np.maximum(rows.std(0), floor * np.maximum(1.0, np.abs(mean)))
