@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from daemon.cli import EXIT_CONFIG, load_model_or_exit
+from training.preset import PRESETS
 
 ARCHITECTURES = ("dense", "conv1d", "gru", "lstm")
 VARIANTS = ("basic", "denoising", "sparse", "contractive", "robust", "variational")
@@ -67,6 +68,13 @@ def _load(path: Path, time_column, channels, label_columns, period, max_gap):  #
     "--out", type=click.Path(path_type=Path), help="Output .onnx (default: models/<data>.onnx)."
 )
 @_data_options
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="default",
+    show_default=True,
+    help="Defaults for a kind of recording (small: a few hundred rows); explicit options win.",
+)
 @click.option("--window", default=32, show_default=True, help="Samples per window.")
 @click.option("--hop", default=1, show_default=True, help="Samples between scored windows.")
 @click.option(
@@ -103,6 +111,7 @@ def train(
     label_columns,
     period,
     max_gap,
+    preset,
     window,
     hop,  # type: ignore[no-untyped-def]
     architecture,
@@ -122,38 +131,47 @@ def train(
     as_json,
 ):
     """Train an autoencoder on normal data in DATA (CSV) and export one ONNX file."""
-    from training.fit import FitConfig
-    from training.model import ModelConfig
-    from training.pipeline import TrainOptions
+    from click.core import ParameterSource
+
+    from training.pipeline import options_for
     from training.pipeline import train as run_training
 
     table = _load(data, time_column, channels, label_columns, period, max_gap)
     out = out or Path("models") / f"{data.stem}.onnx"
-    if variant != "denoising" and noise == "gaussian" and noise_level == 0.2:
+    ctx = click.get_current_context()
+    given = {k for k in ctx.params if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    if variant != "denoising" and not {"noise", "noise_level"} & given:
         noise = "none"  # the noise default belongs to the denoising variant
+        given.add("noise")
+    # The preset's values, except those given on the command line.
+    settings = {
+        "window": window,
+        "hop": hop,
+        "architecture": architecture,
+        "variant": variant,
+        "noise": noise,
+        "noise_level": noise_level,
+        "code_size": code_size,
+        "hashing": hashing,
+        "max_epochs": epochs,
+        "seed": seed,
+        "quantile": quantile,
+        "margin": margin,
+        "false_alarms_per_day": false_alarms_per_day or None,
+    }
+    given_fields = {"max_epochs" if k == "epochs" else k for k in given}
+    from_preset = set(PRESETS[preset].values) - given_fields
     try:
-        model_cfg = ModelConfig(
-            channels=len(table.channels),
-            window=window,
-            architecture=architecture,
-            variant=variant,
-            noise=noise,
-            noise_level=noise_level,
-            code_size=code_size,
-            hashing=hashing,
+        opts = options_for(
+            preset,
+            len(table.channels),
+            **{k: v for k, v in settings.items() if k not in from_preset},
+            progress=not as_json,
+            name=name or out.stem,
+            version=model_version,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    opts = TrainOptions(
-        model=model_cfg,
-        fit=FitConfig(max_epochs=epochs, seed=seed, progress=not as_json),
-        name=name or out.stem,
-        version=model_version,
-        quantile=quantile,
-        false_alarms_per_day=false_alarms_per_day or None,
-        margin=margin,
-        hop=hop,
-    )
     result = run_training(table, opts, out)
     report_path = None
     if report:

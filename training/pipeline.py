@@ -4,7 +4,8 @@ Steps: split off the time-ordered tail for calibration, standardise on the train
 export, check parity torch vs onnxruntime, score the held-back windows with onnxruntime on the
 exported graph (the runtime path), calibrate thresholds, write the manifest, reload the file
 through the daemon's own loader. With too little held-back data the scores come from cross-fitted
-models instead (each scores the fold it did not see).
+models instead (each scores the fold it did not see; fold models are scored in torch, not
+exported, since only the final model ships).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -27,6 +29,7 @@ from training.data import SensorTable, fingerprint, normal_segments, split_heldb
 from training.export import PARITY_RTOL, ExportError, ScoringGraph, parity, to_onnx, with_manifest
 from training.fit import FitConfig, FitResult, fit
 from training.model import ModelConfig
+from training.preset import preset
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,29 @@ class TrainOptions:
     cooldown_windows: int | None = None  # default: one window length
     smoothing_alpha: float = 1.0
     cross_fit: bool | None = None  # None: when held-back data are too few
+    # Each channel's scale is at least this fraction of its mean magnitude: a near-constant
+    # channel would otherwise get a near-zero scale and turn any wiggle into an alarm.
+    scale_floor: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.scale_floor < 0 or self.margin <= 0:
+            raise ValueError("need scale_floor >= 0 and margin > 0")
+
+
+def options_for(preset_name: str, channels: int, **values: Any) -> TrainOptions:
+    """TrainOptions from a named preset (training/preset.py); `values` win, by field name."""
+    groups: dict[type, dict[str, Any]] = {ModelConfig: {}, FitConfig: {}, TrainOptions: {}}
+    names = {cls: {f.name for f in fields(cls)} - {"channels", "model", "fit"} for cls in groups}
+    for key, value in {**preset(preset_name).values, **values}.items():
+        owner = next((cls for cls in groups if key in names[cls]), None)
+        if owner is None:
+            raise ValueError(f"unknown training setting {key!r}")
+        groups[owner][key] = value
+    return TrainOptions(
+        model=ModelConfig(channels=channels, **groups[ModelConfig]),
+        fit=FitConfig(**groups[FitConfig]),
+        **groups[TrainOptions],
+    )
 
 
 @dataclass
@@ -74,12 +100,12 @@ class TrainResult:
 
 
 def standardisation(
-    table: SensorTable, segments: list[tuple[int, int]]
+    table: SensorTable, segments: list[tuple[int, int]], floor: float = 1e-3
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and scale: the std, but at least `floor` x max(1, |mean|)."""
     rows = np.concatenate([table.values[a:b] for a, b in segments]).astype(np.float64)
     mean = rows.mean(0)
-    # A near-constant channel would get a near-zero scale and turn any wiggle into an alarm.
-    scale = np.maximum(rows.std(0), 1e-3 * np.maximum(1.0, np.abs(mean)))
+    scale = np.maximum(rows.std(0), floor * np.maximum(1.0, np.abs(mean)))
     return mean.astype(np.float32), scale.astype(np.float32)
 
 
@@ -94,6 +120,14 @@ def ort_run(session: ort.InferenceSession, x: np.ndarray, batch: int = 2048) -> 
         for j, out in enumerate(session.run(list(OUTPUTS), {"window": chunk})):
             parts[j].append(out[:1] if single else out)
     return [np.concatenate(p) for p in parts]
+
+
+@torch.no_grad()
+def graph_scores(graph: ScoringGraph, x: np.ndarray, batch: int = 2048) -> np.ndarray:
+    """`score` of the scoring graph in torch, for windows of models that are not exported."""
+    graph.eval()
+    parts = [graph(torch.from_numpy(x[i : i + batch]))[0].numpy() for i in range(0, len(x), batch)]
+    return np.concatenate(parts) if parts else np.empty(0, np.float32)
 
 
 def _export_and_check(result: FitResult, mean: np.ndarray, scale: np.ndarray, probe: np.ndarray):
@@ -132,11 +166,16 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
     held_series = _series_windows(table, held_segs, cfg.window, opts.hop)
     n_held = sum(len(s) for s in held_series)
     cross = opts.cross_fit if opts.cross_fit is not None else n_held < MIN_HELDBACK_WINDOWS
+    if not cross and n_held == 0:
+        raise ValueError(
+            f"the held-back last {opts.heldback_fraction:.0%} of the data holds no complete "
+            f"window of {cfg.window} samples; record more data or use a shorter window"
+        )
     if cross:
         train_segs = normal
     if not train_segs:
         raise ValueError("no normal rows to train on")
-    mean, scale = standardisation(table, train_segs)
+    mean, scale = standardisation(table, train_segs, opts.scale_floor)
     z = lambda x: (x - mean) / scale  # noqa: E731
     x_train, _ = windows(table, cfg.window, 1, segments=train_segs)
     if len(x_train) < 2:
@@ -275,8 +314,11 @@ def _cross_fit(table, normal, cfg: ModelConfig, opts: TrainOptions, mean, scale)
         x_held = np.concatenate(held_series)
         fold_fit = replace(opts.fit, seed=opts.fit.seed + k + 1, progress=False)
         result = fit(cfg, (x_rest - mean) / scale, (x_held - mean) / scale, fold_fit)
-        _, session, _ = _export_and_check(result, mean, scale, x_held[:64])
-        series.extend(ort_run(session, s)[0] for s in held_series)
+        # Fold models are never shipped: their scores come from the same scoring graph in torch
+        # (the final model's export proves that graph matches onnxruntime to PARITY_RTOL), which
+        # saves one ONNX export per fold, most of the time of a small-data training run.
+        graph = ScoringGraph(result.model, mean, scale).eval()
+        series.extend(graph_scores(graph, s) for s in held_series)
         best.append(result.best_epoch)
     if not series:
         raise ValueError("too little normal data to cross-fit thresholds; record more rows")

@@ -47,8 +47,11 @@ def plot_scores(
     alarm: np.ndarray,
     label: np.ndarray,
     policy: AlarmPolicy,
+    trained_until: float | None = None,
 ) -> None:
-    """Score vs UTC time with thresholds, labelled anomalies and alarms; fast for 10^6 points."""
+    """Score vs UTC time with thresholds, labelled anomalies and alarms; fast for 10^6 points.
+
+    `trained_until` (unix s) shades the rows the model was trained on (benchmarks)."""
     t = np.asarray(timestamps, dtype=np.float64)
     columns = np.column_stack([score, alarm, label]).astype(np.float64)
     if len(columns) != len(t):
@@ -75,6 +78,9 @@ def plot_scores(
     ax.axhline(exit_, color=EXIT_COLOUR, lw=1.2, ls="--", label=f"exit threshold {exit_:.4g}")
     _spans(ax, x0, x1, peak[:, 2] > 0, gap, (0.0, 1.0), "tab:red", 0.15, "labelled anomaly")
     _spans(ax, x0, x1, peak[:, 1] > 0, gap, (0.0, 0.05), "tab:purple", 0.8, "alarm")
+    if trained_until is not None:
+        end = _datenum(np.array([trained_until]))[0]
+        ax.axvspan(x0[0], end, color="grey", alpha=0.15, lw=0, label="training rows")
     ax.set_xlim(x0[0], x1[-1])
     finite = peak[:, 0][np.isfinite(peak[:, 0])]
     if _spans_decades(np.r_[finite, exit_]):
@@ -83,6 +89,42 @@ def plot_scores(
     ax.set(title=f"Anomaly score over time ({len(t):,} samples)", ylabel=SCORE_LABEL)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", ncol=5, fontsize=8, framealpha=0.9)
+    _save(fig, path)
+
+
+def plot_likelihood(
+    path: Path,
+    score: np.ndarray,
+    likelihood: np.ndarray,
+    windows: list[tuple[int, int]],
+    probation: int,
+    thresholds: dict[str, float],
+) -> None:
+    """Window score and anomaly likelihood per row, with thresholds, labelled windows and the
+    probationary period (rows, not time: some benchmark files step back in time)."""
+    fig = _figure(12, 5.5)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    rows = np.arange(len(likelihood))
+    top.plot(rows, score, color="tab:blue", lw=0.6, label="window score")
+    if _spans_decades(np.asarray(score, dtype=np.float64)):
+        top.set_yscale("log")
+    top.set(ylabel=SCORE_LABEL)
+    bottom.plot(rows, likelihood, color="tab:blue", lw=0.6, label="anomaly likelihood")
+    for (name, value), colour in zip(thresholds.items(), (ENTER_COLOUR, EXIT_COLOUR), strict=False):
+        bottom.axhline(value, color=colour, lw=1.0, ls="--", label=f"{name} threshold {value:.3g}")
+    for ax in (top, bottom):
+        ax.axvspan(0, probation, color="grey", alpha=0.15, lw=0)
+        for i, (a, b) in enumerate(windows):
+            ax.axvspan(
+                a, b, color="tab:red", alpha=0.15, lw=0, label="labelled window" if i == 0 else None
+            )
+    bottom.set(
+        xlabel="row (grey: probationary period, not scored)",
+        ylabel="likelihood",
+        ylim=(-0.02, 1.02),
+    )
+    bottom.legend(loc="upper left", fontsize="small")
+    top.set_title(f"{path.stem}: {len(rows):,} rows")
     _save(fig, path)
 
 

@@ -43,7 +43,7 @@ def small_nab(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @needs_nab
-def test_command_prints_scores_for_three_profiles_and_writes_likelihoods(
+def test_command_prints_scores_for_three_profiles_and_writes_likelihoods_and_plots(
     small_nab: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
@@ -63,6 +63,9 @@ def test_command_prints_scores_for_three_profiles_and_writes_likelihoods(
         lik = np.array([float(line.split(",")[1]) for line in lines[1:]])
         assert ((lik >= 0) & (lik <= 1)).all()
         assert not lik[: f.labelled.probation].any()
+        assert [line.split(",")[0] for line in lines[1:]] == f.stamps
+        plot = (out / f.labelled.name).with_suffix(".png")
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @needs_nab

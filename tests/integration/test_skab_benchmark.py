@@ -51,7 +51,9 @@ def test_published_conv_ae_predictions_score_as_published() -> None:
     assert round(m["changepoint_standard"], 2) == 20.90
 
 
-def test_benchmark_on_two_valve1_files_prints_the_pooled_table(tmp_path: Path) -> None:
+def test_benchmark_on_two_valve1_files_prints_the_pooled_table_and_writes_predictions(
+    tmp_path: Path,
+) -> None:
     valve1 = need(SKAB / "valve1")
     data = tmp_path / "data"
     data.mkdir()
@@ -73,9 +75,18 @@ def test_benchmark_on_two_valve1_files_prints_the_pooled_table(tmp_path: Path) -
         assert -100 <= summary[f"changepoint_{profile}"] <= 100
     assert 0 <= summary["missed_changepoints"] <= summary["changepoints"] == 8
     assert "[2/2] 1.csv" in result.stderr
-    written = (out / "0.csv").read_text().splitlines()
-    assert written[0] == "datetime;anomaly_pred"
-    assert len(written) - 1 == len((valve1 / "0.csv").read_text().splitlines()) - 1 - TRAIN_ROWS
+    files, _ = find_files(data)
+    for f in files:
+        written = (out / f.name).read_text().splitlines()
+        assert written[0] == "datetime;anomaly_pred"
+        rows = [line.split(";") for line in written[1:]]
+        # Rows 400..end in file order, one 0/1 prediction each: the published layout.
+        assert [d for d, _ in rows] == f.datetimes[TRAIN_ROWS:]
+        assert {p for _, p in rows} <= {"0", "1"}
+        assert (out / f.name).with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Anyone can re-score the written predictions: the same numbers come back.
+    rescored = pooled(score_predictions(files, out))
+    assert round(rescored["f1"], 4) == summary["f1"] and round(rescored["far"], 4) == summary["far"]
 
 
 def synthetic(rows: int = 700, seed: int = 0) -> SkabFile:

@@ -13,13 +13,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
 from daemon.cli import EXIT_CONFIG, main
 from daemon.model import Model
-from training.data import from_array
-from training.pipeline import TrainResult
+from training.data import SensorTable, from_array, windows
+from training.export import PARITY_RTOL, ScoringGraph
+from training.model import ModelConfig
+from training.pipeline import (
+    TrainOptions,
+    TrainResult,
+    graph_scores,
+    options_for,
+    standardisation,
+)
+from training.preset import PRESETS
 from training.simulator import CHANNELS, simulate
 
 Trainer = Callable[..., TrainResult]  # the conftest's `train_tiny`
@@ -59,6 +69,18 @@ def test_little_data_calibrates_on_cross_fitted_scores(skab_sized: TrainResult) 
     # Out-of-fold scores cover all 400 rows, not only the 80-row tail (65 windows).
     assert cal.windows > 65
     assert Model.load(skab_sized.path).manifest.calibration.cross_fitted is True
+
+
+def test_fold_scores_in_torch_match_the_exported_graph(
+    skab_sized: TrainResult, tiny_table: SensorTable
+) -> None:
+    """Cross-fit folds are scored in torch, not exported: that is safe only within parity."""
+    m = skab_sized.manifest
+    graph = ScoringGraph(skab_sized.fit.model, np.array(m.channel_mean), np.array(m.channel_scale))
+    x, _ = windows(tiny_table, m.window, 7)
+    torch_scores = graph_scores(graph, x)
+    ort_scores = Model.load(skab_sized.path).run(x).score
+    np.testing.assert_allclose(torch_scores, ort_scores, rtol=PARITY_RTOL)
 
 
 def test_little_data_thresholds_are_finite_and_enter_is_not_below_exit(
@@ -210,3 +232,64 @@ def test_train_with_report_writes_the_report_page(normal_csv: Path, workdir: Pat
     page = Path(json.loads(result.stdout)["report"])
     assert page == out.with_suffix(".report") / "index.html"
     assert page.is_file() and "<html" in page.read_text().lower()
+
+
+# --- presets ------------------------------------------------------------------------------------
+
+
+def test_small_preset_sets_the_small_data_regime_and_explicit_values_win() -> None:
+    small = options_for("small", 8)
+    assert (
+        small.scale_floor
+        == PRESETS["small"].values["scale_floor"]
+        > TrainOptions(model=small.model).scale_floor
+    )
+    assert small.margin == PRESETS["small"].values["margin"]
+    assert small.smoothing_alpha == PRESETS["small"].values["smoothing_alpha"]
+    mine = options_for("small", 8, window=64, margin=2.0, max_epochs=5)
+    assert (mine.model.window, mine.margin, mine.fit.max_epochs) == (64, 2.0, 5)
+    assert mine.scale_floor == small.scale_floor
+    assert options_for("default", 8) == TrainOptions(model=ModelConfig(channels=8))
+    with pytest.raises(ValueError, match="unknown training setting 'windw'"):
+        options_for("small", 8, windw=64)
+    with pytest.raises(ValueError, match="unknown preset 'tiny'"):
+        options_for("tiny", 8)
+
+
+def test_skab_benchmark_runs_the_small_preset() -> None:
+    from training.bench.skab import PRESET, Settings
+
+    assert PRESET == "small"
+    ours = Settings().train_options(8, "x")
+    assert ours == options_for("small", 8, name="x", progress=False)
+
+
+def test_train_preset_small_reaches_the_model_file_and_flags_still_win(workdir: Path) -> None:
+    short = workdir / "short.csv"
+    oteo("simulate", "--csv", short, "--rows", 400, "--seed", 4)
+    out = workdir / "small.onnx"
+    args = ("--preset", "small", "--window", 16, "--epochs", 2, "--no-report", "--json")
+    oteo("train", short, "--out", out, *args, "--margin", 2.0)
+    m = Model.load(out).manifest
+    assert m.window == 16  # given on the command line
+    assert m.calibration.parameters["margin"] == 2.0  # given
+    assert m.alarm.smoothing_alpha == PRESETS["small"].values["smoothing_alpha"]  # from preset
+    assert m.calibration.cross_fitted is True
+
+
+def test_scale_floor_widens_a_channel_that_barely_moved_in_training() -> None:
+    rng = np.random.default_rng(0)
+    values = np.column_stack([rng.normal(0.0, 1.0, 400), 80.0 + rng.normal(0.0, 0.01, 400)])
+    table = from_array(values, 1.0, channels=["vibration", "temperature"])
+    _, plain = standardisation(table, [(0, 400)])
+    _, floored = standardisation(table, [(0, 400)], floor=5e-3)
+    assert floored[0] == plain[0]  # a channel that moves keeps its own spread
+    assert floored[1] == pytest.approx(0.4, rel=1e-3) and plain[1] < 0.1
+
+
+def test_no_heldback_window_without_cross_fitting_is_a_clear_error(
+    train_tiny: Trainer, tmp_path: Path
+) -> None:
+    table = from_array(simulate(150, seed=5).values, 1.0, channels=CHANNELS)
+    with pytest.raises(ValueError, match="no complete window of 64 samples"):
+        train_tiny(tmp_path / "x.onnx", table=table, cross_fit=False, window=64)

@@ -83,6 +83,7 @@ class FileRun:
     likelihood: np.ndarray  # [T] in [0, 1]
     seconds: float
     error: str | None = None
+    score: np.ndarray | None = None  # [T] window score (NaN: no window yet), for the plot
 
 
 def read_corpus(root: Path) -> list[NabFile]:
@@ -191,7 +192,7 @@ def run_file(f: NabFile, cfg: DetectorConfig, workdir: Path) -> FileRun:
     usable &= ~np.isnan(score)
     out = np.zeros(len(score))
     out[usable] = report_rises(likelihood(score[usable], seeds, cfg), cfg.quiet)
-    return FileRun(f, out, time.perf_counter() - t0)
+    return FileRun(f, out, time.perf_counter() - t0, score=score)
 
 
 def _summary(files: list[NabFile], runs: list[FileRun], root: Path, fixed: float) -> dict:  # type: ignore[type-arg]
@@ -224,13 +225,21 @@ def _summary(files: list[NabFile], runs: list[FileRun], root: Path, fixed: float
     return summary
 
 
-def _write(run: FileRun, out: Path) -> None:
-    """NAB's results layout: timestamp,anomaly_score per row."""
+def write_outputs(run: FileRun, out: Path, thresholds: dict[str, float]) -> None:
+    """NAB's results layout (timestamp,anomaly_score per row) and a plot beside it."""
+    from training.report import plot_likelihood
+
     path = out / run.file.labelled.name
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["timestamp,anomaly_score"]
     lines += [f"{s},{v:.6f}" for s, v in zip(run.file.stamps, run.likelihood, strict=True)]
     path.write_text("\n".join(lines) + "\n")
+    f = run.file.labelled
+    score = run.score if run.score is not None else np.full(f.rows, np.nan)
+    windows = list(f.windows)
+    plot_likelihood(
+        path.with_suffix(".png"), score, run.likelihood, windows, f.probation, thresholds
+    )
 
 
 @click.command()
@@ -242,7 +251,11 @@ def _write(run: FileRun, out: Path) -> None:
     show_default=True,
     help="Likelihood threshold reported besides the optimised one (0.5 = p 1e-5).",
 )
-@click.option("--out", type=click.Path(path_type=Path), help="Write per-file likelihoods here.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Write per-file likelihoods (timestamp,anomaly_score) and plots here.",
+)
 def nab(data: Path, as_json: bool, fixed_threshold: float, out: Path | None) -> None:
     """NAB v1.1: a fresh detector per file, scored for the three profiles."""
     from training.data import DataError
@@ -267,10 +280,14 @@ def nab(data: Path, as_json: bool, fixed_threshold: float, out: Path | None) -> 
         runs.append(run)
         status = f"error: {run.error}" if run.error else f"{run.seconds:.1f} s"
         click.echo(f"[{i}/{len(files)}] {f.labelled.name}  {status}", err=True)
-        if out is not None:
-            _write(run, out)
     summary = _summary(files, runs, data, fixed_threshold)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    if out is not None:
+        # The optimised threshold is known only once every file has run.
+        best = summary["optimised"]["standard"]["threshold"]
+        lines = {"fixed": fixed_threshold, "optimised (standard)": best}
+        for run in runs:
+            write_outputs(run, out, lines)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -25,11 +25,14 @@ import numpy as np
 
 from daemon.manifest import AlarmPolicy
 from training.bench.changepoint import FileScore, pooled, score_file
+from training.preset import PRESETS
 
 if TYPE_CHECKING:
     from training.pipeline import TrainOptions
 
 TRAIN_ROWS = 400
+# The benchmark runs what users get with `oteo train --preset small`.
+PRESET = "small"
 LABELS = ("anomaly", "changepoint")
 ARCHITECTURES = ("dense", "conv1d", "gru", "lstm")
 
@@ -106,23 +109,28 @@ def _opt(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
 
 
+SMALL = PRESETS[PRESET].values
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Trainer and alarm settings used for every file; defaults are the best found on valve1."""
+    """Trainer and alarm settings used for every file: the `small` preset unless overridden."""
 
-    window: int = _opt(32, "Samples per window.")
-    architecture: str = _opt("dense", "Autoencoder architecture.")
-    hidden: int = _opt(128, "Hidden units.")
-    code_size: int = _opt(16, "Bottleneck units.")
-    noise_level: float = _opt(0.2, "Std of the denoising corruption.")
-    quantile: float = _opt(0.999, "Quantile of cross-fitted normal scores: enter threshold.")
-    # 1.75 (trainer default 1.5): on valve1 1.5 gives FAR 22-25 %, 2.0 trades F1 0.76 for 13-16 %.
-    margin: float = _opt(1.75, "Multiply both thresholds by this.")
-    k: int = _opt(3, "Exceeding windows among the last n that raise an alarm.")
-    n: int = _opt(5, "Length of the k-of-n window.")
-    smoothing: float = _opt(1.0, "EWMA weight of the newest score (1 = none).")
-    false_alarms_per_day: float = _opt(1.0, "Event target on cross-fitted scores (0 = none).")
-    epochs: int = _opt(60, "Most epochs (early stopping).")
+    window: int = _opt(SMALL["window"], "Samples per window.")
+    architecture: str = _opt(SMALL["architecture"], "Autoencoder architecture.")
+    hidden: int = _opt(SMALL["hidden"], "Hidden units.")
+    code_size: int = _opt(SMALL["code_size"], "Bottleneck units.")
+    noise_level: float = _opt(SMALL["noise_level"], "Std of the denoising corruption.")
+    scale_floor: float = _opt(SMALL["scale_floor"], "Channel scale floor, x its magnitude.")
+    quantile: float = _opt(SMALL["quantile"], "Quantile of cross-fitted scores: enter threshold.")
+    margin: float = _opt(SMALL["margin"], "Multiply both thresholds by this.")
+    k: int = _opt(SMALL["k"], "Exceeding windows among the last n that raise an alarm.")
+    n: int = _opt(SMALL["n"], "Length of the k-of-n window.")
+    smoothing: float = _opt(SMALL["smoothing_alpha"], "EWMA weight of the newest score (1 = none).")
+    false_alarms_per_day: float = _opt(
+        SMALL["false_alarms_per_day"], "Event target on cross-fitted scores (0 = none)."
+    )
+    epochs: int = _opt(SMALL["max_epochs"], "Most epochs (early stopping).")
     seed: int = _opt(0, "Training seed.")
 
     def __post_init__(self) -> None:
@@ -132,22 +140,20 @@ class Settings:
             raise ValueError("need 0 < smoothing <= 1, 0 < quantile < 1 and margin > 0")
 
     def train_options(self, channels: int, name: str) -> TrainOptions:
-        """The TrainOptions these settings mean (imports the trainer)."""
-        from training.fit import FitConfig
-        from training.model import ModelConfig
-        from training.pipeline import TrainOptions
+        """The TrainOptions these settings mean: the preset with these values (imports torch)."""
+        from training.pipeline import options_for
 
-        shape = ("window", "architecture", "hidden", "code_size", "noise_level")
-        return TrainOptions(
-            model=ModelConfig(channels=channels, **{k: getattr(self, k) for k in shape}),
-            fit=FitConfig(max_epochs=self.epochs, seed=self.seed, progress=False),
-            name=name,
-            quantile=self.quantile,
-            margin=self.margin,
-            k=self.k,
-            n=self.n,
+        same = ("window", "architecture", "hidden", "code_size", "noise_level", "scale_floor")
+        same += ("quantile", "margin", "k", "n", "seed")
+        return options_for(
+            PRESET,
+            channels,
+            **{k: getattr(self, k) for k in same},
             smoothing_alpha=self.smoothing,
             false_alarms_per_day=self.false_alarms_per_day or None,
+            max_epochs=self.epochs,
+            progress=False,
+            name=name,
         )
 
 
@@ -197,7 +203,10 @@ def write_outputs(run: FileRun, out: Path) -> None:
     rows = zip(f.datetimes[TRAIN_ROWS:], run.alarm[TRAIN_ROWS:].astype(int).tolist(), strict=True)
     target.write_text("datetime;anomaly_pred\n" + "".join(f"{d};{a}\n" for d, a in rows))
     label = f.anomaly.astype(bool)
-    plot_scores(target.with_suffix(".png"), f.timestamps, run.score, run.alarm, label, run.policy)
+    trained = float(f.timestamps[TRAIN_ROWS - 1])
+    plot_scores(
+        target.with_suffix(".png"), f.timestamps, run.score, run.alarm, label, run.policy, trained
+    )
 
 
 def score_predictions(files: list[SkabFile], predictions: Path) -> list[FileScore]:
