@@ -43,6 +43,11 @@ ELSEWHERE = {
         "refused challenger) and tests/integration/test_retrain_daemon.py (against the daemon)"
     ),
     "oteo benchmark recorder": "prints numbers; not a test",
+    # The "Benchmarks" section (the data are not in the repository).
+    "oteo benchmark skab": (
+        "tests/integration/test_skab_benchmark.py runs it with --out on ../shared/datasets"
+    ),
+    "oteo benchmark nab": "tests/integration/test_nab_benchmark.py runs it with --out",
     "systemctl": "needs systemd as PID 1: tests/integration/test_systemd.py verifies the units",
     "journalctl": "needs systemd as PID 1",
 }
