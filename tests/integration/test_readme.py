@@ -35,6 +35,7 @@ ELSEWHERE = {
     "ruff check daemon training tests": ".ci/run",
     "python -m daemon.jsonschema daemon/schema": "tests/unit/test_schema_drift.py",
     "docker compose": "needs Docker: tests/integration/test_deploy.py parses compose.yaml",
+    "oteo benchmark throughput": "tests/integration/test_throughput_benchmark.py (--quick --json)",
 }
 TRAINING = "oteo simulate --csv normal.csv"
 DAEMON = "oteo run --model models/demo.onnx"

@@ -14,6 +14,7 @@ import click
 SUBCOMMANDS = {
     "skab": "training.bench.skab:skab",
     "nab": "training.bench.nab:nab",
+    "throughput": "training.bench.throughput:throughput",
 }
 
 
@@ -35,4 +36,4 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup)
 def benchmark() -> None:
-    """Benchmarks: detection quality on SKAB / NAB (give the data folder)."""
+    """Benchmarks: detection quality on SKAB / NAB (give the data folder), and throughput."""
