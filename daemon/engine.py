@@ -60,6 +60,7 @@ class Work:
     channel: int = -1
     sample: ChannelSample | None = None
     arrival: float = 0.0  # monotonic time the network thread received it
+    size: int = 1  # readings it holds (the ingest queue is bounded in readings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +246,9 @@ class Engine:
             now=self.clock(),
         )
         self.streams[stream_id] = stream
-        self.metrics.stream_threshold.labels(stream=self.metrics.stream_label(stream_id)).set(
+        label = self.metrics.stream_label(stream_id)
+        stream.score_metric = self.metrics.stream_score.labels(stream=label)
+        self.metrics.stream_threshold.labels(stream=label).set(
             self.policy.enter_threshold / stream.tracker.sensitivity
         )
         self._publish_state(stream, time.time())
@@ -303,8 +306,7 @@ class Engine:
         stream.last_score = step.smoothed
         # Drift signal: share of windows above the normal p99 (an EWMA over ~1 h at 1 Hz).
         self._drift_ewma += ((score > self._p99) - self._drift_ewma) / 3600.0
-        label = self.metrics.stream_label(stream.id)
-        self.metrics.stream_score.labels(stream=label).set(step.smoothed)
+        stream.score_metric.set(step.smoothed)
         if self.cfg.topics.publish_scores:
             self._publish_score(stream, ts, step.smoothed, score, channel_score)
         muted = stream.muted_until > self.clock()
