@@ -23,6 +23,10 @@ from paho.mqtt.properties import Properties
 
 INFLIGHT = 1000  # unacknowledged QoS 1 messages per publisher: enough to keep the socket full
 LOOP_EVERY = 100  # publishes between two reads of PUBACKs
+# Faulty streams: 80 normal readings, then 40 anomalous ones. The alarm of the demo model ends
+# ~35 windows after the fault (its windows are 32 long) and cools down for 32 more: < 80.
+FAULT_CYCLE = 120
+FAULT_START = 80
 
 
 def encode_payloads(
@@ -34,17 +38,24 @@ def encode_payloads(
     start: int,
     base_ts: int,
     prefix: str = "sensors",
+    fault_every: int = 0,
 ) -> list[tuple[str, bytes]]:
     """Reading messages, round-robin over the streams; message k of a stream carries readings
-    start + k*batch .. start + k*batch + batch - 1 (ts = base_ts + reading, seq = reading)."""
+    start + k*batch .. start + k*batch + batch - 1 (ts = base_ts + reading, seq = reading).
+
+    With `fault_every` N, every N-th stream reads 1.5x its values in the last FAULT_RUN of
+    every FAULT_CYCLE readings: alarms start and end, so events are published.
+    """
     rows = [",".join(f"{v:.5g}" for v in row) for row in series]
+    faulty = [",".join(f"{1.5 * v:.5g}" for v in row) for row in series]
     out: list[tuple[str, bytes]] = []
     for k in range(per_stream):
         for s in range(first_stream, first_stream + streams):
             parts = []
             for r in range(start + k * batch, start + (k + 1) * batch):
                 # Each stream reads the series from its own offset: 100 different machines.
-                row = rows[(r + 37 * s) % len(rows)]
+                anomalous = fault_every and s % fault_every == 0 and r % FAULT_CYCLE >= FAULT_START
+                row = (faulty if anomalous else rows)[(r + 37 * s) % len(rows)]
                 parts.append(f'{{"ts":{base_ts + r},"seq":{r},"values":[{row}]}}')
             body = parts[0] if batch == 1 else "[" + ",".join(parts) + "]"
             out.append((f"{prefix}/s{s}/data", body.encode()))
@@ -91,6 +102,7 @@ def main() -> None:
 @click.option("--base-ts", type=int, required=True)
 @click.option("--rate", type=float, default=0.0, help="Messages/s; 0: as fast as possible.")
 @click.option("--prefix", default="sensors", help="Topics are PREFIX/s{i}/data.")
+@click.option("--fault-every", type=int, default=0, help="Every N-th stream has faults.")
 @click.option("--times", type=click.Path(path_type=Path), help="Write publish times (.npy).")
 def publish(
     port: int,
@@ -103,11 +115,13 @@ def publish(
     base_ts: int,
     rate: float,
     prefix: str,
+    fault_every: int,
     times: Path | None,
 ) -> None:
     """Publish every message at QoS 1 and wait until the broker acknowledged all of them."""
+    values = np.load(series)
     messages = encode_payloads(
-        np.load(series), first_stream, streams, per_stream, batch, start, base_ts, prefix
+        values, first_stream, streams, per_stream, batch, start, base_ts, prefix, fault_every
     )
     acked = 0
 
@@ -203,7 +217,7 @@ def receive(
 @click.option("--seconds", type=float, required=True, help="Listen this long after the first.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def scores(port: int, topics: tuple[str, ...], seconds: float, out: Path) -> None:
-    """Record (stream, window ts, arrival time) of every score message on `topics`."""
+    """Record (stream, window ts, arrival time) of every event (or score) on `topics`."""
     client = _client(f"bench-scores-{time.monotonic_ns()}", True)
     rows: list[tuple[str, float, float]] = []
 
