@@ -61,6 +61,7 @@ class Work:
     channel: int = -1
     sample: ChannelSample | None = None
     arrival: float = 0.0  # monotonic time the network thread received it
+    size: int = 1  # readings it holds (the ingest queue is bounded in readings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +254,9 @@ class Engine:
             now=self.clock(),
         )
         self.streams[stream_id] = stream
-        self.metrics.stream_threshold.labels(stream=self.metrics.stream_label(stream_id)).set(
+        label = self.metrics.stream_label(stream_id)
+        stream.score_metric = self.metrics.stream_score.labels(stream=label)
+        self.metrics.stream_threshold.labels(stream=label).set(
             self.policy.enter_threshold / stream.tracker.sensitivity
         )
         self._publish_state(stream, time.time())
@@ -310,8 +313,7 @@ class Engine:
         step = stream.tracker.update(score)
         stream.last_score = step.smoothed
         self._drift_above += score > self._p99
-        label = self.metrics.stream_label(stream.id)
-        self.metrics.stream_score.labels(stream=label).set(step.smoothed)
+        stream.score_metric.set(step.smoothed)
         if self.cfg.topics.publish_scores:
             self._publish_score(stream, ts, step.smoothed, score, channel_score)
         muted = stream.muted_until > self.clock()

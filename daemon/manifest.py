@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -105,10 +106,14 @@ class Quantiles(_Strict):
             raise ValueError("levels must increase")
         return self
 
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        # Converted once: p_value runs for every published score.
+        return np.asarray(self.levels), np.asarray(self.values)
+
     def p_value(self, score: float) -> float:
         """P(normal score >= score), interpolated between the tabulated quantiles."""
-        lv = np.asarray(self.levels)
-        vals = np.asarray(self.values)
+        lv, vals = self._arrays
         # Beyond the last tabulated value the p-value is floored at 1 - levels[-1].
         return 1.0 - float(np.interp(score, vals, lv, left=0.0, right=lv[-1]))
 

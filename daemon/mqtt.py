@@ -321,8 +321,12 @@ class MqttLink:
             if len(self._outbound) >= self._max_queued:
                 self.counters.dropped_queue_full += 1
                 return
+            was_empty = not self._outbound
             self._outbound.append(msg)
-        self.wake()
+        # A non-empty queue already has a wake-up on its way, or is drained before the network
+        # thread waits again (_wait_s): one wake-up per burst, not a send() per message.
+        if was_empty:
+            self.wake()
 
     def set_status(self, online_payload: bytes, offline_payload: bytes) -> None:
         """New status payloads (after a model reload): publish online now, offline at stop.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -48,6 +48,8 @@ class Stream:
     last_score: float | None = None
     pending_windows: int = 0  # windows queued for scoring, not yet scored
     late_run: int = 0  # consecutive readings dropped as late
+    # This stream's oteo_stream_score series, looked up once: labels() per window is costly.
+    score_metric: Any = None
     extra: dict[str, float] = field(default_factory=dict)
 
 

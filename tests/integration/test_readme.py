@@ -50,6 +50,7 @@ ELSEWHERE = {
     "oteo benchmark nab": "tests/integration/test_nab_benchmark.py runs it with --out",
     "systemctl": "needs systemd as PID 1: tests/integration/test_systemd.py verifies the units",
     "journalctl": "needs systemd as PID 1",
+    "oteo benchmark throughput": "tests/integration/test_throughput_benchmark.py (--quick --json)",
 }
 TRAINING = "oteo simulate --csv normal.csv"
 DAEMON = "oteo run --model models/demo.onnx"

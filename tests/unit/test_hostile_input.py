@@ -549,6 +549,33 @@ def test_qos0_beyond_the_queue_is_dropped_and_counted_qos1_is_left_at_the_broker
         daemon.outbox.close()
 
 
+def test_the_ingest_queue_bound_counts_readings_not_messages(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path, **{"ingest.queue_size": 10})
+    try:
+        intake = Intake(daemon)
+
+        def batch(first: int, n: int) -> bytes:
+            rows = range(first, first + n)
+            docs = [{"ts": T0 + i, "seq": i, "values": intake.mean} for i in rows]
+            return json.dumps(docs).encode()
+
+        assert intake.offer("sensors/q/data", batch(0, 8))
+        assert not intake.offer("sensors/q/data", batch(8, 3)), "11 readings queued, bound 10"
+        assert intake.offer("sensors/q/data", intake.reading(T0 + 8, 8))  # 9 readings: fits
+        intake.drain()
+        assert intake.value("oteo_readings_total") == 9
+        # An empty queue takes a batch larger than the bound: it would never fit otherwise.
+        small = make_daemon(tmp_path / "small", **{"ingest.queue_size": 4})
+        try:
+            assert Intake(small).offer("sensors/q/data", batch(0, 8))
+        finally:
+            small._ops_pool.shutdown(wait=False)
+            small.outbox.close()
+    finally:
+        daemon._ops_pool.shutdown(wait=False)
+        daemon.outbox.close()
+
+
 # -- property test of the parser -----------------------------------------------------------------
 
 CHANNELS = ["a", "b", "c"]

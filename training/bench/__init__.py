@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "skab": "training.bench.skab:skab",
     "nab": "training.bench.nab:nab",
     "recorder": "training.bench.recorder:recorder",
+    "throughput": "training.bench.throughput:throughput",
 }
 
 
@@ -36,4 +37,5 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup)
 def benchmark() -> None:
-    """Benchmarks: detection quality on SKAB / NAB (give the data folder); recorder overhead."""
+    """Benchmarks: detection quality on SKAB / NAB (give the data folder), recorder overhead
+    and throughput."""
