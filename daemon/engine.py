@@ -114,6 +114,7 @@ class Engine:
         self.topics = Topics(cfg.topics.input_prefix, cfg.topics.output_prefix, cfg.instance)
         self.streams: dict[str, Stream] = {}
         self._pending: list[_Pending] = []
+        self._pending_since = 0.0  # clock() when the first pending window was queued
         self._sensitivity: dict[str, float] = dict(cfg.alarm.sensitivity)
         self.windows_scored = 0
         # Drift: windows above the normal p99, counted here and folded into the meter by tick().
@@ -186,7 +187,13 @@ class Engine:
             for row_ts, values in rows:
                 self._push(stream, row_ts, values, None, work.arrival)
         stream.last_seen = now
-        if len(self._pending) >= self.cfg.scoring.max_batch:
+        # A batch goes when it is full or its first window has waited `max_wait_s` (the main
+        # loop also scores whenever the queue runs dry); under a steady stream the queue rarely
+        # does, and windows would otherwise wait for a full batch.
+        if self._pending and (
+            len(self._pending) >= self.cfg.scoring.max_batch
+            or now - self._pending_since >= self.cfg.scoring.max_wait_s
+        ):
             self.score_pending()
 
     def _push(
@@ -229,6 +236,8 @@ class Engine:
         for back in reversed(range(out.windows_ready)):
             if len(self._pending) >= self.cfg.scoring.max_batch:
                 self.score_pending()
+            if not self._pending:
+                self._pending_since = self.clock()
             stream.buffer.take_at(back, out=self._batch[len(self._pending)])
             window_ts = ts - back * self.policy.hop * self.model.manifest.sample_period_s
             self._pending.append(_Pending(stream, window_ts, arrival))

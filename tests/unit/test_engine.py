@@ -193,3 +193,20 @@ def test_model_swap_scores_every_window_once(model, normal_rows, tmp_path):
     engine.handle(Work("a", readings[60:]))
     engine.score_pending()
     assert value(metrics, "oteo_windows_scored_total") == 100 - model.window + 1
+
+
+def test_a_ready_window_waits_at_most_max_wait_s_for_a_batch(model, normal_rows, tmp_path):
+    """Under a steady stream the queue never runs dry: windows go after `scoring.max_wait_s`
+    even when the batch is not full."""
+    engine, _, metrics, clock = make_engine(
+        model, tmp_path, **{"scoring.max_batch": 256, "scoring.max_wait_s": 0.02}
+    )
+    w = model.window
+    engine.handle(Work("a", [ParsedReading(float(i), i, normal_rows[i]) for i in range(w)]))
+    assert value(metrics, "oteo_windows_scored_total") == 0  # one window, waiting for others
+    clock.now += 0.01
+    engine.handle(Work("a", [ParsedReading(float(w), w, normal_rows[w])]))
+    assert value(metrics, "oteo_windows_scored_total") == 0  # 10 ms: still waiting
+    clock.now += 0.015
+    engine.handle(Work("b", [ParsedReading(0.0, 0, normal_rows[0])]))  # no new window
+    assert value(metrics, "oteo_windows_scored_total") == 2  # the first waited 25 ms
