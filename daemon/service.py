@@ -93,11 +93,12 @@ class Daemon:
         except ModelFileError as exc:
             raise StartupError(str(exc)) from exc
         self._model_stamp = _stamp(cfg.model.path)
-        # SimpleQueue: a put costs a fraction of Queue's (no Condition), which matters on the
-        # network thread. The bound counts readings, not messages (a batch payload holds many),
-        # so memory stays bounded; each counter has one writer: the network thread the first,
-        # the main loop the second.
-        self.queue: queue.SimpleQueue[Work] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: with SimpleQueue the main loop was seen blocked inside
+        # get(timeout=0.05) for over 10 s after SIGHUP reloads (py-spy; about one run in three
+        # of the bad-model reload test), never with Queue. The bound counts readings, not messages
+        # (a batch payload holds many), so memory stays bounded; each counter has one writer:
+        # the network thread the first, the main loop the second.
+        self.queue: queue.Queue[Work] = queue.Queue()
         self._readings_queued = 0
         self._readings_taken = 0
         self.engine = Engine(self.model, cfg, self._publish, self.metrics)
