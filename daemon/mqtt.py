@@ -514,14 +514,7 @@ class MqttLink:
     def _service_socket(self, wait_s: float) -> None:
         client = self._client
         sock = client.socket()
-        # Backpressure: with this many messages held, stop reading until the main loop takes
-        # some (its wake-ups resume us). The broker should never send more than Receive Maximum
-        # unacknowledged, but Mosquitto 2.0.11 floods a resumed session's whole backlog once
-        # the first acknowledgements arrive; TCP then holds it instead of our memory. Writes
-        # (acks) and keep-alive go on; a pause must stay under 2 x keepalive_s, which a
-        # thousand messages do at any rate the daemon scores.
-        reading = sock is not None and len(self._held) < self._max_held
-        readers: list[Any] = [self._wake_r, sock] if reading else [self._wake_r]
+        readers: list[Any] = [self._wake_r] if sock is None else [self._wake_r, sock]
         writers: list[Any] = [sock] if sock is not None and client.want_write() else []
         try:
             readable, writable, _ = select.select(readers, writers, [], wait_s)
@@ -531,7 +524,7 @@ class MqttLink:
             self._drain_wake()
         if sock is None:
             return
-        if reading and (sock in readable or (isinstance(sock, ssl.SSLSocket) and sock.pending())):
+        if sock in readable or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
             client.loop_read()
         if sock in writable and client.socket() is not None:
             client.loop_write()
