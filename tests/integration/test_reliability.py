@@ -166,12 +166,22 @@ def test_broker_restart_mid_stream_loses_no_reading_and_no_event(
     slow = StreamPublisher(broker.host, broker.port, trickle, rate_hz=trickle_rate_hz)
     slow.start()
     # The daemon is paused while the burst goes in (it would keep up with it otherwise), and
-    # for one autosave more, so that the whole burst is in the broker's database.
+    # until the broker has saved its database twice more: the second save started after the
+    # burst was acknowledged, so the whole burst is in it (a save of 20,000 messages can take
+    # longer than the 1 s autosave interval on a busy machine; a fixed sleep was not enough).
+    database = broker.directory / "mosquitto.db"
+
+    def saved_at() -> float:
+        return database.stat().st_mtime if database.exists() else 0.0
+
     with paused(daemon):
         fast = StreamPublisher(broker.host, broker.port, burst)
         fast.start()
         fast.finish(30)
-        time.sleep(1.3)
+        acknowledged = time.time()
+        wait_for(lambda: saved_at() > acknowledged, 8, "a database save after the burst")
+        first = saved_at()
+        wait_for(lambda: saved_at() > first, 8, "one more database save")
     time.sleep(0.3)
     before = daemon.metrics()
     assert before("oteo_readings_total") < len(burst) * 0.5, "the daemon was not busy: no test"
