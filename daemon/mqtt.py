@@ -514,7 +514,18 @@ class MqttLink:
     def _service_socket(self, wait_s: float) -> None:
         client = self._client
         sock = client.socket()
-        readers: list[Any] = [self._wake_r] if sock is None else [self._wake_r, sock]
+        # Backpressure: with this many messages held, stop reading until the main loop takes
+        # some (its wake-ups resume us). The broker should never send more than Receive Maximum
+        # unacknowledged, but Mosquitto 2.0.11 floods a resumed session's whole backlog once
+        # the first acknowledgements arrive, and QoS 0 has no such limit; TCP then holds it
+        # instead of our memory. Writes (acks) go on, and paho's keep-alive only ends the
+        # connection if nothing at all was read for a whole keepalive_s. Only while connected:
+        # held QoS 1 messages of a lost connection wait for the next CONNACK, which must be
+        # read (a full link that stopped reading then never delivered again).
+        reading = sock is not None and (
+            self._state is not LinkState.CONNECTED or len(self._held) < self._max_held
+        )
+        readers: list[Any] = [self._wake_r, sock] if reading else [self._wake_r]
         writers: list[Any] = [sock] if sock is not None and client.want_write() else []
         try:
             readable, writable, _ = select.select(readers, writers, [], wait_s)
@@ -524,7 +535,7 @@ class MqttLink:
             self._drain_wake()
         if sock is None:
             return
-        if sock in readable or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        if reading and (sock in readable or (isinstance(sock, ssl.SSLSocket) and sock.pending())):
             client.loop_read()
         if sock in writable and client.socket() is not None:
             client.loop_write()

@@ -198,9 +198,13 @@ class Links:
         start: bool = True,
         **mqtt: Any,
     ) -> MqttLink:
-        settings: dict[str, Any] = {"reconnect_min_s": 0.1, "reconnect_max_s": 0.5}
+        settings: dict[str, Any] = {
+            "reconnect_min_s": 0.1,
+            "reconnect_max_s": 0.5,
+            "keepalive_s": 5,
+        }
         settings.update(mqtt)
-        cfg = MqttSection(url=url or broker.url, keepalive_s=5, **settings)
+        cfg = MqttSection(url=url or broker.url, **settings)
         states = self.states.setdefault(client_id, [])
         link = MqttLink(
             cfg,
@@ -393,6 +397,44 @@ def test_manual_ack_back_pressure_loses_nothing_and_keeps_order(
     assert wait_until(lambda: len(inbox.taken) >= 200)
     time.sleep(0.2)
     assert inbox.payloads() == [p for _, p in readings]
+
+
+def test_a_link_holding_its_limit_stops_reading_and_still_resumes_after_a_broker_restart(
+    make_broker: BrokerFactory, links: Links
+) -> None:
+    """The held bound is kept by not reading the socket, never by missing a CONNACK.
+
+    QoS 0 is not limited by Receive Maximum, so a refusing main loop lets the link fill to its
+    bound; beyond it the socket is not read (TCP and the broker keep the rest). When the
+    connection drops in that state, the held QoS 1 messages wait for the next CONNACK — which
+    must still be read, or the link would never deliver again.
+    """
+    broker = make_broker()  # persistent: the session and its unacknowledged QoS 1 survive
+    inbox = Inbox()
+    inbox.room = False
+    link = links(broker, client_id="oteo-full", on_message=inbox, max_inflight=10, keepalive_s=2)
+    assert wait_until(lambda: link.counters.subscribe_acks == 1)
+    qos1 = [("sensors/pump/data", f"q1-{i}".encode()) for i in range(10)]
+    qos0 = [("sensors/pump/data", f"q0-{i:04d}".encode()) for i in range(1500)]
+    publish_all(broker, qos1)
+    publish_all(broker, qos0, qos=0)
+    bound = 1000  # max(1000, 10 x max_inflight)
+    assert wait_until(lambda: link.counters.held_incoming >= bound)
+    time.sleep(0.5)
+    assert link.counters.held_incoming == bound, "read beyond the bound"
+    assert link.counters.dropped_qos0 == 0, "QoS 0 dropped while TCP could hold it"
+
+    broker.restart()
+    assert wait_until(lambda: link.state is not LinkState.CONNECTED, 10)
+    inbox.room = True  # the main loop has room again while the link reconnects
+    link.wake()
+    assert wait_until(lambda: link.counters.reconnects >= 1, 15), "no CONNACK was read"
+    publish_all(broker, [("sensors/pump/data", b"after")])
+    assert wait_until(lambda: b"after" in inbox.payloads(), 15), "nothing delivered after"
+    taken = inbox.payloads()
+    assert set(taken) >= {p for _, p in qos1}, "a QoS 1 message held at the restart was lost"
+    zeros = [p for p in taken if p.startswith(b"q0-")]
+    assert zeros == sorted(zeros) and len(zeros) >= bound - len(qos1)
 
 
 def test_qos1_publishing_from_many_threads_is_all_acknowledged(
