@@ -14,6 +14,10 @@ REQUIRED = (
     "daemon_batched_samples_per_s",
     "latency_p50_ms",
     "latency_p99_ms",
+    "latency_quarter_p50_ms",
+    "latency_quarter_p99_ms",
+    "latency_bare_p50_ms",
+    "latency_bare_p99_ms",
     "rss_mb",
     "ready_s",
 )
@@ -31,4 +35,8 @@ def test_quick_run_reports_every_figure_and_loses_no_reading() -> None:
     assert report["messages_dropped"] == 0
     assert report["latency_samples"] > 0
     assert report["latency_p50_ms"] <= report["latency_p99_ms"]
+    assert report["latency_bare_p50_ms"] <= report["latency_bare_p99_ms"]
+    assert report["latency_quarter_p50_ms"] <= report["latency_quarter_p99_ms"]
+    assert report["latency_own_events"] > 0
+    assert 0 <= report["latency_own_under_25ms"] <= report["latency_own_events"]
     assert report["pyod_ae_windows_per_s"] == "not installed" or report["pyod_ae_windows_per_s"] > 0

@@ -216,21 +216,31 @@ def receive(
 @click.option("--topic", "topics", multiple=True, required=True)
 @click.option("--seconds", type=float, required=True, help="Listen this long after the first.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-def scores(port: int, topics: tuple[str, ...], seconds: float, out: Path) -> None:
+@click.option(
+    "--readings",
+    is_flag=True,
+    help="The messages are readings (PREFIX/stream/data, numeric ts), not events; QoS 1 with "
+    "Receive Maximum 100, as the daemon subscribes.",
+)
+def scores(port: int, topics: tuple[str, ...], seconds: float, out: Path, readings: bool) -> None:
     """Record (stream, window ts, arrival time) of every event (or score) on `topics`."""
     client = _client(f"bench-scores-{time.monotonic_ns()}", True)
     rows: list[tuple[str, float, float]] = []
 
     def on_message(c: paho.Client, u: object, msg: paho.MQTTMessage) -> None:
+        arrived = time.time()
         doc = json.loads(msg.payload)
-        ts = datetime.fromisoformat(doc["ts"].replace("Z", "+00:00")).timestamp()
-        rows.append((doc["stream"], ts, time.time()))
+        if readings:
+            rows.append((msg.topic.split("/")[1], float(doc["ts"]), arrived))
+        else:
+            ts = datetime.fromisoformat(doc["ts"].replace("Z", "+00:00")).timestamp()
+            rows.append((doc["stream"], ts, arrived))
 
     client.on_message = on_message
-    _connect(client, port, clean=True)
+    _connect(client, port, clean=True, receive_max=100 if readings else None)
     subscribed: list[bool] = []
     client.on_subscribe = lambda *a: subscribed.append(True)
-    client.subscribe([(t, 0) for t in topics])
+    client.subscribe([(t, 1 if readings else 0) for t in topics])
     while not subscribed:
         client.loop(0.05)
     print(json.dumps({"ready": True}), flush=True)
