@@ -18,15 +18,14 @@ import numpy as np
 
 from daemon import __version__
 from daemon.alarm import Transition
+from daemon.aligner import ChannelAligner
 from daemon.config import Config, apply_alarm_overrides
 from daemon.drift import DriftMeter
 from daemon.manifest import AlarmPolicy
 from daemon.messages import (
     ChannelContribution,
-    ChannelSample,
     Event,
     ModelRef,
-    ParsedReading,
     Status,
     StreamState,
     WindowScore,
@@ -34,8 +33,9 @@ from daemon.messages import (
 )
 from daemon.metrics import Metrics
 from daemon.model import Model
+from daemon.reading import ChannelSample, ParsedReading
 from daemon.stream import Alarm, State, Stream, new_stream, top_contributions
-from daemon.window import ChannelAligner, PushOutcome, PushResult
+from daemon.window import PushOutcome, PushResult
 
 log = logging.getLogger(__name__)
 

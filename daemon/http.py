@@ -1,5 +1,7 @@
 """The HTTP listener: /metrics, /healthz, /readyz, the ops API and its OpenAPI document.
 
+The document itself is built in `daemon.openapi`.
+
 The standard library's threading server is enough for a scrape every few seconds and a few op
 requests; what it lacks is bounds, added here: a connection cap (one thread per connection),
 socket timeouts, a deadline on reading a body, and a body size cap checked before reading.
@@ -22,24 +24,20 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from pydantic import BaseModel
-from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from daemon import __version__
-from daemon.messages import ControlReply, ErrorCode, ErrorReply, HealthReply, OpRequest
+from daemon.messages import HealthReply
+from daemon.openapi import JSON, OPS_PREFIX, openapi_document
 from daemon.ops import (
     CONTROL_OPS,
-    CONTROL_REQUESTS,
-    REPLY_MODELS,
     STATELESS_OPS,
     OpsHandler,
     error_reply,
 )
+from daemon.request import ErrorCode
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
-OPS_PREFIX = "/v1/ops/"
 # Labels of `on_request`: a fixed set, so a scan of random paths cannot grow the metric.
 PATH_LABELS = (
     "/",
@@ -395,78 +393,3 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
         self._unread = 0
-
-
-def openapi_document(token_required: bool, with_streams: bool = True) -> dict[str, Any]:
-    """The OpenAPI 3.1 description of the HTTP API, its schemas generated from the models."""
-    models: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
-        **{op: (OpRequest, REPLY_MODELS[op]) for op in STATELESS_OPS},
-        **{op: (CONTROL_REQUESTS[op], ControlReply) for op in CONTROL_OPS},
-    }
-    requests: dict[type[BaseModel], None] = dict.fromkeys(r for r, _ in models.values())
-    replies: dict[type[BaseModel], None] = dict.fromkeys(
-        [*(reply for _, reply in models.values()), ErrorReply, HealthReply]
-    )
-    keys, top = models_json_schema(
-        [(m, "validation") for m in requests] + [(m, "serialization") for m in replies],
-        ref_template="#/components/schemas/{model}",
-    )
-
-    def ref(model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, Any]:
-        return dict(keys[(model, mode)])
-
-    def body(model: type[BaseModel], description: str) -> dict[str, Any]:
-        return {
-            "description": description,
-            "content": {JSON: {"schema": ref(model, "serialization")}},
-        }
-
-    security: list[dict[str, list[str]]] = [{"bearer": []}] if token_required else []
-    errors = {
-        "400": body(ErrorReply, "invalid request; `message` says what is wrong"),
-        "404": body(ErrorReply, "unknown op"),
-        "413": body(ErrorReply, "request body too large"),
-        "500": body(ErrorReply, "internal error"),
-        "503": body(ErrorReply, "busy, or the op is not available"),
-    }
-    if token_required:
-        errors["401"] = body(ErrorReply, "missing or wrong bearer token")
-    paths: dict[str, Any] = {}
-    for op, (request, reply) in models.items():
-        responses = {"200": body(reply, f"{op} reply"), **errors}
-        if op == "hash":
-            responses["409"] = body(ErrorReply, "the model is not trained for hashing")
-        summary = (reply if op in STATELESS_OPS else request).__doc__ or op
-        paths[f"{OPS_PREFIX}{op}"] = {
-            "post": {
-                "operationId": op,
-                "summary": summary.strip(),
-                "requestBody": {
-                    "required": True,
-                    "content": {JSON: {"schema": ref(request, "validation")}},
-                },
-                "responses": responses,
-                "security": security,
-            }
-        }
-    for path, summary in (("/healthz", "liveness"), ("/readyz", "readiness")):
-        checks = {"200": body(HealthReply, "ok"), "503": body(HealthReply, "not ok: see detail")}
-        paths[path] = {"get": {"summary": summary, "responses": checks}}
-    text = {"content": {"text/plain": {"schema": {"type": "string"}}}}
-    metrics = {"200": {"description": "Prometheus text format", **text}}
-    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "responses": metrics}}
-    if with_streams:
-        listing = {"schema": {"type": "array", "items": {"type": "object"}}}
-        streams = {"200": {"description": "one object per stream", "content": {JSON: listing}}}
-        paths["/v1/streams"] = {
-            "get": {"summary": "the tracked streams", "responses": streams, "security": security}
-        }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "oteo", "version": __version__},
-        "paths": paths,
-        "components": {
-            "schemas": top.get("$defs", {}),
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-    }

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from daemon import messages
+from daemon import messages, reading, request
 from daemon.config import Config
 from daemon.manifest import Manifest
 
@@ -23,22 +23,22 @@ Mode = Literal["validation", "serialization"]
 CONTRACTS: dict[str, tuple[type[BaseModel], Mode]] = {
     "manifest": (Manifest, "validation"),
     "config": (Config, "validation"),
-    "reading": (messages.ReadingPayload, "validation"),
-    "channel_reading": (messages.ChannelPayload, "validation"),
-    "op_request": (messages.OpRequest, "validation"),
+    "reading": (reading.ReadingPayload, "validation"),
+    "channel_reading": (reading.ChannelPayload, "validation"),
+    "op_request": (request.OpRequest, "validation"),
     "event": (messages.Event, "serialization"),
     "state": (messages.StreamState, "serialization"),
     "status": (messages.Status, "serialization"),
     "window_score": (messages.WindowScore, "serialization"),
-    "denoise_reply": (messages.DenoiseReply, "serialization"),
-    "encode_reply": (messages.EncodeReply, "serialization"),
-    "hash_reply": (messages.HashReply, "serialization"),
-    "score_reply": (messages.ScoreReply, "serialization"),
-    "error_reply": (messages.ErrorReply, "serialization"),
-    "mute_request": (messages.MuteRequest, "validation"),
-    "unmute_request": (messages.UnmuteRequest, "validation"),
-    "sensitivity_request": (messages.SensitivityRequest, "validation"),
-    "control_reply": (messages.ControlReply, "serialization"),
+    "denoise_reply": (request.DenoiseReply, "serialization"),
+    "encode_reply": (request.EncodeReply, "serialization"),
+    "hash_reply": (request.HashReply, "serialization"),
+    "score_reply": (request.ScoreReply, "serialization"),
+    "error_reply": (request.ErrorReply, "serialization"),
+    "mute_request": (request.MuteRequest, "validation"),
+    "unmute_request": (request.UnmuteRequest, "validation"),
+    "sensitivity_request": (request.SensitivityRequest, "validation"),
+    "control_reply": (request.ControlReply, "serialization"),
     "health_reply": (messages.HealthReply, "serialization"),
 }
 

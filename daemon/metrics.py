@@ -14,7 +14,7 @@ from typing import get_args
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from daemon import __version__
-from daemon.messages import OPS, ErrorCode
+from daemon.request import OPS, ErrorCode
 
 OTHER = "_other"
 

@@ -18,7 +18,8 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 
-from daemon.messages import (
+from daemon.model import Model, ScoreBatch
+from daemon.request import (
     OPS,
     ControlOp,
     DenoiseReply,
@@ -34,7 +35,6 @@ from daemon.messages import (
     UnmuteRequest,
     bits_to_hex,
 )
-from daemon.model import Model, ScoreBatch
 
 log = logging.getLogger(__name__)
 

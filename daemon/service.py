@@ -26,14 +26,16 @@ import prometheus_client
 from daemon.config import Config, ConfigError, load_config
 from daemon.engine import Engine, Work
 from daemon.http import HttpServer
-from daemon.messages import DROP_REASONS, ControlReply, PayloadError, ReadingParser, format_ts
+from daemon.messages import format_ts
 from daemon.metrics import Metrics
 from daemon.model import Model, ModelFileError
 from daemon.mqtt import Incoming, LinkState, MqttLink, Outgoing
 from daemon.notify import Notifier
 from daemon.ops import OpsHandler, mqtt_reply_target
 from daemon.outbox import Outbox, OutboxError
+from daemon.reading import DROP_REASONS, PayloadError, ReadingParser
 from daemon.recorder import Recorder
+from daemon.request import ControlReply
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from typing import Any, Literal
 import numpy as np
 
 from daemon.alarm import AlarmTracker
+from daemon.aligner import ChannelAligner
 from daemon.manifest import AlarmPolicy
-from daemon.window import ChannelAligner, StreamBuffer
+from daemon.window import StreamBuffer
 
 State = Literal["normal", "anomalous", "stale", "warming_up", "muted"]
 

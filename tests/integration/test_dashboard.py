@@ -38,8 +38,8 @@ from daemon_harness import (
     wait_until,
 )
 
-from daemon.messages import DROP_REASONS
 from daemon.metrics import Metrics
+from daemon.reading import DROP_REASONS
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "oteo.json"

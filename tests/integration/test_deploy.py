@@ -31,8 +31,8 @@ import pytest
 from daemon_harness import OteoProcess, free_port, run_oteo, v5_request_properties
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from daemon.messages import DROP_REASONS
 from daemon.metrics import Metrics
+from daemon.reading import DROP_REASONS
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -19,16 +19,10 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.http import PATH_LABELS, HttpServer
-from daemon.messages import (
-    ControlReply,
-    ErrorReply,
-    HealthReply,
-    MuteRequest,
-    OpRequest,
-    ScoreReply,
-)
+from daemon.messages import HealthReply
 from daemon.model import Model
 from daemon.ops import CONTROL_OPS, STATELESS_OPS, OpsHandler
+from daemon.request import ControlReply, ErrorReply, MuteRequest, OpRequest, ScoreReply
 
 TOKEN = "s3cret-token"
 MAX_BODY = 64_000

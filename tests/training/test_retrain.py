@@ -23,9 +23,9 @@ from click.testing import CliRunner
 from daemon.cli import EXIT_CONFIG, main
 from daemon.config import load_config
 from daemon.engine import Engine, Work
-from daemon.messages import DROP_REASONS, ParsedReading
 from daemon.metrics import Metrics
 from daemon.model import Model
+from daemon.reading import DROP_REASONS, ParsedReading
 from daemon.recorder import MAX_PENDING_BATCHES, Recorder
 from daemon.recording import FILE_NAME
 from training.fault import FAULT_KINDS, FaultSpec, inject

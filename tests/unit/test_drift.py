@@ -57,9 +57,9 @@ def test_engine_exports_the_share_above_p99_and_a_new_model_starts_afresh(
 
     from daemon.config import load_config
     from daemon.engine import Engine, Work
-    from daemon.messages import DROP_REASONS, ParsedReading
     from daemon.metrics import Metrics
     from daemon.model import Model
+    from daemon.reading import DROP_REASONS, ParsedReading
     from training.simulator import MachineSimulator
 
     model = Model.load(tiny_model_path)

@@ -10,9 +10,9 @@ import pytest
 
 from daemon.config import load_config
 from daemon.engine import Engine, Work
-from daemon.messages import DROP_REASONS, ParsedReading
 from daemon.metrics import Metrics
 from daemon.model import Model
+from daemon.reading import DROP_REASONS, ParsedReading
 
 
 class Clock:

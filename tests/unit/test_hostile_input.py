@@ -39,9 +39,9 @@ from hypothesis.stateful import (
 )
 
 from daemon.config import load_config
-from daemon.messages import UNIX_TS_MAX, ParsedReading, PayloadError, ReadingParser
 from daemon.model import Model, ScoreBatch
 from daemon.mqtt import Incoming
+from daemon.reading import UNIX_TS_MAX, ParsedReading, PayloadError, ReadingParser
 from daemon.service import Daemon
 from daemon.window import PushOutcome, PushResult, StreamBuffer
 
@@ -326,7 +326,7 @@ def test_hostile_payload_is_counted_under_its_reason_and_never_queued(
 
 
 def test_table_covers_every_drop_reason() -> None:
-    from daemon.messages import DROP_REASONS
+    from daemon.reading import DROP_REASONS
 
     assert {r for _, r, _, _ in HOSTILE} >= set(DROP_REASONS)
 

@@ -8,23 +8,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from daemon.messages import (
-    DROP_REASONS,
-    ChannelPayload,
-    ErrorReply,
-    Event,
-    HashReply,
-    ModelRef,
-    OpRequest,
-    PayloadError,
-    ReadingParser,
-    ReadingPayload,
-    Status,
-    StreamState,
-    bits_to_hex,
-    format_ts,
-    hex_to_bits,
-)
+from daemon.messages import Event, ModelRef, Status, StreamState, format_ts
+from daemon.reading import DROP_REASONS, ChannelPayload, PayloadError, ReadingParser, ReadingPayload
+from daemon.request import ErrorReply, HashReply, OpRequest, bits_to_hex, hex_to_bits
 
 CHANNELS = ["temp", "pressure", "flow"]
 MAX_BYTES = 4096

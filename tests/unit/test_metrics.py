@@ -9,7 +9,6 @@ import subprocess
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.messages import DROP_REASONS, OPS
 from daemon.metrics import (
     CONNECT_FAILURE_REASONS,
     OP_RESULTS,
@@ -17,6 +16,8 @@ from daemon.metrics import (
     PUBLISH_KINDS,
     Metrics,
 )
+from daemon.reading import DROP_REASONS
+from daemon.request import OPS
 
 STATES = ("normal", "anomalous", "stale", "warming_up", "muted")
 NAME = re.compile(r"^oteo_[a-z0-9]+(_[a-z0-9]+)*$")

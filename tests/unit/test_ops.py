@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from daemon.messages import (
+from daemon.model import Model
+from daemon.ops import CONTROL_OPS, STATELESS_OPS, OpsHandler, ReplyTarget, mqtt_reply_target
+from daemon.request import (
     ControlReply,
     DenoiseReply,
     EncodeReply,
@@ -22,8 +24,6 @@ from daemon.messages import (
     ScoreReply,
     hex_to_bits,
 )
-from daemon.model import Model
-from daemon.ops import CONTROL_OPS, STATELESS_OPS, OpsHandler, ReplyTarget, mqtt_reply_target
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import pytest
 from daemon.config import RecordSection
 from daemon.engine import Work
 from daemon.manifest import AlarmPolicy
-from daemon.messages import DROP_REASONS, ChannelSample, ParsedReading
 from daemon.metrics import Metrics
+from daemon.reading import DROP_REASONS, ChannelSample, ParsedReading
 from daemon.recorder import Recorder
 from daemon.recording import FILE_NAME, RecordingError, read
 from daemon.stream import Alarm, Stream, new_stream

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.window import ChannelAligner, PushResult, StreamBuffer
+from daemon.aligner import ChannelAligner
+from daemon.window import PushResult, StreamBuffer
 
 T0 = 1_700_000_000.0
 P = 0.5  # sample period (s)

@@ -24,8 +24,8 @@ def recorder(streams: int, seconds: int, channels: int) -> None:
     """Recording overhead on the main loop and writer throughput (prints numbers)."""
     from daemon.config import RecordSection
     from daemon.engine import Work
-    from daemon.messages import DROP_REASONS, ParsedReading
     from daemon.metrics import Metrics
+    from daemon.reading import DROP_REASONS, ParsedReading
     from daemon.recorder import Recorder
 
     rng = np.random.default_rng(0)

@@ -1,0 +1,124 @@
+"""The OpenAPI 3.1 document of the HTTP API, its schemas generated from the pydantic models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from daemon import __version__
+from daemon.messages import HealthReply
+from daemon.ops import CONTROL_OPS, CONTROL_REQUESTS, REPLY_MODELS, STATELESS_OPS
+from daemon.request import ControlReply, ErrorReply, OpRequest
+
+JSON = "application/json"
+OPS_PREFIX = "/v1/ops/"
+
+
+Ref = Any  # a JSON Schema `$ref` object
+
+
+def openapi_document(token_required: bool, with_streams: bool = True) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the HTTP API, its schemas generated from the models."""
+    ops: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+        **{op: (OpRequest, REPLY_MODELS[op]) for op in STATELESS_OPS},
+        **{op: (CONTROL_REQUESTS[op], ControlReply) for op in CONTROL_OPS},
+    }
+    schemas = _Schemas(ops)
+    security: list[dict[str, list[str]]] = [{"bearer": []}] if token_required else []
+    paths = {
+        f"{OPS_PREFIX}{op}": _op_path(op, request, reply, schemas, security)
+        for op, (request, reply) in ops.items()
+    }
+    paths.update(_plain_paths(schemas, security, with_streams))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "oteo", "version": __version__},
+        "paths": paths,
+        "components": {
+            "schemas": schemas.definitions,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+class _Schemas:
+    """JSON Schemas of every request (as accepted) and reply (as written), shared by reference."""
+
+    def __init__(self, ops: dict[str, tuple[type[BaseModel], type[BaseModel]]]) -> None:
+        requests: dict[type[BaseModel], None] = dict.fromkeys(r for r, _ in ops.values())
+        replies: dict[type[BaseModel], None] = dict.fromkeys(
+            [*(r for _, r in ops.values()), ErrorReply, HealthReply]
+        )
+        self._keys, top = models_json_schema(
+            [(m, "validation") for m in requests] + [(m, "serialization") for m in replies],
+            ref_template="#/components/schemas/{model}",
+        )
+        self.definitions: dict[str, Any] = top.get("$defs", {})
+
+    def ref(self, model: type[BaseModel], mode: JsonSchemaMode) -> Ref:
+        return dict(self._keys[(model, mode)])
+
+    def body(self, model: type[BaseModel], description: str) -> dict[str, Any]:
+        """A response whose JSON body is `model` as written."""
+        return {
+            "description": description,
+            "content": {JSON: {"schema": self.ref(model, "serialization")}},
+        }
+
+
+def _op_path(
+    op: str,
+    request: type[BaseModel],
+    reply: type[BaseModel],
+    schemas: _Schemas,
+    security: list[dict[str, list[str]]],
+) -> dict[str, Any]:
+    errors = {
+        "400": schemas.body(ErrorReply, "invalid request; `message` says what is wrong"),
+        "404": schemas.body(ErrorReply, "unknown op, or (control ops) unknown stream"),
+        "413": schemas.body(ErrorReply, "request body too large"),
+        "500": schemas.body(ErrorReply, "internal error"),
+        "503": schemas.body(ErrorReply, "busy, or the op is not available"),
+    }
+    if security:
+        errors["401"] = schemas.body(ErrorReply, "missing or wrong bearer token")
+    responses = {"200": schemas.body(reply, f"{op} reply"), **errors}
+    if op == "hash":
+        responses["409"] = schemas.body(ErrorReply, "the model is not trained for hashing")
+    summary = (reply if op in STATELESS_OPS else request).__doc__ or op
+    return {
+        "post": {
+            "operationId": op,
+            "summary": summary.strip(),
+            "requestBody": {
+                "required": True,
+                "content": {JSON: {"schema": schemas.ref(request, "validation")}},
+            },
+            "responses": responses,
+            "security": security,
+        }
+    }
+
+
+def _plain_paths(
+    schemas: _Schemas, security: list[dict[str, list[str]]], with_streams: bool
+) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for path, summary in (("/healthz", "liveness"), ("/readyz", "readiness")):
+        checks = {
+            "200": schemas.body(HealthReply, "ok"),
+            "503": schemas.body(HealthReply, "not ok: see detail"),
+        }
+        paths[path] = {"get": {"summary": summary, "responses": checks}}
+    text = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+    metrics = {"200": {"description": "Prometheus text format", **text}}
+    paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "responses": metrics}}
+    if with_streams:
+        listing = {"schema": {"type": "array", "items": {"type": "object"}}}
+        streams = {"200": {"description": "one object per stream", "content": {JSON: listing}}}
+        paths["/v1/streams"] = {
+            "get": {"summary": "the tracked streams", "responses": streams, "security": security}
+        }
+    return paths
