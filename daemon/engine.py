@@ -26,6 +26,7 @@ from daemon.messages import (
     ChannelContribution,
     Event,
     ModelRef,
+    StateName,
     Status,
     StreamState,
     WindowScore,
@@ -34,7 +35,7 @@ from daemon.messages import (
 from daemon.metrics import Metrics
 from daemon.model import Model
 from daemon.reading import ChannelSample, ParsedReading
-from daemon.stream import Alarm, State, Stream, new_stream, top_contributions
+from daemon.stream import Alarm, Stream, new_stream, top_contributions
 from daemon.window import PushOutcome, PushResult
 
 log = logging.getLogger(__name__)
@@ -445,7 +446,7 @@ class Engine:
             self.topics.score(stream.id), msg.to_json(), qos=0, retain=False, durable=False
         )
 
-    def _set_state(self, stream: Stream, state: State, ts: float) -> None:
+    def _set_state(self, stream: Stream, state: StateName, ts: float) -> None:
         if stream.state == state:
             return
         stream.state = state

@@ -9,13 +9,18 @@ requests and replies in `daemon.request`.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from daemon.manifest import Manifest
 
 SCHEMA_VERSION = 1
+
+StateName = Literal["normal", "anomalous", "stale", "warming_up", "muted"]
+STATES: tuple[StateName, ...] = get_args(StateName)
+EventKind = Literal["start", "update", "end"]
+EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
 
 _UTC_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$"
 
@@ -88,7 +93,7 @@ class Event(OutputMessage):
     """An alarm on `oteo/{stream}/event`: start, updates while it lasts, end; one event_id."""
 
     event_id: str = Field(description="Stable across the start, updates and end of one alarm.")
-    kind: Literal["start", "update", "end"]
+    kind: EventKind
     stream: str
     instance: str
     ts: UtcTimestamp = Field(description="Time of the window that produced this message.")
@@ -106,7 +111,7 @@ class StreamState(OutputMessage):
     """A stream's state, retained on `oteo/{stream}/state`."""
 
     stream: str
-    state: Literal["normal", "anomalous", "stale", "warming_up", "muted"]
+    state: StateName
     ts: UtcTimestamp
     score: float | None = Field(None, ge=0, description="Latest smoothed score.")
     threshold: float | None = Field(None, gt=0)

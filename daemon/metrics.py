@@ -8,12 +8,15 @@ appears only on the first failure misses that failure). Per-stream series are ca
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from daemon import __version__
+from daemon.messages import EVENT_KINDS, STATES
+from daemon.mqtt import CONNECT_FAILURE_KINDS
+from daemon.reading import DROP_REASONS
 from daemon.request import OPS, ErrorCode
 
 OTHER = "_other"
@@ -21,18 +24,9 @@ OTHER = "_other"
 MESSAGE_RESULTS = ("ok", "queue_full_qos0", "duplicate", "late", "unknown_stream_topic")
 """`messages_total` results besides the payload drop reasons."""
 
-CONNECT_FAILURE_REASONS = (
-    "network",  # DNS, TCP, time-out: the broker was not reached
-    "tls",  # handshake or certificate refused
-    "bad_credentials",  # CONNACK: bad user name or password
-    "not_authorized",  # CONNACK: not authorised
-    "server_unavailable",  # CONNACK: server unavailable or busy
-    "refused_other",  # any other CONNACK refusal
-)
 PUBLISH_KINDS = ("event", "state", "score", "status", "reply")
 RELOAD_RESULTS = ("ok", "failed")
 OP_RESULTS = ("ok", *get_args(ErrorCode))
-"""`http_requests_total` path label values; any other path is counted as "other"."""
 
 # Inference of a small autoencoder on a CPU takes from tens of microseconds (one window) to
 # hundreds of milliseconds (a large batch on a slow ARM board).
@@ -59,232 +53,196 @@ OP_BUCKETS_S = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 class Metrics:
     """The daemon's metrics; the attributes are prometheus_client objects, used directly."""
 
-    def __init__(
-        self,
-        *,
-        max_stream_labels: int = 100,
-        drop_reasons: Sequence[str],
-        event_kinds: Sequence[str] = ("start", "update", "end"),
-        states: Sequence[str] = ("normal", "anomalous", "stale", "warming_up", "muted"),
-    ) -> None:
+    def __init__(self, *, max_stream_labels: int = 100) -> None:
         self.registry = CollectorRegistry()
         self.max_stream_labels = max_stream_labels
         self._stream_labels: dict[str, str] = {}
         self._own_labels = 0
-        reg = self.registry
+        self._add_intake()
+        self._add_scoring()
+        self._add_alarms()
+        self._add_outbox_and_mqtt()
+        self._add_model()
+        self._add_recorder()
+        self._add_ops()
 
-        # Intake.
-        self.messages_total = Counter(
+    def _counter(self, name: str, text: str, labels: Iterable[str] = ()) -> Counter:
+        return Counter(name, text, list(labels), registry=self.registry)
+
+    def _gauge(self, name: str, text: str, labels: Iterable[str] = ()) -> Gauge:
+        return Gauge(name, text, list(labels), registry=self.registry)
+
+    def _histogram(
+        self, name: str, text: str, buckets: Iterable[float], labels: Iterable[str] = ()
+    ) -> Histogram:
+        return Histogram(name, text, list(labels), buckets=tuple(buckets), registry=self.registry)
+
+    def _add_intake(self) -> None:
+        self.messages_total = self._counter(
             "oteo_messages_total",
             "MQTT messages received, by result: ok or why it was dropped.",
             ["result"],
-            registry=reg,
         )
-        _touch(self.messages_total, _unique([*MESSAGE_RESULTS, *drop_reasons]))
-        self.readings_total = Counter(
-            "oteo_readings_total", "Valid readings taken into window buffers.", registry=reg
+        _touch(self.messages_total, _unique([*MESSAGE_RESULTS, *DROP_REASONS]))
+        self.readings_total = self._counter(
+            "oteo_readings_total", "Valid readings taken into window buffers."
         )
-        self.seq_gaps_total = Counter(
-            "oteo_seq_gaps_total", "Readings missing by their seq numbers.", registry=reg
+        self.seq_gaps_total = self._counter(
+            "oteo_seq_gaps_total", "Readings missing by their seq numbers."
         )
-        self.gap_resets_total = Counter(
-            "oteo_gap_resets_total", "Window buffers restarted after a time gap.", registry=reg
+        self.gap_resets_total = self._counter(
+            "oteo_gap_resets_total", "Window buffers restarted after a time gap."
         )
-        self.filled_samples_total = Counter(
-            "oteo_filled_samples_total", "Samples filled in for short gaps.", registry=reg
+        self.filled_samples_total = self._counter(
+            "oteo_filled_samples_total", "Samples filled in for short gaps."
         )
-        self.aligner_incomplete_total = Counter(
+        self.aligner_incomplete_total = self._counter(
             "oteo_aligner_incomplete_total",
             "Sample periods dropped because a per-channel topic did not deliver in time.",
-            registry=reg,
         )
-        self.queue_depth_messages = Gauge(
+        self.queue_depth_messages = self._gauge(
             "oteo_queue_depth_messages",
             "Messages waiting in the ingest queue (its deepest point in the last second).",
-            registry=reg,
         )
-        self.last_message_timestamp_seconds = Gauge(
-            "oteo_last_message_timestamp_seconds",
-            "Unix time of the last valid reading.",
-            registry=reg,
+        self.last_message_timestamp_seconds = self._gauge(
+            "oteo_last_message_timestamp_seconds", "Unix time of the last valid reading."
         )
-        self.no_data = Gauge(
+        self.no_data = self._gauge(
             "oteo_no_data",
             "1 when no valid reading arrived for longer than the configured threshold.",
-            registry=reg,
         )
 
-        # Scoring.
-        self.windows_scored_total = Counter(
-            "oteo_windows_scored_total", "Windows scored by the model.", registry=reg
+    def _add_scoring(self) -> None:
+        self.windows_scored_total = self._counter(
+            "oteo_windows_scored_total", "Windows scored by the model."
         )
-        self.inference_duration_seconds = Histogram(
+        self.inference_duration_seconds = self._histogram(
             "oteo_inference_duration_seconds",
             "Duration of one model run (one batch).",
-            buckets=INFERENCE_BUCKETS_S,
-            registry=reg,
+            INFERENCE_BUCKETS_S,
         )
-        self.batch_size_windows = Histogram(
-            "oteo_batch_size_windows",
-            "Windows per model run.",
-            buckets=BATCH_BUCKETS,
-            registry=reg,
+        self.batch_size_windows = self._histogram(
+            "oteo_batch_size_windows", "Windows per model run.", BATCH_BUCKETS
         )
-        self.drift_windows_above_p99_ratio = Gauge(
+        self.drift_windows_above_p99_ratio = self._gauge(
             "oteo_drift_windows_above_p99_ratio",
             "Share of the last hour's windows scoring above the 99th percentile of normal "
             "held-back data (about 0.01 while the data still looks like training data).",
-            registry=reg,
         )
 
-        # Alarms and events.
-        self.events_total = Counter(
-            "oteo_events_total", "Anomaly events emitted, by kind.", ["kind"], registry=reg
+    def _add_alarms(self) -> None:
+        self.events_total = self._counter(
+            "oteo_events_total", "Anomaly events emitted, by kind.", ["kind"]
         )
-        _touch(self.events_total, event_kinds)
-        self.event_latency_seconds = Histogram(
+        _touch(self.events_total, EVENT_KINDS)
+        self.event_latency_seconds = self._histogram(
             "oteo_event_latency_seconds",
             "From the arrival of the reading that completed a window to its event being queued "
             "for publishing.",
-            buckets=LATENCY_BUCKETS_S,
-            registry=reg,
+            LATENCY_BUCKETS_S,
         )
-        self.alarms_active = Gauge(
-            "oteo_alarms_active", "Streams with an active alarm.", registry=reg
-        )
+        self.alarms_active = self._gauge("oteo_alarms_active", "Streams with an active alarm.")
         # `oteo_streams`, not `oteo_streams_count`: `_count` is reserved for the sample count
         # of histograms and summaries (promtool flags it), and a count of things has no unit.
-        self.streams = Gauge("oteo_streams", "Streams tracked, by state.", ["state"], registry=reg)
-        _touch(self.streams, states)
-
+        self.streams = self._gauge("oteo_streams", "Streams tracked, by state.", ["state"])
+        _touch(self.streams, STATES)
         # Per stream, capped (see stream_label); few series per stream on purpose.
-        self.stream_score = Gauge(
+        self.stream_score = self._gauge(
             "oteo_stream_score",
             "Latest window score of a stream (for _other: of whichever pooled stream was last).",
             ["stream"],
-            registry=reg,
         )
-        self.stream_threshold = Gauge(
+        self.stream_threshold = self._gauge(
             "oteo_stream_threshold",
             "Alarm threshold of a stream's score, after its sensitivity.",
             ["stream"],
-            registry=reg,
         )
-        self.stream_anomalous = Gauge(
+        self.stream_anomalous = self._gauge(
             "oteo_stream_anomalous",
             "1 while a stream is in alarm (for _other: as last written by a pooled stream).",
             ["stream"],
-            registry=reg,
         )
 
-        # Outbox.
-        self.outbox_events = Gauge(
-            "oteo_outbox_events", "Events in the outbox, not yet acknowledged.", registry=reg
+    def _add_outbox_and_mqtt(self) -> None:
+        self.outbox_events = self._gauge(
+            "oteo_outbox_events", "Events in the outbox, not yet acknowledged."
         )
-        self.outbox_bytes = Gauge("oteo_outbox_bytes", "Payload bytes in the outbox.", registry=reg)
-        self.outbox_dropped_total = Counter(
-            "oteo_outbox_dropped_total", "Oldest events dropped from a full outbox.", registry=reg
+        self.outbox_bytes = self._gauge("oteo_outbox_bytes", "Payload bytes in the outbox.")
+        self.outbox_dropped_total = self._counter(
+            "oteo_outbox_dropped_total", "Oldest events dropped from a full outbox."
         )
-        self.outbox_errors_total = Counter(
-            "oteo_outbox_errors_total",
-            "Outbox failures (disk full, read-only, corrupt file).",
-            registry=reg,
+        self.outbox_errors_total = self._counter(
+            "oteo_outbox_errors_total", "Outbox failures (disk full, read-only, corrupt file)."
         )
-
-        # MQTT.
-        self.mqtt_connected = Gauge(
-            "oteo_mqtt_connected", "1 while the broker has accepted the connection.", registry=reg
+        self.mqtt_connected = self._gauge(
+            "oteo_mqtt_connected", "1 while the broker has accepted the connection."
         )
-        self.mqtt_reconnects_total = Counter(
-            "oteo_mqtt_reconnects_total", "Connections made after the first.", registry=reg
+        self.mqtt_reconnects_total = self._counter(
+            "oteo_mqtt_reconnects_total", "Connections made after the first."
         )
-        self.mqtt_connect_failures_total = Counter(
-            "oteo_mqtt_connect_failures_total",
-            "Failed connection attempts, by reason.",
-            ["reason"],
-            registry=reg,
+        self.mqtt_connect_failures_total = self._counter(
+            "oteo_mqtt_connect_failures_total", "Failed connection attempts, by reason.", ["reason"]
         )
-        _touch(self.mqtt_connect_failures_total, CONNECT_FAILURE_REASONS)
-        self.mqtt_published_total = Counter(
-            "oteo_mqtt_published_total",
-            "Messages handed to the broker, by kind.",
-            ["kind"],
-            registry=reg,
+        _touch(self.mqtt_connect_failures_total, CONNECT_FAILURE_KINDS)
+        self.mqtt_published_total = self._counter(
+            "oteo_mqtt_published_total", "Messages handed to the broker, by kind.", ["kind"]
         )
         _touch(self.mqtt_published_total, PUBLISH_KINDS)
-        self.mqtt_publish_acks_total = Counter(
-            "oteo_mqtt_publish_acks_total",
-            "QoS 1 publications acknowledged by the broker.",
-            registry=reg,
+        self.mqtt_publish_acks_total = self._counter(
+            "oteo_mqtt_publish_acks_total", "QoS 1 publications acknowledged by the broker."
         )
 
-        # Model.
-        self.model_info = Gauge(
-            "oteo_model_info",
-            "The model being served (always 1).",
-            ["name", "version", "sha256"],
-            registry=reg,
+    def _add_model(self) -> None:
+        self.model_info = self._gauge(
+            "oteo_model_info", "The model being served (always 1).", ["name", "version", "sha256"]
         )
-        self.model_reloads_total = Counter(
-            "oteo_model_reloads_total", "Model reloads, by result.", ["result"], registry=reg
+        self.model_reloads_total = self._counter(
+            "oteo_model_reloads_total", "Model reloads, by result.", ["result"]
         )
         _touch(self.model_reloads_total, RELOAD_RESULTS)
-        self.build_info = Gauge(
-            "oteo_build_info", "The oteo version running (always 1).", ["version"], registry=reg
+        self.build_info = self._gauge(
+            "oteo_build_info", "The oteo version running (always 1).", ["version"]
         )
         self.build_info.labels(__version__).set(1)
 
-        # Recording (record.streams).
-        self.recorder_readings_total = Counter(
-            "oteo_recorder_readings_total",
-            "Readings written to the recording store.",
-            registry=reg,
+    def _add_recorder(self) -> None:
+        self.recorder_readings_total = self._counter(
+            "oteo_recorder_readings_total", "Readings written to the recording store."
         )
-        self.recorder_deleted_total = Counter(
+        self.recorder_deleted_total = self._counter(
             "oteo_recorder_deleted_total",
             "Oldest readings deleted from the recording store, by reason (size or age).",
             ["reason"],
-            registry=reg,
         )
         _touch(self.recorder_deleted_total, ("size", "age"))
-        self.recorder_dropped_total = Counter(
+        self.recorder_dropped_total = self._counter(
             "oteo_recorder_dropped_total",
             "Readings not recorded because the writer fell behind or failed.",
-            registry=reg,
         )
-        self.recorder_errors_total = Counter(
+        self.recorder_errors_total = self._counter(
             "oteo_recorder_errors_total",
             "Failed writes to the recording store (disk full, read-only, I/O).",
-            registry=reg,
         )
-        self.recorder_bytes = Gauge(
-            "oteo_recorder_bytes", "Bytes in use in the recording store.", registry=reg
+        self.recorder_bytes = self._gauge(
+            "oteo_recorder_bytes", "Bytes in use in the recording store."
         )
 
-        # Operations and HTTP.
-        self.ops_total = Counter(
-            "oteo_ops_total",
-            "Operation requests, by operation and result.",
-            ["op", "result"],
-            registry=reg,
+    def _add_ops(self) -> None:
+        self.ops_total = self._counter(
+            "oteo_ops_total", "Operation requests, by operation and result.", ["op", "result"]
         )
-        self.ops_duration_seconds = Histogram(
-            "oteo_ops_duration_seconds",
-            "Duration of an operation request.",
-            ["op"],
-            buckets=OP_BUCKETS_S,
-            registry=reg,
+        self.ops_duration_seconds = self._histogram(
+            "oteo_ops_duration_seconds", "Duration of an operation request.", OP_BUCKETS_S, ["op"]
         )
         for op in OPS:
             self.ops_duration_seconds.labels(op)
             for result in OP_RESULTS:
                 self.ops_total.labels(op, result)
         # Not pre-initialised: status codes are not a fixed set.
-        self.http_requests_total = Counter(
+        self.http_requests_total = self._counter(
             "oteo_http_requests_total",
             "HTTP requests, by path (unknown paths as other) and status code.",
             ["path", "code"],
-            registry=reg,
         )
 
     def stream_label(self, stream: str) -> str:

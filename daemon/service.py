@@ -33,7 +33,7 @@ from daemon.mqtt import Incoming, LinkState, MqttLink, Outgoing
 from daemon.notify import Notifier
 from daemon.ops import OpsHandler, mqtt_reply_target
 from daemon.outbox import Outbox, OutboxError
-from daemon.reading import DROP_REASONS, PayloadError, ReadingParser
+from daemon.reading import PayloadError, ReadingParser
 from daemon.recorder import Recorder
 from daemon.request import ControlReply
 
@@ -85,9 +85,7 @@ class Daemon:
         self.notifier = Notifier()
         # `_created` series double the exposition and nobody graphs them (process-wide switch).
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-        self.metrics = Metrics(
-            max_stream_labels=cfg.metrics.max_stream_labels, drop_reasons=DROP_REASONS
-        )
+        self.metrics = Metrics(max_stream_labels=cfg.metrics.max_stream_labels)
         try:
             self.model = Model.load(
                 cfg.model.path, threads=cfg.model.onnx_threads, expected_sha256=cfg.model.sha256

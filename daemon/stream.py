@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from daemon.alarm import AlarmTracker
 from daemon.aligner import ChannelAligner
 from daemon.manifest import AlarmPolicy
+from daemon.messages import StateName
 from daemon.window import StreamBuffer
-
-State = Literal["normal", "anomalous", "stale", "warming_up", "muted"]
 
 
 @dataclass
@@ -39,7 +38,7 @@ class Stream:
     buffer: StreamBuffer
     tracker: AlarmTracker
     aligner: ChannelAligner | None = None
-    state: State = "warming_up"
+    state: StateName = "warming_up"
     state_since_ts: float = 0.0
     last_seen: float = 0.0  # monotonic time of the last accepted reading
     last_ts: float = 0.0  # data time of the last accepted reading

@@ -39,7 +39,6 @@ from daemon_harness import (
 )
 
 from daemon.metrics import Metrics
-from daemon.reading import DROP_REASONS
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "oteo.json"
@@ -110,7 +109,7 @@ def substitute(expr: str, doc: dict[str, Any], rate_interval: str = RATE_INTERVA
 
 def daemon_metric_names() -> set[str]:
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
-    registry = Metrics(drop_reasons=DROP_REASONS).registry
+    registry = Metrics().registry
     return {
         family.name + suffix
         for family in registry.collect()

@@ -32,7 +32,6 @@ from daemon_harness import OteoProcess, free_port, run_oteo, v5_request_properti
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from daemon.metrics import Metrics
-from daemon.reading import DROP_REASONS
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -89,7 +88,7 @@ def load_yaml(path: Path) -> Any:
 def daemon_metric_names() -> set[str]:
     """Every sample name the daemon can export (with _total, _bucket, _sum, _count suffixes)."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
-    registry = Metrics(drop_reasons=DROP_REASONS).registry
+    registry = Metrics().registry
     return {
         family.name + suffix
         for family in registry.collect()

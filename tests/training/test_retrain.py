@@ -25,7 +25,7 @@ from daemon.config import load_config
 from daemon.engine import Engine, Work
 from daemon.metrics import Metrics
 from daemon.model import Model
-from daemon.reading import DROP_REASONS, ParsedReading
+from daemon.reading import ParsedReading
 from daemon.recorder import MAX_PENDING_BATCHES, Recorder
 from daemon.recording import FILE_NAME
 from training.fault import FAULT_KINDS, FaultSpec, inject
@@ -69,7 +69,7 @@ def play(model: Model, series: list[np.ndarray], state_dir: Path | None, t0: flo
             "record.streams": ["pump-*"],
         },
     )
-    metrics, clock = Metrics(drop_reasons=DROP_REASONS), Clock()
+    metrics, clock = Metrics(), Clock()
     events: list[dict[str, Any]] = []
 
     def publish(topic: str, payload: bytes, **_: Any) -> None:
@@ -225,7 +225,7 @@ def test_challenger_trained_on_faulty_data_is_refused_with_the_reason(
     data = simulate(FAULTY_ROWS, seed=11, faults=faults)
     assert data.anomaly.mean() > 0.3
     state = tmp_path / "faulty"
-    metrics = Metrics(drop_reasons=DROP_REASONS)
+    metrics = Metrics()
     recorder = Recorder(
         load_config(None, {"model.path": str(live), "record.streams": ["*"]}).record, state, metrics
     )

@@ -59,12 +59,12 @@ def test_engine_exports_the_share_above_p99_and_a_new_model_starts_afresh(
     from daemon.engine import Engine, Work
     from daemon.metrics import Metrics
     from daemon.model import Model
-    from daemon.reading import DROP_REASONS, ParsedReading
+    from daemon.reading import ParsedReading
     from training.simulator import MachineSimulator
 
     model = Model.load(tiny_model_path)
     cfg = load_config(None, {"model.path": str(model.path), "state_dir": str(tmp_path)})
-    metrics, clock = Metrics(drop_reasons=DROP_REASONS), _Clock()
+    metrics, clock = Metrics(), _Clock()
     engine = Engine(model, cfg, lambda *a, **k: None, metrics, clock=clock)
     rows = MachineSimulator(seed=5).step(600)
     shifted = rows + 50 * np.array(model.manifest.channel_scale)  # far from anything normal

@@ -12,7 +12,7 @@ from daemon.config import load_config
 from daemon.engine import Engine, Work
 from daemon.metrics import Metrics
 from daemon.model import Model
-from daemon.reading import DROP_REASONS, ParsedReading
+from daemon.reading import ParsedReading
 
 
 class Clock:
@@ -62,7 +62,7 @@ def make_engine(
         None,
         {"model.path": str(model.path), "state_dir": str(tmp_path), "instance": "t", **overrides},
     )
-    metrics = Metrics(max_stream_labels=10, drop_reasons=DROP_REASONS)
+    metrics = Metrics(max_stream_labels=10)
     capture, clock = Capture(), Clock()
     return Engine(model, cfg, capture, metrics, clock=clock), capture, metrics, clock
 

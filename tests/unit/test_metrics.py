@@ -10,13 +10,12 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.metrics import (
-    CONNECT_FAILURE_REASONS,
     OP_RESULTS,
     OTHER,
     PUBLISH_KINDS,
     Metrics,
 )
-from daemon.reading import DROP_REASONS
+from daemon.mqtt import CONNECT_FAILURE_KINDS
 from daemon.request import OPS
 
 STATES = ("normal", "anomalous", "stale", "warming_up", "muted")
@@ -48,7 +47,7 @@ def test_exposition_passes_promtool() -> None:
     assert promtool, (
         "promtool not found: install Debian's `prometheus` package (apt install prometheus)"
     )
-    metrics = Metrics(drop_reasons=DROP_REASONS)
+    metrics = Metrics()
     # Exercise every kind of series, including per-stream and model ones.
     label = metrics.stream_label("pump-1")
     metrics.stream_score.labels(label).set(0.3)
@@ -68,7 +67,7 @@ def test_exposition_passes_promtool() -> None:
 
 
 def test_names_follow_conventions() -> None:
-    metrics = Metrics(drop_reasons=DROP_REASONS)
+    metrics = Metrics()
     metrics.set_model("pump", "3", "ab" * 32)
     text = generate_latest(metrics.registry).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -123,7 +122,7 @@ def test_names_follow_conventions() -> None:
 
 
 def test_fixed_label_values_exist_at_zero() -> None:
-    metrics = Metrics(drop_reasons=["too_large", "not_json"])
+    metrics = Metrics()
     results = ["ok", "too_large", "not_json", "queue_full_qos0", "duplicate", "late"]
     for result in [*results, "unknown_stream_topic"]:
         assert value(metrics, "oteo_messages_total", result=result) == 0, result
@@ -131,7 +130,7 @@ def test_fixed_label_values_exist_at_zero() -> None:
         assert value(metrics, "oteo_events_total", kind=kind) == 0, kind
     for state in STATES:
         assert value(metrics, "oteo_streams", state=state) == 0, state
-    for reason in CONNECT_FAILURE_REASONS:
+    for reason in CONNECT_FAILURE_KINDS:
         assert value(metrics, "oteo_mqtt_connect_failures_total", reason=reason) == 0, reason
     for kind in PUBLISH_KINDS:
         assert value(metrics, "oteo_mqtt_published_total", kind=kind) == 0, kind
@@ -147,21 +146,24 @@ def test_fixed_label_values_exist_at_zero() -> None:
     assert value(metrics, "oteo_mqtt_connected") == 0
 
 
-def test_custom_kinds_and_states_are_initialised() -> None:
-    metrics = Metrics(drop_reasons=[], event_kinds=["begin"], states=["ok", "bad"])
-    assert value(metrics, "oteo_events_total", kind="begin") == 0
-    assert value(metrics, "oteo_streams", state="bad") == 0
-    assert value(metrics, "oteo_streams", state="normal") is None
+def test_every_event_kind_and_stream_state_is_initialised() -> None:
+    from daemon.messages import EVENT_KINDS, STATES
+
+    metrics = Metrics()
+    for kind in EVENT_KINDS:
+        assert value(metrics, "oteo_events_total", kind=kind) == 0, kind
+    for state in STATES:
+        assert value(metrics, "oteo_streams", state=state) == 0, state
 
 
 def test_build_info_names_the_version() -> None:
     from daemon import __version__
 
-    assert value(Metrics(drop_reasons=[]), "oteo_build_info", version=__version__) == 1
+    assert value(Metrics(), "oteo_build_info", version=__version__) == 1
 
 
 def test_stream_labels_cap_and_pool_as_other() -> None:
-    metrics = Metrics(drop_reasons=[], max_stream_labels=3)
+    metrics = Metrics(max_stream_labels=3)
     labels = [metrics.stream_label(f"s{i}") for i in range(5)]
     assert labels == ["s0", "s1", "s2", OTHER, OTHER]
     # Stable: asking again never changes a label.
@@ -172,18 +174,18 @@ def test_stream_labels_cap_and_pool_as_other() -> None:
 
 
 def test_stream_named_like_the_pool_is_pooled() -> None:
-    metrics = Metrics(drop_reasons=[], max_stream_labels=3)
+    metrics = Metrics(max_stream_labels=3)
     assert metrics.stream_label(OTHER) == OTHER
     assert metrics.stream_label("a") == "a"
 
 
 def test_zero_stream_labels_pools_everything() -> None:
-    metrics = Metrics(drop_reasons=[], max_stream_labels=0)
+    metrics = Metrics(max_stream_labels=0)
     assert metrics.stream_label("a") == OTHER
 
 
 def test_forget_stream_removes_its_series_and_frees_its_slot() -> None:
-    metrics = Metrics(drop_reasons=[], max_stream_labels=2)
+    metrics = Metrics(max_stream_labels=2)
     for stream in ("a", "b", "c"):
         label = metrics.stream_label(stream)
         metrics.stream_score.labels(label).set(1)
@@ -202,14 +204,14 @@ def test_forget_stream_removes_its_series_and_frees_its_slot() -> None:
 
 
 def test_forget_stream_without_series_is_harmless() -> None:
-    metrics = Metrics(drop_reasons=[])
+    metrics = Metrics()
     metrics.stream_label("a")
     metrics.forget_stream("a")
     assert stream_series(metrics) == set()
 
 
 def test_set_model_replaces_the_old_info_series() -> None:
-    metrics = Metrics(drop_reasons=[])
+    metrics = Metrics()
     assert not any(name == "oteo_model_info" for name, _ in samples(metrics))
     metrics.set_model("pump", "1", "aa" * 32)
     metrics.set_model("pump", "2", "bb" * 32)
@@ -221,7 +223,7 @@ def test_set_model_replaces_the_old_info_series() -> None:
 
 def test_registries_are_private() -> None:
     before = set(REGISTRY._names_to_collectors)
-    first, second = Metrics(drop_reasons=[]), Metrics(drop_reasons=[])
+    first, second = Metrics(), Metrics()
     first.readings_total.inc()
     assert value(second, "oteo_readings_total") == 0
     assert set(REGISTRY._names_to_collectors) == before
@@ -231,7 +233,7 @@ def test_readme_lists_every_metric() -> None:
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    metrics = Metrics(drop_reasons=DROP_REASONS)
+    metrics = Metrics()
     names = [
         fam.name + ("_total" if fam.type == "counter" else "") for fam in metrics.registry.collect()
     ]

@@ -16,7 +16,7 @@ from daemon.config import RecordSection
 from daemon.engine import Work
 from daemon.manifest import AlarmPolicy
 from daemon.metrics import Metrics
-from daemon.reading import DROP_REASONS, ChannelSample, ParsedReading
+from daemon.reading import ChannelSample, ParsedReading
 from daemon.recorder import Recorder
 from daemon.recording import FILE_NAME, RecordingError, read
 from daemon.stream import Alarm, Stream, new_stream
@@ -26,7 +26,7 @@ NOW = time.time()
 
 
 def make(tmp_path: Path, **cfg: object) -> tuple[Recorder, Metrics]:
-    metrics = Metrics(drop_reasons=DROP_REASONS)
+    metrics = Metrics()
     recorder = Recorder(RecordSection(**cfg), tmp_path, metrics)
     recorder.use_layout(CHANNELS, 1.0)
     return recorder, metrics

@@ -25,7 +25,7 @@ def recorder(streams: int, seconds: int, channels: int) -> None:
     from daemon.config import RecordSection
     from daemon.engine import Work
     from daemon.metrics import Metrics
-    from daemon.reading import DROP_REASONS, ParsedReading
+    from daemon.reading import ParsedReading
     from daemon.recorder import Recorder
 
     rng = np.random.default_rng(0)
@@ -33,7 +33,7 @@ def recorder(streams: int, seconds: int, channels: int) -> None:
     rows = rng.normal(size=(seconds, channels))
     t0 = time.time() - seconds
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = Metrics(drop_reasons=DROP_REASONS)
+        metrics = Metrics()
         rec = Recorder(RecordSection(streams=["pump-*"]), Path(tmp), metrics)
         rec.use_layout([f"c{i}" for i in range(channels)], 1.0)
         record_s = flush_s = 0.0
