@@ -50,6 +50,11 @@ class AlarmTracker:
     def active(self) -> bool:
         return self._active
 
+    @property
+    def threshold(self) -> float:
+        """The enter threshold in force for this stream (after its sensitivity)."""
+        return self.policy.enter_threshold / self.sensitivity
+
     def update(self, score: float) -> Step:
         p = self.policy
         if self._smoothed is None:

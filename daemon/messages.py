@@ -84,7 +84,7 @@ class ChannelContribution(BaseModel):
     score: float = Field(
         ge=0, description="Channel score normalised by its normal quantiles (1 ≈ usual maximum)."
     )
-    observed: float = Field(description="Latest sample of the channel, raw units.")
+    observed: float = Field(description="Newest sample of the channel in that window, raw units.")
     expected: float = Field(description="The reconstruction of that sample, raw units.")
     direction: Literal["high", "low"] = Field(description="observed above or below expected.")
 
@@ -99,11 +99,17 @@ class Event(OutputMessage):
     ts: UtcTimestamp = Field(description="Time of the window that produced this message.")
     started: UtcTimestamp
     ended: UtcTimestamp | None = Field(None, description="Set on kind=end.")
-    score: float = Field(ge=0, description="Smoothed window score.")
+    duration_s: float | None = Field(
+        None, ge=0, description="Set on kind=end: from the start to the end, data time."
+    )
+    score: float = Field(ge=0, description="Smoothed score of the window behind this message.")
     peak_score: float = Field(ge=0, description="Highest smoothed score since the start.")
     threshold: float = Field(gt=0, description="Enter threshold in force (after sensitivity).")
-    p_value: Share = Field(description="P(a normal window scores at least this).")
-    top_channels: list[ChannelContribution] = Field(description="Largest contributions first.")
+    p_value: Share = Field(description="P(a normal window scores at least `score`).")
+    top_channels: list[ChannelContribution] = Field(
+        description="The channels behind the alarm's peak window (the highest score since the "
+        "start), largest contribution first: the same cause on start, update and end."
+    )
     model: ModelRef
 
 

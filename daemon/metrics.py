@@ -21,8 +21,17 @@ from daemon.request import OPS, ErrorCode
 
 OTHER = "_other"
 
-MESSAGE_RESULTS = ("ok", "queue_full_qos0", "duplicate", "late", "unknown_stream_topic")
+MESSAGE_RESULTS = (
+    "ok",
+    "queue_full_qos0",
+    "duplicate",
+    "late",
+    "unknown_stream_topic",
+    "model_changed",  # parsed for a model with other channels, queued before a reload
+    "internal_error",  # raised an unexpected error in the main loop (logged)
+)
 """`messages_total` results besides the payload drop reasons."""
+ERROR_STAGES = ("intake", "engine", "scoring", "control")
 
 PUBLISH_KINDS = ("event", "state", "score", "status", "reply")
 RELOAD_RESULTS = ("ok", "failed")
@@ -111,6 +120,12 @@ class Metrics:
             "oteo_no_data",
             "1 when no valid reading arrived for longer than the configured threshold.",
         )
+        self.errors_total = self._counter(
+            "oteo_errors_total",
+            "Unexpected errors, by stage; the item is dropped (and logged), the daemon goes on.",
+            ["stage"],
+        )
+        _touch(self.errors_total, ERROR_STAGES)
 
     def _add_scoring(self) -> None:
         self.windows_scored_total = self._counter(

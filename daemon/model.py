@@ -11,6 +11,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -39,6 +40,22 @@ class ScoreBatch:
     channel_score: np.ndarray  # [B, C]
     reconstruction: np.ndarray  # [B, W, C] raw units
     code: np.ndarray  # [B, K]
+
+
+class Scorer(Protocol):
+    """What the engine needs of a model: its manifest, its identity and a batch run.
+
+    `Model` is the real one; engine tests use small stand-ins with a hand-made manifest.
+    """
+
+    manifest: Manifest
+    sha256: str
+    window: int
+    channels: int
+
+    def run(self, windows: np.ndarray) -> ScoreBatch:
+        """All outputs for raw-unit windows [B, window, channels]."""
+        ...
 
 
 def session_options(threads: int = 1) -> ort.SessionOptions:

@@ -32,6 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from daemon.config import ConfigError, MqttSection
+from daemon.throttle import Throttle
 
 log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
@@ -44,7 +45,6 @@ _RETRY_WAIT_S = 0.05  # re-offer interval while on_message has no room (wake() c
 _DRAIN_BATCH = 1000  # messages handed to paho per iteration, so PUBACKs are read in between
 _MAX_PAYLOAD_BYTES = 268_435_455 - 65_536  # the protocol's packet limit, less room for headers
 _CAP_LOG_EVERY_S = 300.0  # at the back-off cap, repeat the warning this rarely
-_ERROR_LOG_EVERY_S = 60.0
 CONNECT_FAILURE_KINDS = (
     "network",  # DNS, TCP, time-out, connection closed before CONNACK (plain TCP)
     "tls",  # handshake, certificate, or closed before CONNACK over TLS
@@ -177,24 +177,7 @@ class _Backoff:
         self.step_s, self.failures, self._reason = 0.0, 0, ""
 
 
-class _Throttle:
-    """At most one log line per interval for a recurring error."""
-
-    def __init__(self, every_s: float = _ERROR_LOG_EVERY_S) -> None:
-        self._every_s = every_s
-        self._last = -math.inf
-        self.suppressed = 0
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now - self._last < self._every_s:
-            self.suppressed += 1
-            return False
-        self._last, self.suppressed = now, 0
-        return True
-
-
-_callback_bug_log = _Throttle()
+_callback_bug_log = Throttle()
 
 
 def _guarded(callback: Callable[_P, None]) -> Callable[_P, None]:
@@ -275,10 +258,10 @@ class MqttLink:
         self._offline_mid: int | None = None
         self._stop_result = False
         self._finished = False
-        self._outbox_log = _Throttle()
-        self._callback_log = _Throttle()
-        self._loop_log = _Throttle()
-        self._refused_log = _Throttle()
+        self._outbox_log = Throttle()
+        self._callback_log = Throttle()
+        self._loop_log = Throttle()
+        self._refused_log = Throttle()
 
     # -- the caller's side ----------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from daemon.metrics import Metrics
 from daemon.recording import FILE_NAME, connect
 
 if TYPE_CHECKING:
-    from daemon.engine import Work
+    from daemon.intake import Work
     from daemon.stream import Stream
 
 log = logging.getLogger(__name__)

@@ -1,18 +1,28 @@
-"""Per-stream state owned by the main loop: window buffer, alarm tracker, published state."""
+"""Per-stream state owned by the main loop: window buffer, alarm tracker, the alarm it is in."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from daemon.alarm import AlarmTracker
 from daemon.aligner import ChannelAligner
-from daemon.manifest import AlarmPolicy
 from daemon.messages import StateName
 from daemon.window import StreamBuffer
+
+
+@dataclass
+class Peak:
+    """The window with the highest score of an alarm: who caused it is read from here."""
+
+    score: float
+    ts: float
+    channel_score: np.ndarray  # [C]
+    observed: np.ndarray  # [C] newest sample of the window, raw units
+    expected: np.ndarray  # [C] its reconstruction
 
 
 @dataclass
@@ -21,13 +31,18 @@ class Alarm:
 
     event_id: str
     started_ts: float
-    peak: float
+    peak: Peak
     last_update_ts: float
     published: bool = False  # its start event went out (not while the stream was muted)
 
     @classmethod
-    def begin(cls, ts: float, score: float) -> Alarm:
-        return cls(uuid.uuid4().hex, ts, score, ts)
+    def begin(cls, peak: Peak) -> Alarm:
+        return cls(uuid.uuid4().hex, peak.ts, peak, peak.ts)
+
+    def observe(self, peak: Peak) -> None:
+        """Keep the window if it is the highest of the alarm so far."""
+        if peak.score > self.peak.score:
+            self.peak = peak
 
 
 @dataclass
@@ -42,42 +57,25 @@ class Stream:
     state_since_ts: float = 0.0
     last_seen: float = 0.0  # monotonic time of the last accepted reading
     last_ts: float = 0.0  # data time of the last accepted reading
-    last_seq: int | None = None
     muted_until: float = 0.0  # monotonic
     alarm: Alarm | None = None
     last_score: float | None = None
-    pending_windows: int = 0  # windows queued for scoring, not yet scored
     late_run: int = 0  # consecutive readings dropped as late
     # This stream's oteo_stream_score series, looked up once: labels() per window is costly.
     score_metric: Any = None
-    extra: dict[str, float] = field(default_factory=dict)
 
 
-def new_stream(
-    stream_id: str,
-    *,
-    window: int,
-    channels: int,
-    period_s: float,
-    policy: AlarmPolicy,
-    sensitivity: float,
-    max_gap_s: float,
-    reorder_tolerance_s: float,
-    now: float,
-) -> Stream:
-    buffer = StreamBuffer(
+def new_buffer(
+    *, window: int, channels: int, period_s: float, hop: int, max_gap_s: float, reorder_s: float
+) -> StreamBuffer:
+    """An empty window buffer for one stream."""
+    return StreamBuffer(
         window,
         channels,
-        hop=policy.hop,
+        hop=hop,
         period_s=period_s,
         max_gap_s=max_gap_s,
-        reorder_tolerance_s=reorder_tolerance_s,
-    )
-    return Stream(
-        id=stream_id,
-        buffer=buffer,
-        tracker=AlarmTracker(policy, sensitivity),
-        last_seen=now,
+        reorder_tolerance_s=reorder_s,
     )
 
 

@@ -618,17 +618,24 @@ def test_ops_round_trip_over_mqtt_v5_and_http_with_error_replies(
     status, doc = daemon.post_json("/v1/ops/hash", {"windows": windows})
     assert status == 409 and doc["error"] == "not_hashable"
 
-    # Mute over HTTP: the retained state says muted, and no event while it lasts.
+    # Mute over HTTP: only a stream the daemon tracks (creating one would track a stream that
+    # nobody publishes, and at the stream cap evict a real one).
+    status, doc = daemon.post_json("/v1/ops/mute", {"stream": "muted-1", "duration_s": 300})
+    assert status == 404 and doc["error"] == "not_found", doc
+    rows = demo.window + 40
+    values = normal_series(rows, seed=43)
+    values[demo.window :, FAULT_CHANNEL] += 10 * level_scales()[FAULT_CHANNEL]
+    first, rest = readings_for("muted-1", values)[:5], readings_for("muted-1", values)[5:]
+    pub.send_all(first)
+    daemon.wait_metric(lambda m: m("oteo_readings_total") >= 5, 10, "muted-1's first readings")
+    # The retained state then says muted, and no event while it lasts.
     status, doc = daemon.post_json("/v1/ops/mute", {"stream": "muted-1", "duration_s": 300})
     assert status == 200 and doc["ok"] and doc["state"] == "muted", doc
     assert wait_until(
         lambda: (r := retained(mosquitto, "oteo/muted-1/state")) and r.json()["state"] == "muted",
         5,
     )
-    rows = demo.window + 40
-    values = normal_series(rows, seed=43)
-    values[demo.window :, FAULT_CHANNEL] += 10 * level_scales()[FAULT_CHANNEL]
-    pub.send_all(readings_for("muted-1", values) + readings_for("loud-1", values))
+    pub.send_all(rest + readings_for("loud-1", values))
     watcher.wait_for(
         lambda _: [e for e in events(watcher, "loud-1") if e["kind"] == "start"],
         10,
@@ -918,12 +925,16 @@ def test_alarms_are_reconciled_when_a_mute_ends(
     start = watcher.wait_for(
         lambda _: [e for e in events(watcher, "ends") if e["kind"] == "start"], 10, "ends' start"
     )[0]
+    send("begins", normal["a"][:window])  # normal: the stream exists before it is muted
+    daemon.wait_metric(
+        lambda m: m("oteo_readings_total") == sent["begins"] + sent["ends"], 10, "readings taken"
+    )
     mute("ends")
     mute("begins")
     muted_at = time.monotonic()
     # During the mute: `begins` turns faulty, `ends` returns to normal for long enough to clear.
-    begins = normal["a"][: window + 40].copy()
-    begins[window:, FAULT_CHANNEL] += big
+    begins = normal["a"][window : 2 * window + 40].copy()
+    begins[:, FAULT_CHANNEL] += big
     send("begins", begins)
     send("ends", normal["b"][window + 40 : 3 * window + 80])
     daemon.wait_metric(
@@ -932,7 +943,7 @@ def test_alarms_are_reconciled_when_a_mute_ends(
     assert events(watcher, "begins") == []
     # After the mute: more of the same data on both.
     time.sleep(max(0.0, muted_at + mute_s + 1.5 - time.monotonic()))
-    more = normal["a"][window + 40 : window + 80].copy()
+    more = normal["a"][2 * window + 40 : 2 * window + 80].copy()
     more[:, FAULT_CHANNEL] += big
     send("begins", more)
     send("ends", normal["b"][3 * window + 80 : 3 * window + 120])

@@ -22,7 +22,9 @@ from click.testing import CliRunner
 
 from daemon.cli import EXIT_CONFIG, main
 from daemon.config import load_config
-from daemon.engine import Engine, Work
+from daemon.engine import Engine
+from daemon.intake import Work, new_layout
+from daemon.messages import Event
 from daemon.metrics import Metrics
 from daemon.model import Model
 from daemon.reading import ParsedReading
@@ -72,20 +74,20 @@ def play(model: Model, series: list[np.ndarray], state_dir: Path | None, t0: flo
     metrics, clock = Metrics(), Clock()
     events: list[dict[str, Any]] = []
 
-    def publish(topic: str, payload: bytes, **_: Any) -> None:
-        if topic.endswith("/event"):
-            events.append(json.loads(payload))
+    def publish(out: Any) -> None:
+        if isinstance(out, Event):
+            events.append(json.loads(out.to_json()))
 
     engine = Engine(model, cfg, publish, metrics, clock=clock)
+    layout = new_layout(model.manifest.channels)
     recorder = Recorder(cfg.record, state_dir, metrics) if state_dir else None
     if recorder:
         recorder.use_layout(model.manifest.channels, model.manifest.sample_period_s)
     for i in range(0, len(series[0]), 50):
         for k, values in enumerate(series, start=1):
             rows = values[i : i + 50]
-            work = Work(
-                f"pump-{k}", [ParsedReading(t0 + i + j, None, v) for j, v in enumerate(rows)]
-            )
+            readings = [ParsedReading(t0 + i + j, None, v) for j, v in enumerate(rows)]
+            work = Work(f"pump-{k}", readings, layout, size=len(readings))
             if recorder:
                 recorder.record(work)
             engine.handle(work)
@@ -233,9 +235,8 @@ def test_challenger_trained_on_faulty_data_is_refused_with_the_reason(
     t0 = time.time() - FAULTY_ROWS - 60
     for i in range(0, FAULTY_ROWS, 500):
         rows = data.values[i : i + 500]
-        recorder.record(
-            Work("pump-1", [ParsedReading(t0 + i + j, None, v) for j, v in enumerate(rows)])
-        )
+        readings = [ParsedReading(t0 + i + j, None, v) for j, v in enumerate(rows)]
+        recorder.record(Work("pump-1", readings, new_layout(CHANNELS), size=len(readings)))
         recorder.flush({})
     recorder.close()
     before = sha256(live)

@@ -1,4 +1,5 @@
-"""The main loop's logic with a real (tiny) exported model and no MQTT: publishes are captured."""
+"""The main loop's logic with a stub scorer and no MQTT: outputs go through the real Publisher
+into a list, so topics, retain flags and payloads are checked as they would be sent."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scorer_stub import StubScorer, stub_for
 
 from daemon.config import load_config
-from daemon.engine import Engine, Work
+from daemon.control import apply
+from daemon.engine import Engine
+from daemon.intake import Work, new_layout
 from daemon.metrics import Metrics
-from daemon.model import Model
+from daemon.mqtt import Outgoing
+from daemon.publisher import Publisher, Topics
 from daemon.reading import ParsedReading
+from training.simulator import MachineSimulator
 
 
 class Clock:
@@ -24,11 +30,14 @@ class Clock:
 
 
 class Capture:
+    """What the publisher would hand to the MQTT link: (topic, payload, retain, durable)."""
+
     def __init__(self) -> None:
         self.messages: list[tuple[str, dict | None, bool, bool]] = []
 
-    def __call__(self, topic: str, payload: bytes, *, qos: int, retain: bool, durable: bool):
-        self.messages.append((topic, json.loads(payload) if payload else None, retain, durable))
+    def __call__(self, msg: Outgoing) -> None:
+        payload = json.loads(msg.payload) if msg.payload else None
+        self.messages.append((msg.topic, payload, msg.retain, msg.durable))
 
     def events(self, stream: str | None = None) -> list[dict]:
         return [
@@ -44,33 +53,37 @@ class Capture:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_path: Path) -> Model:
-    return Model.load(tiny_model_path)
-
-
-@pytest.fixture(scope="module")
 def normal_rows() -> np.ndarray:
-    from training.simulator import MachineSimulator
-
     return MachineSimulator(seed=5).step(400)
 
 
+@pytest.fixture(scope="module")
+def model(normal_rows: np.ndarray) -> StubScorer:
+    return stub_for(normal_rows, [f"ch{i}" for i in range(normal_rows.shape[1])])
+
+
 def make_engine(
-    model: Model, tmp_path: Path, **overrides: object
+    model: StubScorer, tmp_path: Path, **overrides: object
 ) -> tuple[Engine, Capture, Metrics, Clock]:
     cfg = load_config(
         None,
-        {"model.path": str(model.path), "state_dir": str(tmp_path), "instance": "t", **overrides},
+        {"model.path": str(tmp_path / "m.onnx"), "state_dir": str(tmp_path), "instance": "t"}
+        | overrides,
     )
     metrics = Metrics(max_stream_labels=10)
     capture, clock = Capture(), Clock()
-    return Engine(model, cfg, capture, metrics, clock=clock), capture, metrics, clock
+    publisher = Publisher(Topics("sensors", "oteo", "t"), capture, metrics, qos=1)
+    return Engine(model, cfg, publisher, metrics, clock=clock), capture, metrics, clock
+
+
+def work(model: StubScorer, stream: str, readings: list[ParsedReading]) -> Work:
+    return Work(stream, readings, new_layout(model.manifest.channels), size=len(readings))
 
 
 def feed(engine: Engine, stream: str, rows: np.ndarray, t0: float = 0.0, seq0: int = 0) -> None:
     readings = [ParsedReading(t0 + i, seq0 + i, row) for i, row in enumerate(rows)]
     for i in range(0, len(readings), 50):
-        engine.handle(Work(stream, readings[i : i + 50]))
+        engine.handle(work(engine.model, stream, readings[i : i + 50]))  # type: ignore[arg-type]
     engine.score_pending()
 
 
@@ -111,6 +124,30 @@ def test_fault_raises_one_start_and_one_end_with_one_event_id_naming_the_channel
     assert all(durable for t, _, _, durable in capture.messages if t.endswith("/event"))
 
 
+def test_every_event_of_an_alarm_names_the_channels_of_its_peak(model, normal_rows, tmp_path):
+    """The end event names the cause (the peak window), not the last, already normal window."""
+    engine, capture, _, _ = make_engine(model, tmp_path)
+    rows = normal_rows.copy()
+    scale = np.array(model.manifest.channel_scale)
+    rows[150:230, 3] += 30 * scale[3]  # the fault: channel 3
+    rows[226:240, 5] += 3.5 * scale[5]  # a smaller wobble on 5 as the fault ends
+    feed(engine, "a", rows)
+    start, *_, end = capture.events("a")
+    assert end["kind"] == "end"
+    assert start["top_channels"][0]["channel"] == end["top_channels"][0]["channel"] == "ch3"
+    assert end["peak_score"] == max(e["peak_score"] for e in capture.events("a"))
+    assert end["peak_score"] >= end["score"]
+    assert end["duration_s"] == pytest.approx(_seconds(end["ended"]) - _seconds(end["started"]))
+    assert end["duration_s"] > 60
+    assert start["duration_s"] is None
+
+
+def _seconds(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text).timestamp()
+
+
 def test_duplicate_seq_is_counted_and_not_scored(model, normal_rows, tmp_path):
     engine, _, metrics, _ = make_engine(model, tmp_path)
     feed(engine, "a", normal_rows[:40])
@@ -141,12 +178,35 @@ def test_silent_stream_goes_stale_not_anomalous(model, normal_rows, tmp_path):
 
 def test_mute_suppresses_events_and_publishes_muted(model, normal_rows, tmp_path):
     engine, capture, _, _ = make_engine(model, tmp_path)
-    engine.mute("a", 3600)
+    feed(engine, "a", normal_rows[:20])
+    assert engine.mute("a", 3600) is not None
     rows = normal_rows.copy()
     rows[100:200, 1] += 50 * model.manifest.channel_scale[1]
-    feed(engine, "a", rows)
+    feed(engine, "a", rows[20:], t0=20, seq0=20)
     assert capture.events("a") == []
     assert capture.states("a")[-1] == "muted"
+
+
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        ("mute", {"duration_s": 60.0}),
+        ("unmute", {}),
+        ("sensitivity", {"factor": 2.0}),
+    ],
+)
+def test_a_control_for_an_unknown_stream_is_not_found_and_creates_nothing(
+    model, normal_rows, tmp_path, op, args
+):
+    engine, capture, _, clock = make_engine(model, tmp_path, **{"ingest.max_streams": 2})
+    feed(engine, "a", normal_rows[:5])
+    clock.now += 1
+    feed(engine, "b", normal_rows[:5])
+    status, body = apply(engine, op, {"stream": "nobody", "id": "r1", **args})
+    reply = json.loads(body)
+    assert status == 404 and reply["error"] == "not_found" and reply["id"] == "r1"
+    assert sorted(engine.streams) == ["a", "b"]  # nothing created, nothing evicted
+    assert capture.states("nobody") == []
 
 
 def test_max_streams_evicts_least_recent_and_clears_its_retained_state(
@@ -188,11 +248,30 @@ def test_scores_do_not_depend_on_batching(model, normal_rows, tmp_path):
 def test_model_swap_scores_every_window_once(model, normal_rows, tmp_path):
     engine, _, metrics, _ = make_engine(model, tmp_path)
     readings = [ParsedReading(float(i), i, row) for i, row in enumerate(normal_rows[:100])]
-    engine.handle(Work("a", readings[:60]))  # windows queued, not yet scored
-    engine.use_model(Model.load(model.path))
-    engine.handle(Work("a", readings[60:]))
+    engine.handle(work(model, "a", readings[:60]))  # windows queued, not yet scored
+    twin = StubScorer(model.manifest)
+    engine.use_model(twin)
+    assert model.runs and twin.runs == 0  # the queued windows went to the old model first
+    engine.handle(work(model, "a", readings[60:]))
     engine.score_pending()
     assert value(metrics, "oteo_windows_scored_total") == 100 - model.window + 1
+    assert value(metrics, "oteo_messages_total", result="model_changed") == 0
+
+
+def test_readings_parsed_for_other_channels_are_dropped_and_counted(model, normal_rows, tmp_path):
+    """A reload to a model with other channels: readings already queued for the old one are
+    counted as `model_changed`, never pushed into windows of the wrong width."""
+    engine, _, metrics, _ = make_engine(model, tmp_path)
+    old = [ParsedReading(float(i), i, row) for i, row in enumerate(normal_rows[:30])]
+    feed(engine, "a", normal_rows[:30])
+    narrow = stub_for(normal_rows[:, :3], ["ch0", "ch1", "ch2"], window=8)
+    engine.use_model(narrow)
+    engine.handle(work(model, "a", old[:5]))  # queued before the reload: 8 values each
+    assert value(metrics, "oteo_messages_total", result="model_changed") == 5
+    fresh = [ParsedReading(100.0 + i, 100 + i, row[:3]) for i, row in enumerate(normal_rows[:20])]
+    engine.handle(work(narrow, "a", fresh))
+    engine.score_pending()
+    assert narrow.runs and value(metrics, "oteo_readings_total") == 30 + 20
 
 
 def test_a_ready_window_waits_at_most_max_wait_s_for_a_batch(model, normal_rows, tmp_path):
@@ -202,11 +281,11 @@ def test_a_ready_window_waits_at_most_max_wait_s_for_a_batch(model, normal_rows,
         model, tmp_path, **{"scoring.max_batch": 256, "scoring.max_wait_s": 0.02}
     )
     w = model.window
-    engine.handle(Work("a", [ParsedReading(float(i), i, normal_rows[i]) for i in range(w)]))
+    engine.handle(work(model, "a", [ParsedReading(float(i), i, normal_rows[i]) for i in range(w)]))
     assert value(metrics, "oteo_windows_scored_total") == 0  # one window, waiting for others
     clock.now += 0.01
-    engine.handle(Work("a", [ParsedReading(float(w), w, normal_rows[w])]))
+    engine.handle(work(model, "a", [ParsedReading(float(w), w, normal_rows[w])]))
     assert value(metrics, "oteo_windows_scored_total") == 0  # 10 ms: still waiting
     clock.now += 0.015
-    engine.handle(Work("b", [ParsedReading(0.0, 0, normal_rows[0])]))  # no new window
+    engine.handle(work(model, "b", [ParsedReading(0.0, 0, normal_rows[0])]))  # no new window
     assert value(metrics, "oteo_windows_scored_total") == 2  # the first waited 25 ms

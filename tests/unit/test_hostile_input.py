@@ -1,6 +1,6 @@
 """Hostile input at unit level (issue 6, item 9): the daemon's real intake path, no broker.
 
-`Daemon._on_message` is what the MQTT network thread calls for every message: topic checks,
+`Daemon.intake.offer` is what the MQTT network thread calls for every message: topic checks,
 `ReadingParser`, the bounded ingest queue. `Daemon._drain` is what the main loop runs: `Engine`
 (stream buffers, micro-batched scoring, alarms, events). Both are driven here by plain calls on a
 `Daemon` that is built (demo model loaded, outbox opened) but never started: no thread, no
@@ -80,7 +80,7 @@ class Intake:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.model = RecordingModel(daemon.engine.model)
-        daemon.engine.model = self.model  # type: ignore[assignment]
+        daemon.engine.use_model(self.model)  # type: ignore[arg-type]
         self.manifest = daemon.model.manifest
         self.channels = list(self.manifest.channels)
         self.mean = list(self.manifest.channel_mean)
@@ -90,7 +90,7 @@ class Intake:
         """What the network thread does with one message; True = taken (acknowledged)."""
         self._mid += 1
         msg = Incoming(topic, payload, qos, False, self._mid, None)
-        return self.daemon._on_message(msg)
+        return self.daemon.intake.offer(msg)
 
     def drain(self) -> None:
         """What the main loop does with the queue: every reading handled, windows scored."""
@@ -99,8 +99,8 @@ class Intake:
 
     def forget(self) -> None:
         """Back to no queued message, no stream, no recorded batch (counters stay)."""
-        while not self.daemon.queue.empty():
-            self.daemon.queue.get_nowait()
+        while not self.daemon.intake.queue.empty():
+            self.daemon.intake.queue.get_nowait()
         self.daemon.engine._pending.clear()
         self.daemon.engine.streams.clear()
         self.model.batches.clear()
@@ -164,7 +164,7 @@ def make_daemon(tmp: Path, **overrides: Any) -> Daemon:
 def intake(tmp_path: Path) -> Iterator[Intake]:
     daemon = make_daemon(tmp_path)
     yield Intake(daemon)
-    daemon._ops_pool.shutdown(wait=False)
+    daemon.responder.close()
     daemon.outbox.close()
 
 
@@ -173,7 +173,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Intake]:
     """One intake for the table below (refused payloads change no stream state)."""
     daemon = make_daemon(tmp_path_factory.mktemp("hostile"))
     yield Intake(daemon)
-    daemon._ops_pool.shutdown(wait=False)
+    daemon.responder.close()
     daemon.outbox.close()
 
 
@@ -316,7 +316,7 @@ def test_hostile_payload_is_counted_under_its_reason_and_never_queued(
     # Acknowledged (True): a refused message must not come back from the broker forever.
     assert taken is True
     assert changed == {reason: 1.0}, changed
-    assert shared.daemon.queue.empty(), "a refused payload was queued for the main loop"
+    assert shared.daemon.intake.queue.empty(), "a refused payload was queued for the main loop"
     shared.drain()
     assert shared.model.batches == [], "a refused payload reached the model"
     assert shared.daemon.engine.streams == {}, "a refused payload created a stream"
@@ -343,7 +343,7 @@ def test_unusual_but_valid_stream_ids_are_streams(intake: Intake) -> None:
 
 def test_duplicate_json_keys_last_value_wins(intake: Intake) -> None:
     """Documented behaviour: a repeated key is not an error; its last value is used."""
-    parser = intake.daemon._parser
+    parser = intake.daemon.intake.layout.parser
     ts_twice = reading_text(ts="1", extra=', "ts": 1767225600')
     [parsed] = parser.parse(ts_twice)
     assert parsed.ts == T0
@@ -463,7 +463,7 @@ def test_a_huge_value_does_not_crash_the_main_loop_when_scores_are_published(
         intake.feed("p", window, start=window + 1)
         assert intake.model.windows() >= window
     finally:
-        daemon._ops_pool.shutdown(wait=False)
+        daemon.responder.close()
         daemon.outbox.close()
 
 
@@ -527,7 +527,7 @@ def test_a_seq_gap_across_a_silence_is_still_counted(tmp_path: Path) -> None:
         intake.drain()
         assert intake.value("oteo_seq_gaps_total") == 7, "readings 3-9 lost without a trace"
     finally:
-        daemon._ops_pool.shutdown(wait=False)
+        daemon.responder.close()
         daemon.outbox.close()
 
 
@@ -541,11 +541,11 @@ def test_qos0_beyond_the_queue_is_dropped_and_counted_qos1_is_left_at_the_broker
             assert intake.offer("sensors/q/data", intake.reading(T0 + i, i))
         assert intake.offer("sensors/q/data", intake.reading(T0 + 4, 4), qos=0) is True
         assert intake.offer("sensors/q/data", intake.reading(T0 + 4, 4), qos=1) is False
-        assert daemon.queue.qsize() == 4
+        assert daemon.intake.queue.qsize() == 4
         assert intake.results()["queue_full_qos0"] == 1
         assert intake.results()["ok"] == 4
     finally:
-        daemon._ops_pool.shutdown(wait=False)
+        daemon.responder.close()
         daemon.outbox.close()
 
 
@@ -569,10 +569,10 @@ def test_the_ingest_queue_bound_counts_readings_not_messages(tmp_path: Path) -> 
         try:
             assert Intake(small).offer("sensors/q/data", batch(0, 8))
         finally:
-            small._ops_pool.shutdown(wait=False)
+            small.responder.close()
             small.outbox.close()
     finally:
-        daemon._ops_pool.shutdown(wait=False)
+        daemon.responder.close()
         daemon.outbox.close()
 
 

@@ -12,17 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from daemon.alarm import AlarmTracker
 from daemon.config import RecordSection
-from daemon.engine import Work
+from daemon.intake import Work, new_layout
 from daemon.manifest import AlarmPolicy
 from daemon.metrics import Metrics
 from daemon.reading import ChannelSample, ParsedReading
 from daemon.recorder import Recorder
 from daemon.recording import FILE_NAME, RecordingError, read
-from daemon.stream import Alarm, Stream, new_stream
+from daemon.stream import Alarm, Peak, Stream, new_buffer
 
 CHANNELS = ["a", "b", "c"]
 NOW = time.time()
+
+LAYOUT = new_layout(["a", "b", "c"])
+ZEROS = np.zeros(3)
 
 
 def make(tmp_path: Path, **cfg: object) -> tuple[Recorder, Metrics]:
@@ -37,22 +41,13 @@ def work(stream: str, t0: float, n: int) -> Work:
         ParsedReading(t0 + i, None, np.array([i, 2.0 * i, -1.0], dtype=np.float64))
         for i in range(n)
     ]
-    return Work(stream, rows)
+    return Work(stream, rows, LAYOUT, size=len(rows))
 
 
 def stream(name: str) -> Stream:
     policy = AlarmPolicy(enter_threshold=1.0, exit_threshold=0.5)
-    return new_stream(
-        name,
-        window=4,
-        channels=3,
-        period_s=1.0,
-        policy=policy,
-        sensitivity=1.0,
-        max_gap_s=5.0,
-        reorder_tolerance_s=0.0,
-        now=0.0,
-    )
+    buffer = new_buffer(window=4, channels=3, period_s=1.0, hop=1, max_gap_s=5.0, reorder_s=0.0)
+    return Stream(name, buffer, AlarmTracker(policy))
 
 
 def counter(metrics: Metrics, name: str, **labels: str) -> float:
@@ -64,7 +59,7 @@ def test_only_chosen_streams_are_recorded_in_one_transaction_per_flush(tmp_path:
     recorder, metrics = make(tmp_path, streams=["pump-*", "fan-2"])
     for name in ("pump-1", "pump-2", "fan-1", "fan-2"):
         recorder.record(work(name, NOW - 100, 10))
-    recorder.record(Work("pump-1", None, channel=1, sample=ChannelSample(NOW - 50, 7.5)))
+    recorder.record(Work("pump-1", None, LAYOUT, channel=1, sample=ChannelSample(NOW - 50, 7.5)))
     recorder.flush({})
     recorder.close()
     got = {(r.stream, len(r.ts)) for r in read(tmp_path / FILE_NAME)}
@@ -82,7 +77,7 @@ def test_alarm_muted_and_stale_periods_are_marked(tmp_path: Path) -> None:
     s = stream("p")
     s.last_ts = NOW - 100
     recorder.flush({"p": s})  # normal: nothing marked
-    s.alarm = Alarm.begin(NOW - 95, 3.0)
+    s.alarm = Alarm.begin(Peak(3.0, NOW - 95, ZEROS, ZEROS, ZEROS))
     s.last_ts = NOW - 90
     recorder.flush({"p": s})
     s.alarm = None

@@ -23,7 +23,7 @@ import numpy as np
 def recorder(streams: int, seconds: int, channels: int) -> None:
     """Recording overhead on the main loop and writer throughput (prints numbers)."""
     from daemon.config import RecordSection
-    from daemon.engine import Work
+    from daemon.intake import Work, new_layout
     from daemon.metrics import Metrics
     from daemon.reading import ParsedReading
     from daemon.recorder import Recorder
@@ -35,11 +35,16 @@ def recorder(streams: int, seconds: int, channels: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Metrics()
         rec = Recorder(RecordSection(streams=["pump-*"]), Path(tmp), metrics)
-        rec.use_layout([f"c{i}" for i in range(channels)], 1.0)
+        names_c = [f"c{i}" for i in range(channels)]
+        rec.use_layout(names_c, 1.0)
+        layout = new_layout(names_c)
         record_s = flush_s = 0.0
         wall = time.perf_counter()
         for second in range(seconds):
-            work = [Work(name, [ParsedReading(t0 + second, None, rows[second])]) for name in names]
+            work = [
+                Work(name, [ParsedReading(t0 + second, None, rows[second])], layout)
+                for name in names
+            ]
             start = time.perf_counter()
             for w in work:
                 rec.record(w)
