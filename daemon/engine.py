@@ -141,14 +141,14 @@ class Engine:
 
     # -- intake ------------------------------------------------------------------------------
 
-    def handle(self, work: Work) -> None:
-        """Feed one message's readings into its stream; ready windows wait in the batch."""
+    def handle(self, work: Work) -> bool:
+        """Feed one message's readings into its stream (ready windows wait in the batch);
+        False if the message was parsed for a model with other channels (dropped, counted)."""
         channels = work.layout.channels
         if channels is not self._channels and channels != self._channels:
-            # Parsed for a model with other channels, queued before a reload: its values do
-            # not fit this model's windows.
+            # Queued before a reload: its values do not fit this model's windows.
             self._dropped.inc(work.size)
-            return
+            return False
         stream = self._stream(work.stream)
         now = self.clock()
         if work.readings is not None:
@@ -169,6 +169,7 @@ class Engine:
             or now - self._pending_since >= self.cfg.scoring.max_wait_s
         ):
             self.score_pending()
+        return True
 
     def _new_aligner(self) -> ChannelAligner:
         return ChannelAligner(len(self._channels), period_s=self.model.manifest.sample_period_s)

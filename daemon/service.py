@@ -24,9 +24,10 @@ import prometheus_client
 from daemon import __version__
 from daemon.config import Config, ConfigError, load_config
 from daemon.control import Controls
+from daemon.drain import Drain
 from daemon.engine import Engine
 from daemon.http import HttpServer
-from daemon.intake import Intake, Work
+from daemon.intake import Intake
 from daemon.messages import Status, format_ts
 from daemon.metrics import Metrics
 from daemon.model import Model, ModelFileError
@@ -38,14 +39,12 @@ from daemon.publisher import Publisher, Topics
 from daemon.recorder import Recorder
 from daemon.responder import Responder
 from daemon.telemetry import LinkMirror, Summary
-from daemon.throttle import Throttle
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 TICK_S = 1.0
 MODEL_POLL_S = 2.0
-DRAIN_SLICE_S = 0.25  # longest the loop handles readings before it ticks
 
 
 class StartupError(RuntimeError):
@@ -75,7 +74,9 @@ class Daemon:
         self.model = _startup(lambda: _load_model(cfg))
         self._model_stamp = _stamp(cfg.model.path)
         self.topics = Topics(cfg.topics.input_prefix, cfg.topics.output_prefix, cfg.instance)
-        self.controls = Controls(on_error=self._error_counter("control"))
+        self.controls = Controls(
+            on_error=lambda: self.metrics.errors_total.labels(stage="control").inc()
+        )
         self.publisher = Publisher(self.topics, self._send, self.metrics, qos=cfg.mqtt.qos)
         self.engine = _startup(lambda: Engine(self.model, cfg, self.publisher, self.metrics))
         self.outbox = self._open_outbox()
@@ -96,9 +97,10 @@ class Daemon:
         self.link = self._make_link()
         self.mirror = LinkMirror(self.metrics)
         self.summary = Summary(self.metrics, time.monotonic())
-        self._errors = {stage: Throttle() for stage in ("engine", "scoring")}
+        self.drain = Drain(
+            self.intake, self.engine, self.metrics, wake=self.link.wake, recorder=self.recorder
+        )
         self._loop_alive = time.monotonic()
-        self._depth_peak = 0
 
     def _open_outbox(self) -> Outbox:
         cfg = self.cfg
@@ -196,7 +198,7 @@ class Daemon:
     def _loop(self) -> None:
         next_tick = next_poll = next_dog = next_record = time.monotonic()
         while not self._stop.is_set():
-            self._drain(timeout_s=0.05)
+            self.drain.run(timeout_s=0.05)
             now = self._loop_alive = time.monotonic()
             self.controls.run(self.engine, self._republish)
             if self._reload_requested:
@@ -204,7 +206,7 @@ class Daemon:
                 self._reload("SIGHUP", reread_config=True)
             if now >= next_tick:
                 next_tick = now + TICK_S
-                self._guarded("engine", self.engine.tick)
+                self.drain.guarded("engine", self.engine.tick)
                 self._update_gauges(now)
                 self.summary.maybe_log(now)
             if self.recorder is not None and now >= next_record:
@@ -222,7 +224,7 @@ class Daemon:
         log.info("stopping: no new readings; finishing queued windows and flushing events")
         self.notifier.stopping()
         self.intake.close()  # further messages stay unacknowledged at the broker
-        self._drain(timeout_s=0.0, until_empty=True)
+        self.drain.run(timeout_s=0.0, until_empty=True)
         self.controls.run(self.engine, self._republish)
         if self.recorder is not None:
             self.recorder.flush(self.engine.streams)
@@ -260,63 +262,10 @@ class Daemon:
 
     # -- main loop ---------------------------------------------------------------------------
 
-    def _drain(self, timeout_s: float, until_empty: bool = False) -> None:
-        """Handle queued readings; score when the queue runs dry or a batch is full."""
-        work = self.intake.take(timeout_s)
-        if work is None:
-            self._guarded("scoring", self.engine.score_pending)
-            return
-        # The gauge shows the deepest point since its last refresh: sampled only when idle,
-        # it would read 0 just after every drain.
-        self._depth_peak = max(self._depth_peak, self.intake.queue.qsize() + 1)
-        deadline = time.monotonic() + DRAIN_SLICE_S
-        handled = 0
-        while work is not None:
-            self._handle(work)
-            handled += 1
-            if handled % 64 == 0:
-                self.link.wake()  # room in the queue: let held-back QoS 1 messages in
-                if not until_empty and time.monotonic() >= deadline:
-                    # Under sustained load the queue never runs dry: return anyway so the loop
-                    # keeps ticking (stale streams, alarm timers, gauges, the watchdog).
-                    self._depth_peak = max(self._depth_peak, self.intake.queue.qsize())
-                    break
-            work = self.intake.take(0.0)
-            if work is None:
-                self._guarded("scoring", self.engine.score_pending)
-                self.link.wake()
-                if until_empty:
-                    work = self.intake.take(0.0)
-        self._guarded("scoring", self.engine.score_pending)
-
-    def _handle(self, work: Work) -> None:
-        if self.recorder is not None:
-            self.recorder.record(work)
-        try:
-            self.engine.handle(work)
-        except Exception:
-            # One bad item must never stop the loop: counted, logged (once a minute), dropped.
-            self.metrics.messages_total.labels(result="internal_error").inc()
-            self._failed("engine", f"stream {work.stream!r}")
-
-    def _guarded(self, stage: str, action: Callable[[], object]) -> None:
-        try:
-            action()
-        except Exception:
-            self._failed(stage, stage)
-
-    def _failed(self, stage: str, what: str) -> None:
-        self.metrics.errors_total.labels(stage=stage).inc()
-        if self._errors[stage].ready():
-            log.exception("%s failed (%s); the item is dropped and the daemon goes on", stage, what)
-
-    def _error_counter(self, stage: str) -> Callable[[], None]:
-        return lambda: self.metrics.errors_total.labels(stage=stage).inc()
-
     def _update_gauges(self, now: float) -> None:
         m = self.metrics
-        m.queue_depth_messages.set(max(self._depth_peak, self.intake.queue.qsize()))
-        self._depth_peak = 0
+        m.queue_depth_messages.set(max(self.drain.depth_peak, self.intake.queue.qsize()))
+        self.drain.depth_peak = 0
         m.mqtt_connected.set(1 if self.link.connected else 0)
         incomplete = sum(s.aligner.incomplete for s in self.engine.streams.values() if s.aligner)
         self.mirror.update(self.link.counters, self.outbox, incomplete)
@@ -346,7 +295,6 @@ class Daemon:
 
     def _on_link_state(self, state: LinkState, reason: str) -> None:
         if state is LinkState.CONNECTED:
-            log.info("MQTT %s", reason)
             self.notifier.send(f"STATUS=connected to {self.cfg.mqtt.host}:{self.cfg.mqtt.port}")
             # Retained states again: non-durable publishes made while disconnected were dropped.
             self.controls.post("_republish")

@@ -94,7 +94,7 @@ class Intake:
 
     def drain(self) -> None:
         """What the main loop does with the queue: every reading handled, windows scored."""
-        self.daemon._drain(timeout_s=0.0, until_empty=True)
+        self.daemon.drain.run(timeout_s=0.0, until_empty=True)
         self.daemon.engine.score_pending()
 
     def forget(self) -> None:
