@@ -252,7 +252,7 @@ def test_tls_good_chain_connects_and_every_bad_one_is_refused_and_counted(
         series = m.series("oteo_mqtt_connect_failures_total")
         failures = {labels["reason"]: v for labels, v in series if v}
         warnings = [
-            line.split("WARNING daemon.mqtt: ", 1)[-1][:160]
+            line[line.index("cannot connect") :][:160]
             for line in daemon.log_text().splitlines()
             if "cannot connect" in line
         ]
