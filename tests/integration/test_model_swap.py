@@ -87,7 +87,7 @@ def test_random_hot_reloads_never_kill_the_daemon_and_every_message_is_accounted
 
     thread = threading.Thread(target=publish, daemon=True)
     thread.start()
-    order = random.Random(14).choices(range(1, len(models)), k=7) + [0]
+    order = [*random.Random(14).choices(range(1, len(models)), k=7), 0]
     for k, index in enumerate(order, start=1):
         time.sleep(random.Random(k).uniform(0.4, 1.2))
         tmp = served.with_name("live.onnx.tmp")
