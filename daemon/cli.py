@@ -12,7 +12,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -54,10 +54,15 @@ def main(verbose: int) -> None:
     try:
         check_distribution()
     except DistributionError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+        refuse(exc)
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def refuse(exc: Exception) -> NoReturn:
+    """Exit 78 with one `error:` line: a bad config, model or data file (not a usage error)."""
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(EXIT_CONFIG)
 
 
 def load_model_or_exit(path: Path) -> Any:
@@ -67,8 +72,7 @@ def load_model_or_exit(path: Path) -> Any:
     try:
         return Model.load(path)
     except ModelFileError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+        refuse(exc)
 
 
 @main.command()
@@ -134,31 +138,35 @@ def _overrides(model: Path | None, broker: str | None, http: str | None) -> dict
     return out
 
 
-def _load_config(config_path: Path | None, overrides: dict[str, Any]) -> Any:
-    from daemon.config import ConfigError, load_config
-
-    if config_path is None and "model.path" not in overrides:
-        raise click.UsageError("give --config FILE or at least --model MODEL.onnx")
-    try:
-        return load_config(config_path, overrides)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-
-
 @main.command("check-config")
 @click.argument("config_path", type=click.Path(path_type=Path))
 def check_config(config_path: Path) -> None:
-    """Validate a config file and print the effective config (secrets redacted)."""
-    from daemon.config import ConfigError
+    """Run every start-up check and print the effective config (secrets redacted).
 
-    cfg = _load_config(config_path, {})
+    The checks `oteo run` makes before serving: the file, its secret and TLS files, the model it
+    names and the alarm overrides against the model's own policy. The config goes to stdout as
+    JSON; the model and the effective alarm policy to stderr.
+    """
+    from daemon.startup import REFUSALS, load_startup
+
     try:
-        cfg.check_secrets()
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    click.echo(json.dumps(cfg.redacted(), indent=2, default=str))
+        startup = load_startup(config_path)
+    except REFUSALS as exc:
+        refuse(exc)
+    click.echo(json.dumps(startup.cfg.redacted(), indent=2, default=str))
+    model, policy = startup.model, startup.policy
+    m = model.manifest
+    click.echo(f"model {model.path}: {m.name} {m.version}, sha256 {model.sha256}", err=True)
+    overridden = startup.overridden()
+    source = f"set by the config: {', '.join(overridden)}" if overridden else "the model's"
+    click.echo(
+        f"alarm policy ({source}): enter {policy.enter_threshold:.4g}, "
+        f"exit {policy.exit_threshold:.4g}, hop {policy.hop}, {policy.k} of {policy.n} windows, "
+        f"clear after {policy.clear_windows}, cool-down {policy.cooldown_windows}, "
+        f"smoothing {policy.smoothing_alpha:g}",
+        err=True,
+    )
+    click.echo(f"{config_path}: OK", err=True)
 
 
 @main.command()
@@ -168,21 +176,18 @@ def check_config(config_path: Path) -> None:
 @click.option("--http", help="HTTP bind HOST:PORT (overrides config).")
 def run(config_path: Path | None, model: Path | None, broker: str | None, http: str | None) -> None:
     """Run the daemon in the foreground (for systemd); SIGTERM or Ctrl-C stop it cleanly."""
-    from daemon.config import ConfigError
+    from daemon.config import load_config
     from daemon.service import Daemon, StartupError
+    from daemon.startup import REFUSALS
 
     overrides = _overrides(model, broker, http)
-    cfg = _load_config(config_path, overrides)
+    if config_path is None and "model.path" not in overrides:
+        raise click.UsageError("give --config FILE or at least --model MODEL.onnx")
     try:
-        cfg.check_secrets()  # before the model loads: a bad secret file fails fast
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    try:
+        cfg = load_config(config_path, overrides)
+        # The Daemon runs the start-up checks of `oteo check-config` (daemon/startup.py).
         daemon = Daemon(cfg, config_path=config_path, overrides=overrides)
         code = daemon.run()
-    except StartupError as exc:
-        logging.getLogger("oteo").error("%s", exc)
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+    except (*REFUSALS, StartupError) as exc:
+        refuse(exc)
     sys.exit(code)

@@ -144,7 +144,9 @@ def apply_alarm_overrides(policy: AlarmPolicy, alarm: AlarmSection) -> AlarmPoli
     try:
         return AlarmPolicy.model_validate({**policy.model_dump(), **changes})
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc, "alarm")) from exc
+        # The other half of a conflict may be the model's own value: say which are overrides.
+        whose = f"the model's alarm policy with {', '.join(sorted(changes))} from the config"
+        raise ConfigError(f"{_one_line(exc, 'alarm')} ({whose})") from exc
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

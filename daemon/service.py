@@ -28,12 +28,13 @@ from daemon.engine import Engine, Work
 from daemon.http import HttpServer
 from daemon.messages import DROP_REASONS, ControlReply, PayloadError, ReadingParser, format_ts
 from daemon.metrics import Metrics
-from daemon.model import Model, ModelFileError
+from daemon.model import Model
 from daemon.mqtt import Incoming, LinkState, MqttLink, Outgoing
 from daemon.notify import Notifier
 from daemon.ops import OpsHandler, mqtt_reply_target
 from daemon.outbox import Outbox, OutboxError
 from daemon.recorder import Recorder
+from daemon.startup import REFUSALS, check_startup
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ class Daemon:
         config_path: Path | None = None,
         overrides: dict[str, Any] | None = None,
     ) -> None:
-        try:
-            cfg.check_secrets()
-        except ConfigError as exc:
-            raise StartupError(str(exc)) from exc
         self.cfg = cfg
         self._config_path = config_path
         self._overrides = overrides or {}
@@ -87,10 +84,8 @@ class Daemon:
             max_stream_labels=cfg.metrics.max_stream_labels, drop_reasons=DROP_REASONS
         )
         try:
-            self.model = Model.load(
-                cfg.model.path, threads=cfg.model.onnx_threads, expected_sha256=cfg.model.sha256
-            )
-        except ModelFileError as exc:
+            self.model = check_startup(cfg).model  # the checks `oteo check-config` runs
+        except REFUSALS as exc:
             raise StartupError(str(exc)) from exc
         self._model_stamp = _stamp(cfg.model.path)
         # queue.Queue, not SimpleQueue: with SimpleQueue the main loop was seen blocked inside
@@ -527,11 +522,8 @@ class Daemon:
         try:
             if reread_config and self._config_path is not None:
                 cfg = load_config(self._config_path, self._overrides)
-                cfg.check_secrets()
-            model = Model.load(
-                cfg.model.path, threads=cfg.model.onnx_threads, expected_sha256=cfg.model.sha256
-            )
-        except (ConfigError, ModelFileError) as exc:
+            model = check_startup(cfg).model
+        except REFUSALS as exc:
             log.error("reload (%s) failed, the current model keeps serving: %s", why, exc)
             self.metrics.model_reloads_total.labels(result="failed").inc()
             self.notifier.send("READY=1", f"STATUS=reload failed: {str(exc)[:200]}")

@@ -342,13 +342,17 @@ def private_copy(secret: Path, directory: Path) -> Path:
 
 
 def test_container_config_passes_check_config(tmp_path: Path) -> None:
-    """deploy/oteo.toml as the container sees it, /run/secrets/* pointed at private copies."""
+    """deploy/oteo.toml as the container sees it: /run/secrets/* pointed at private copies,
+    /models at the repository's models/."""
     text = (DEPLOY / "oteo.toml").read_text(encoding="utf-8")
     for name in ("mqtt-password", "http-token"):
         assert f"/run/secrets/{name}" in text
         text = text.replace(
             f"/run/secrets/{name}", str(private_copy(DEPLOY / "secrets" / name, tmp_path))
         )
+    # check-config loads the model too: the container's /models is the repository's models/.
+    assert '"/models/' in text
+    text = text.replace('"/models/', f'"{DEPLOY.parent / "models"}/')
     config = tmp_path / "oteo.toml"
     config.write_text(text, encoding="utf-8")
     result = run_oteo("check-config", str(config))
