@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import signal
 import sys
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
@@ -191,3 +194,130 @@ def run(config_path: Path | None, model: Path | None, broker: str | None, http: 
     except (*REFUSALS, StartupError) as exc:
         refuse(exc)
     sys.exit(code)
+
+
+@main.command()
+@click.argument("csv_path", type=click.Path(path_type=Path))
+@click.option("--broker", required=True, help="mqtt://host[:port] or mqtts://host[:port].")
+@click.option("--stream", help="Stream id in the topic (default: the file name without .csv).")
+@click.option(
+    "--rate", type=float, help="Readings per second (default: the CSV's own pace, 1 / period)."
+)
+@click.option("--loop", is_flag=True, help="Start again at the end, until Ctrl-C.")
+@click.option(
+    "--now", "now_based", is_flag=True, help="Timestamps from this host's clock, a period apart."
+)
+@click.option("--channels", help="Comma-separated columns to send (default: every numeric one).")
+@click.option("--time-column", help="Timestamp column (default: found by its name).")
+@click.option(
+    "--label-column",
+    "label_columns",
+    multiple=True,
+    default=("anomaly", "changepoint"),
+    show_default=True,
+    help="Columns never sent.",
+)
+@click.option("--period", type=float, help="Sample period in seconds (default: from the data).")
+@click.option(
+    "--topic-prefix", default="sensors", show_default=True, help="As topics.input_prefix."
+)
+@click.option("--username", help="Broker user name; the password comes from $OTEO_MQTT_PASSWORD.")
+def replay(
+    csv_path: Path,
+    broker: str,
+    stream: str | None,
+    rate: float | None,
+    loop: bool,
+    now_based: bool,
+    channels: str | None,
+    time_column: str | None,
+    label_columns: tuple[str, ...],
+    period: float | None,
+    topic_prefix: str,
+    username: str | None,
+) -> None:
+    """Publish a CSV's rows as readings on {prefix}/{stream}/data (QoS 1), to try the daemon.
+
+    Each row is `{"ts": ..., "seq": ..., "values": {column: number}}`; label columns are not
+    sent. Timestamps are the CSV's own unless --now. Ctrl-C stops it.
+    """
+    from daemon.replay import ReplayPlan
+    from daemon.replay import replay as run_replay
+
+    if rate is not None and not rate > 0:
+        raise click.BadParameter("must be above 0", param_hint="--rate")
+    if period is not None and not period > 0:
+        raise click.BadParameter("must be above 0", param_hint="--period")
+    plan = ReplayPlan(
+        _replay_broker(broker, username),
+        _stream_id(stream if stream is not None else csv_path.stem),
+        rate_hz=rate,
+        loop=loop,
+        now=now_based,
+        prefix=topic_prefix,
+    )
+    series = _replay_series(csv_path, channels, time_column, label_columns, period, now_based)
+    pace = f"{plan.rate_hz:g}/s" if plan.rate_hz else f"one per {series.period_s:g} s"
+    click.echo(
+        f"{series.source}: {len(series.values)} readings of {', '.join(series.channels)} "
+        f"to {plan.topic}, {pace}{' (loop)' if loop else ''}"
+    )
+    for note in series.notes:
+        click.echo(f"note: {note}")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        count = run_replay(series, plan, stop)
+    except ConnectionError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(
+        f"published {count.published} readings ({count.acknowledged} acknowledged, "
+        f"{count.passes} full pass{'es' if count.passes != 1 else ''})"
+    )
+
+
+def _replay_broker(url: str, username: str | None) -> Any:
+    """The broker as a config section (its checks: mqtt[s]://host[:port], no credentials)."""
+    from pydantic import ValidationError
+
+    from daemon.config import MqttSection
+
+    try:
+        return MqttSection.model_validate({"url": url, "username": username})
+    except ValidationError as exc:
+        message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise click.BadParameter(message, param_hint="--broker") from exc
+
+
+def _stream_id(stream: str) -> str:
+    if not stream or re.search(r"[+#/\s]", stream):
+        raise click.BadParameter(
+            f"{stream!r} is not a stream id (no + # / or whitespace)", param_hint="--stream"
+        )
+    return stream
+
+
+def _replay_series(
+    path: Path,
+    channels: str | None,
+    time_column: str | None,
+    label_columns: tuple[str, ...],
+    period_s: float | None,
+    now_based: bool,
+) -> Any:
+    """The CSV as a series to replay, or one `error:` line and exit 78."""
+    from daemon.series import SeriesError, read_series
+
+    try:
+        return read_series(
+            path,
+            channels=[c.strip() for c in channels.split(",") if c.strip()] if channels else None,
+            time_column=time_column,
+            label_columns=label_columns,
+            period_s=period_s,
+            need_timestamps=not now_based,
+        )
+    except SeriesError as exc:
+        refuse(exc)
