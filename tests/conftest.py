@@ -16,6 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from host_program import SBIN
+
+# Debian installs mosquitto and ip in /usr/sbin, not on a normal user's PATH: the tests (and the
+# programs they start) find them there.
+_PATH = os.environ.get("PATH", "").split(os.pathsep)
+os.environ["PATH"] = os.pathsep.join([*_PATH, *(d for d in SBIN if d not in _PATH)])
 
 if TYPE_CHECKING:
     from training.data import SensorTable
