@@ -1,9 +1,9 @@
 """Start-up checks: everything `oteo run` refuses to start with, shared with `oteo check-config`.
 
 In order: the config file, its secret and TLS files, the model file, then what needs both: the
-alarm overrides against the model's own policy and the stream timings against its sample period.
-A refusal is a ConfigError or a ModelFileError (`REFUSALS`) with a one-line message; the daemon
-runs the same checks again on every reload, and a failed reload keeps the old model serving.
+config's alarm overrides against the model's own alarm policy. A refusal is a ConfigError or a
+ModelFileError (`REFUSALS`) with a one-line message. The daemon runs the same checks on every
+reload; a failed reload keeps the old model serving.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 from daemon.config import Config, ConfigError, MqttSection, apply_alarm_overrides, load_config
 from daemon.manifest import AlarmPolicy
 from daemon.model import Model, ModelFileError
-from daemon.section import IngestSection
 
 REFUSALS = (ConfigError, ModelFileError)
 
@@ -47,7 +46,6 @@ def check_startup(cfg: Config) -> Startup:
         cfg.model.path, threads=cfg.model.onnx_threads, expected_sha256=cfg.model.sha256
     )
     policy = apply_alarm_overrides(model.manifest.alarm, cfg.alarm)
-    check_timing(cfg.ingest, model.manifest.sample_period_s)
     return Startup(cfg, model, policy)
 
 
@@ -72,18 +70,6 @@ def check_tls_files(mqtt: MqttSection) -> None:
         raise ConfigError(
             f"mqtt.cert_file: cannot load {mqtt.cert_file}{key}: {_reason(exc)}"
         ) from exc
-
-
-def check_timing(ingest: IngestSection, sample_period_s: float) -> None:
-    """Refuse stream timings that cannot work with the model's sample period."""
-    stale_s = ingest.stale_s(sample_period_s)
-    if stale_s < sample_period_s:
-        # Unset, stale_after_s is twice max_gap_s: name the key the operator actually wrote.
-        field = "stale_after_s" if ingest.stale_after_s is not None else "max_gap_s"
-        raise ConfigError(
-            f"ingest.{field}: streams would turn stale after {stale_s:g} s, less than the "
-            f"model's sample period ({sample_period_s:g} s), i.e. between two readings"
-        )
 
 
 def _reason(exc: OSError) -> str:

@@ -53,10 +53,6 @@ BAD = {
         "error: alarm: exit_threshold (1000000.0) must not exceed enter_threshold (",
     ),
     "k_as_a_string": ({"alarm": {"k": "3"}}, "error: alarm.k: Input should be a valid integer"),
-    "stale_between_readings": (
-        {"ingest": {"stale_after_s": 0.5}},
-        "error: ingest.stale_after_s: streams would turn stale after 0.5 s",
-    ),
     "missing_model": ({"model": Path("/nonexistent/m.onnx")}, "error: /nonexistent/m.onnx: "),
     "bad_ca_file": (bad_ca, "error: mqtt.ca_file: cannot load "),
     "password_readable_by_all": (open_password, "error: mqtt.password_file: "),
