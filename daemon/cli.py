@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import signal
 import sys
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -54,10 +57,15 @@ def main(verbose: int) -> None:
     try:
         check_distribution()
     except DistributionError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+        refuse(exc)
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def refuse(exc: Exception) -> NoReturn:
+    """Exit 78 with one `error:` line: a bad config, model or data file (not a usage error)."""
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(EXIT_CONFIG)
 
 
 def load_model_or_exit(path: Path) -> Any:
@@ -67,8 +75,7 @@ def load_model_or_exit(path: Path) -> Any:
     try:
         return Model.load(path)
     except ModelFileError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+        refuse(exc)
 
 
 @main.command()
@@ -134,31 +141,35 @@ def _overrides(model: Path | None, broker: str | None, http: str | None) -> dict
     return out
 
 
-def _load_config(config_path: Path | None, overrides: dict[str, Any]) -> Any:
-    from daemon.config import ConfigError, load_config
-
-    if config_path is None and "model.path" not in overrides:
-        raise click.UsageError("give --config FILE or at least --model MODEL.onnx")
-    try:
-        return load_config(config_path, overrides)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-
-
 @main.command("check-config")
 @click.argument("config_path", type=click.Path(path_type=Path))
 def check_config(config_path: Path) -> None:
-    """Validate a config file and print the effective config (secrets redacted)."""
-    from daemon.config import ConfigError
+    """Run every start-up check and print the effective config (secrets redacted).
 
-    cfg = _load_config(config_path, {})
+    The checks `oteo run` makes before serving: the file, its secret and TLS files, the model it
+    names and the alarm overrides against the model's own policy. The config goes to stdout as
+    JSON; the model and the effective alarm policy to stderr.
+    """
+    from daemon.startup import REFUSALS, load_startup
+
     try:
-        cfg.check_secrets()
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    click.echo(json.dumps(cfg.redacted(), indent=2, default=str))
+        startup = load_startup(config_path)
+    except REFUSALS as exc:
+        refuse(exc)
+    click.echo(json.dumps(startup.cfg.redacted(), indent=2, default=str))
+    model, policy = startup.model, startup.policy
+    m = model.manifest
+    click.echo(f"model {model.path}: {m.name} {m.version}, sha256 {model.sha256}", err=True)
+    overridden = startup.overridden()
+    source = f"set by the config: {', '.join(overridden)}" if overridden else "the model's"
+    click.echo(
+        f"alarm policy ({source}): enter {policy.enter_threshold:.4g}, "
+        f"exit {policy.exit_threshold:.4g}, hop {policy.hop}, {policy.k} of {policy.n} windows, "
+        f"clear after {policy.clear_windows}, cool-down {policy.cooldown_windows}, "
+        f"smoothing {policy.smoothing_alpha:g}",
+        err=True,
+    )
+    click.echo(f"{config_path}: OK", err=True)
 
 
 @main.command()
@@ -168,21 +179,145 @@ def check_config(config_path: Path) -> None:
 @click.option("--http", help="HTTP bind HOST:PORT (overrides config).")
 def run(config_path: Path | None, model: Path | None, broker: str | None, http: str | None) -> None:
     """Run the daemon in the foreground (for systemd); SIGTERM or Ctrl-C stop it cleanly."""
-    from daemon.config import ConfigError
+    from daemon.config import load_config
     from daemon.service import Daemon, StartupError
+    from daemon.startup import REFUSALS
 
     overrides = _overrides(model, broker, http)
-    cfg = _load_config(config_path, overrides)
+    if config_path is None and "model.path" not in overrides:
+        raise click.UsageError("give --config FILE or at least --model MODEL.onnx")
     try:
-        cfg.check_secrets()  # before the model loads: a bad secret file fails fast
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    try:
+        cfg = load_config(config_path, overrides)
+        # The Daemon runs the start-up checks of `oteo check-config` (daemon/startup.py).
         daemon = Daemon(cfg, config_path=config_path, overrides=overrides)
         code = daemon.run()
-    except StartupError as exc:
-        logging.getLogger("oteo").error("%s", exc)
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+    except (*REFUSALS, StartupError) as exc:
+        refuse(exc)
     sys.exit(code)
+
+
+@main.command()
+@click.argument("csv_path", type=click.Path(path_type=Path))
+@click.option("--broker", required=True, help="mqtt://host[:port] or mqtts://host[:port].")
+@click.option("--stream", help="Stream id in the topic (default: the file name without .csv).")
+@click.option(
+    "--rate", type=float, help="Readings per second (default: the CSV's own pace, 1 / period)."
+)
+@click.option("--loop", is_flag=True, help="Start again at the end, until Ctrl-C.")
+@click.option(
+    "--now", "now_based", is_flag=True, help="Timestamps from this host's clock, a period apart."
+)
+@click.option("--channels", help="Comma-separated columns to send (default: every numeric one).")
+@click.option("--time-column", help="Timestamp column (default: found by its name).")
+@click.option(
+    "--label-column",
+    "label_columns",
+    multiple=True,
+    default=("anomaly", "changepoint"),
+    show_default=True,
+    help="Columns never sent.",
+)
+@click.option("--period", type=float, help="Sample period in seconds (default: from the data).")
+@click.option(
+    "--topic-prefix", default="sensors", show_default=True, help="As topics.input_prefix."
+)
+@click.option("--username", help="Broker user name; the password comes from $OTEO_MQTT_PASSWORD.")
+def replay(
+    csv_path: Path,
+    broker: str,
+    stream: str | None,
+    rate: float | None,
+    loop: bool,
+    now_based: bool,
+    channels: str | None,
+    time_column: str | None,
+    label_columns: tuple[str, ...],
+    period: float | None,
+    topic_prefix: str,
+    username: str | None,
+) -> None:
+    """Publish a CSV's rows as readings on {prefix}/{stream}/data (QoS 1), to try the daemon.
+
+    Each row is `{"ts": ..., "seq": ..., "values": {column: number}}`; label columns are not
+    sent. Timestamps are the CSV's own unless --now. Ctrl-C stops it.
+    """
+    from daemon.replay import ReplayPlan
+    from daemon.replay import replay as run_replay
+
+    if rate is not None and not rate > 0:
+        raise click.BadParameter("must be above 0", param_hint="--rate")
+    if period is not None and not period > 0:
+        raise click.BadParameter("must be above 0", param_hint="--period")
+    plan = ReplayPlan(
+        _replay_broker(broker, username),
+        _stream_id(stream if stream is not None else csv_path.stem),
+        rate_hz=rate,
+        loop=loop,
+        now=now_based,
+        prefix=topic_prefix,
+    )
+    series = _replay_series(csv_path, channels, time_column, label_columns, period, now_based)
+    pace = f"{plan.rate_hz:g}/s" if plan.rate_hz else f"one per {series.period_s:g} s"
+    click.echo(
+        f"{series.source}: {len(series.values)} readings of {', '.join(series.channels)} "
+        f"to {plan.topic}, {pace}{' (loop)' if loop else ''}"
+    )
+    for note in series.notes:
+        click.echo(f"note: {note}")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        count = run_replay(series, plan, stop)
+    except ConnectionError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(
+        f"published {count.published} readings ({count.acknowledged} acknowledged, "
+        f"{count.passes} full pass{'es' if count.passes != 1 else ''})"
+    )
+
+
+def _replay_broker(url: str, username: str | None) -> Any:
+    """The broker as a config section (its checks: mqtt[s]://host[:port], no credentials)."""
+    from pydantic import ValidationError
+
+    from daemon.config import MqttSection
+
+    try:
+        return MqttSection.model_validate({"url": url, "username": username})
+    except ValidationError as exc:
+        message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise click.BadParameter(message, param_hint="--broker") from exc
+
+
+def _stream_id(stream: str) -> str:
+    if not stream or re.search(r"[+#/\s]", stream):
+        raise click.BadParameter(
+            f"{stream!r} is not a stream id (no + # / or whitespace)", param_hint="--stream"
+        )
+    return stream
+
+
+def _replay_series(
+    path: Path,
+    channels: str | None,
+    time_column: str | None,
+    label_columns: tuple[str, ...],
+    period_s: float | None,
+    now_based: bool,
+) -> Any:
+    """The CSV as a series to replay, or one `error:` line and exit 78."""
+    from daemon.series import SeriesError, read_series
+
+    try:
+        return read_series(
+            path,
+            channels=[c.strip() for c in channels.split(",") if c.strip()] if channels else None,
+            time_column=time_column,
+            label_columns=label_columns,
+            period_s=period_s,
+            need_timestamps=not now_based,
+        )
+    except SeriesError as exc:
+        refuse(exc)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import prometheus_client
 
 from daemon import __version__
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import Config, load_config
 from daemon.control import Controls
 from daemon.drain import Drain
 from daemon.engine import Engine
@@ -30,7 +30,6 @@ from daemon.http import HttpServer
 from daemon.intake import Intake
 from daemon.messages import Status, format_ts
 from daemon.metrics import Metrics
-from daemon.model import Model, ModelFileError
 from daemon.mqtt import LinkState, MqttLink, Outgoing
 from daemon.notify import Notifier
 from daemon.ops import OpsHandler
@@ -38,6 +37,7 @@ from daemon.outbox import Outbox, OutboxError
 from daemon.publisher import Publisher, Topics
 from daemon.recorder import Recorder
 from daemon.responder import Responder
+from daemon.startup import REFUSALS, check_startup
 from daemon.telemetry import LinkMirror, Summary
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ class Daemon:
         config_path: Path | None = None,
         overrides: dict[str, Any] | None = None,
     ) -> None:
-        _startup(cfg.check_secrets)
         self.cfg = cfg
         self._config_path = config_path
         self._overrides = overrides or {}
@@ -71,7 +70,7 @@ class Daemon:
         # `_created` series double the exposition and nobody graphs them (process-wide switch).
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.metrics = Metrics(max_stream_labels=cfg.metrics.max_stream_labels)
-        self.model = _startup(lambda: _load_model(cfg))
+        self.model = _startup(lambda: check_startup(cfg).model)  # what `check-config` checks
         self._model_stamp = _stamp(cfg.model.path)
         self.topics = Topics(cfg.topics.input_prefix, cfg.topics.output_prefix, cfg.instance)
         self.controls = Controls(
@@ -333,11 +332,10 @@ class Daemon:
         try:
             if reread_config and self._config_path is not None:
                 cfg = load_config(self._config_path, self._overrides)
-                cfg.check_secrets()
-            model = _load_model(cfg)
+            model = check_startup(cfg).model  # what `check-config` checks
             self.engine.cfg = cfg
             self.engine.use_model(model)  # checks the alarm overrides first: may raise
-        except (ConfigError, ModelFileError) as exc:
+        except REFUSALS as exc:
             self.engine.cfg = self.cfg
             log.error("reload (%s) failed, the current model keeps serving: %s", why, exc)
             self.metrics.model_reloads_total.labels(result="failed").inc()
@@ -358,17 +356,11 @@ class Daemon:
         self.notifier.send("READY=1", f"STATUS=model {m.name} {m.version}")
 
 
-def _load_model(cfg: Config) -> Model:
-    return Model.load(
-        cfg.model.path, threads=cfg.model.onnx_threads, expected_sha256=cfg.model.sha256
-    )
-
-
 def _startup(build: Callable[[], _T]) -> _T:
     """Run a start-up step; a config or model-file problem becomes one StartupError line."""
     try:
         return build()
-    except (ConfigError, ModelFileError) as exc:
+    except REFUSALS as exc:
         raise StartupError(str(exc)) from exc
 
 

@@ -9,12 +9,19 @@ the daemon's tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from host_program import SBIN
+
+# Debian installs mosquitto and ip in /usr/sbin, not on a normal user's PATH: the tests (and the
+# programs they start) find them there.
+_PATH = os.environ.get("PATH", "").split(os.pathsep)
+os.environ["PATH"] = os.pathsep.join([*_PATH, *(d for d in SBIN if d not in _PATH)])
 
 if TYPE_CHECKING:
     from training.data import SensorTable
@@ -28,6 +35,22 @@ TINY_EPOCHS = 3
 TINY_SEED = 0
 
 Trainer = Callable[..., "TrainResult"]  # (out, *, table=None, seed=0, epochs=3, **model)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A daemon started without `state_dir` keeps its outbox under a temporary XDG_STATE_HOME.
+
+    The default is ~/.local/state/oteo/{instance}: shared by every test run on the machine.
+    """
+    saved = {name: os.environ.pop(name, None) for name in ("XDG_STATE_HOME", "STATE_DIRECTORY")}
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state-home"))
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,15 @@ stays fast and torch-free.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import sys
 from pathlib import Path
 
 import click
 
-from daemon.cli import EXIT_CONFIG, load_model_or_exit
+from daemon.cli import EXIT_CONFIG, load_model_or_exit, refuse
 from training.preset import PRESETS
 
 ARCHITECTURES = ("dense", "conv1d", "gru", "lstm")
@@ -57,13 +59,14 @@ def _load(path: Path, time_column, channels, label_columns, period, max_gap):  #
             period_s=period,
             max_gap_s=max_gap,
         )
-    except (DataError, FileNotFoundError) as exc:
-        click.echo(f"error: {path}: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+    except (DataError, OSError) as exc:
+        # A bad data file is like a bad model file: one line, exit 78 (not click's usage error).
+        message = str(exc) if path.name in str(exc) else f"{path}: {exc}"
+        refuse(DataError(message))
 
 
 @click.command()
-@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Output .onnx (default: models/<data>.onnx)."
 )
@@ -172,7 +175,15 @@ def train(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    result = run_training(table, opts, out)
+    # This command prints the warnings and the file written itself: the pipeline's log lines
+    # would say each twice.
+    pipeline_log = logging.getLogger("training.pipeline")
+    level = pipeline_log.level
+    pipeline_log.setLevel(logging.ERROR)
+    try:
+        result = run_training(table, opts, out)
+    finally:
+        pipeline_log.setLevel(level)
     report_path = None
     if report:
         from training.report import write_report
@@ -199,20 +210,23 @@ def train(
         f"enter {m.alarm.enter_threshold:.4g} / exit {m.alarm.exit_threshold:.4g} "
         f"(rule {m.calibration.rule}); parity {m.validation.parity_max_rel_error:.1e}"
     )
-    for note in summary["notes"]:
+    click.echo(f"sha256 {hashlib.sha256(out.read_bytes()).hexdigest()}")
+    for note in result.notes:
         click.echo(f"note: {note}")
+    for warning in m.calibration.warnings:
+        click.echo(f"warning: {warning}")
     if report_path:
         click.echo(f"report: {report_path}")
 
 
 @click.command()
-@click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
 @_data_options
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(exists=True, path_type=Path),
+    type=click.Path(path_type=Path),
     help="Daemon config: apply its alarm-policy overrides.",
 )
 @click.option(
@@ -249,8 +263,7 @@ def evaluate(
         try:
             policy = apply_alarm_overrides(policy, load_config(config_path).alarm)
         except ConfigError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_CONFIG)
+            refuse(exc)
     label = label_columns[0] if label_columns else "anomaly"
     if label not in table.labels:
         click.echo(

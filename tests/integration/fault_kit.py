@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as paho
 from daemon_harness import OteoProcess, Publisher, Watcher, daemon_config
+from host_program import require
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from daemon.manifest import Manifest
@@ -410,7 +411,8 @@ class NetNs:
     """
 
     def __init__(self) -> None:
-        self._holder = subprocess.Popen(["unshare", "-n", "sleep", "600"], stdin=subprocess.DEVNULL)
+        unshare = require("unshare")
+        self._holder = subprocess.Popen([unshare, "-n", "sleep", "600"], stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 5
         own = os.readlink("/proc/self/ns/net")
         while os.readlink(f"/proc/{self._holder.pid}/ns/net") == own:
@@ -439,7 +441,7 @@ class NetNs:
         """`ip link set lo up|down` inside the namespace."""
         with self.inside():
             subprocess.run(
-                ["ip", "link", "set", "lo", "up" if up else "down"], check=True, timeout=10
+                [require("ip"), "link", "set", "lo", "up" if up else "down"], check=True, timeout=10
             )
 
     def close(self) -> None:
@@ -452,7 +454,8 @@ class NetNs:
 
 def mosquitto_passwd(path: Path, users: dict[str, str]) -> Path:
     for i, (user, password) in enumerate(users.items()):
-        args = ["mosquitto_passwd", "-b"] + (["-c"] if i == 0 else []) + [str(path), user, password]
+        create = ["-c"] if i == 0 else []
+        args = [require("mosquitto_passwd"), "-b", *create, str(path), user, password]
         subprocess.run(args, check=True, capture_output=True, timeout=10)
     return path
 

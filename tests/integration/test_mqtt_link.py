@@ -17,6 +17,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from host_program import require, require_file
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -525,9 +526,7 @@ def test_suback_refusals_are_counted_and_logged_once_per_connection(
 ) -> None:
     # The dynamic-security plugin refuses subscriptions with SUBACK 0x87 (an acl_file would
     # grant them silently and deliver nothing).
-    plugin = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
-    if not plugin.exists():
-        pytest.skip(f"{plugin} not installed")
+    plugin = Path(require_file("/usr/lib/*/mosquitto_dynamic_security.so"))
     dynsec = tmp_path / "dynsec.json"
     access = {"publishClientSend": True, "publishClientReceive": True, "subscribe": False,
               "unsubscribe": True}  # fmt: skip
@@ -573,9 +572,7 @@ def test_mqtt_v311_works(mosquitto: Broker, links: Links, watch: Callable[..., W
 def test_tls_connects_with_the_configured_ca_and_refuses_an_unknown_one(
     make_broker: BrokerFactory, links: Links, tmp_path: Path
 ) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl not installed")
+    openssl = require("openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",

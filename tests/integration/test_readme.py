@@ -21,6 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from host_program import require
+
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
@@ -30,7 +32,9 @@ ELSEWHERE = {
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[demo]' && oteo demo": (
         ".ci/run does the install; tests/integration/test_demo_command.py runs oteo demo"
     ),
-    "pip install -e '.[train,test,demo]' && python -m pytest -q": ".ci/run",
+    "scripts/setup-test-env && python -m pytest -q": (
+        ".ci/run runs scripts/setup-test-env, then the suite"
+    ),
     "python -m pytest -q": ".ci/run",
     "ruff check daemon training tests": ".ci/run",
     "python -m daemon.jsonschema daemon/schema": "tests/unit/test_schema_drift.py",
@@ -110,6 +114,7 @@ def free_port() -> int:
 
 def test_daemon_walkthrough_runs_with_test_ports(tmp_path: Path, mosquitto) -> None:
     run_cmd, simulate_cmd, curl_cmd = block_with(DAEMON)
+    require("curl")
     http = free_port()
     substitutions = {
         "1883": str(mosquitto.port),

@@ -50,6 +50,7 @@ from fault_kit import (
     wait_for,
     windows_for,
 )
+from host_program import require
 from onnx import numpy_helper
 
 from daemon.manifest import METADATA_KEY
@@ -695,7 +696,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "disk"
     mount.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)],
+        [require("mount"), "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)],
         check=True,
         timeout=10,
     )

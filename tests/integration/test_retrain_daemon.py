@@ -29,6 +29,7 @@ from daemon_harness import (
     oteo_command,
     wait_until,
 )
+from host_program import require
 
 from daemon.model import Model
 from daemon.recording import FILE_NAME
@@ -138,7 +139,7 @@ def test_record_retrain_promote_swaps_without_losing_or_repeating_a_window(
         # The README's copy of a live recording, made while the daemon writes to it.
         copy = tmp_path / "copy.sqlite3"
         backup = subprocess.run(
-            ["sqlite3", str(daemon.state_dir / FILE_NAME), f".backup {copy}"],
+            [require("sqlite3"), str(daemon.state_dir / FILE_NAME), f".backup {copy}"],
             capture_output=True,
             text=True,
             timeout=60,

@@ -35,6 +35,7 @@ from fault_kit import (
     wait_for,
     windows_for,
 )
+from host_program import require
 
 Broker = Any  # conftest.Broker
 BrokerFactory = Callable[..., Broker]
@@ -174,7 +175,8 @@ def test_one_hostile_reading_does_not_kill_the_daemon(mosquitto: Broker, fleet: 
 
 
 def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+    command = [require("openssl"), *args]
+    subprocess.run(command, cwd=cwd, check=True, capture_output=True, timeout=30)
 
 
 EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]

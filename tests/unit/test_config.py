@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-import daemon.config
+import daemon.setting
 from daemon.config import (
     AlarmSection,
     Config,
@@ -30,34 +31,41 @@ def write(tmp_path: Path, text: str) -> Path:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("OTEO_MQTT_PASSWORD", "STATE_DIRECTORY", "CREDENTIALS_DIRECTORY"):
+    for name in (
+        "OTEO_MQTT_PASSWORD",
+        "STATE_DIRECTORY",
+        "CREDENTIALS_DIRECTORY",
+        "XDG_STATE_HOME",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
 def test_example_config_loads() -> None:
     config = load_config(REPO / "examples" / "oteo.toml")
     assert config.model.path == Path("models/demo.onnx")
-    assert config.mqtt.tls and config.mqtt.port == 8883
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.tls) == ("localhost", 1883, False)
+    assert config.mqtt.password_file is None  # the secrets are commented-out examples
     assert config.alarm.sensitivity == {"pump-1": 1.5}
 
 
 def test_example_config_sets_every_section() -> None:
     text = (REPO / "examples" / "oteo.toml").read_text(encoding="utf-8")
     for name, field in Config.model_fields.items():
-        assert f"[{name}]" in text or f"\n{name} = " in text, f"{name} missing from the example"
+        assert re.search(rf"^(\[{name}\]|(# )?{name} = )", text, re.M), f"{name} not in the example"
         section = field.annotation
         if isinstance(section, type) and hasattr(section, "model_fields"):
             for key in section.model_fields:
                 assert key in text, f"{name}.{key} is not documented in the example"
 
 
-def test_defaults_need_only_a_model() -> None:
+def test_defaults_need_only_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
     config = load_config(None, MINIMAL)
     assert config.mqtt.url == "mqtt://localhost:1883"
     assert (config.mqtt.host, config.mqtt.port, config.mqtt.tls) == ("localhost", 1883, False)
     assert config.http.bind == "127.0.0.1"
-    assert config.state_dir == Path("state")
     assert config.instance
+    assert config.state_dir == tmp_path / ".local/state/oteo" / config.instance
 
 
 def test_missing_model_path_is_named() -> None:
@@ -220,6 +228,63 @@ def test_state_dir_defaults_to_systemd_state_directory(monkeypatch: pytest.Monke
     assert load_config(None, MINIMAL).state_dir == Path("/var/lib/oteo")
 
 
+def test_state_dir_defaults_under_xdg_state_home_per_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not ./state: a daemon started from a checkout must not leave state in the working tree."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    config = load_config(None, {**MINIMAL, "instance": "pump-house-1"})
+    assert config.state_dir == tmp_path / "oteo" / "pump-house-1"
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/ignored")  # the XDG spec: ignore it
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(None, {**MINIMAL, "instance": "a"})
+    assert config.state_dir == tmp_path / ".local/state/oteo/a"
+
+
+def test_state_dir_set_in_the_file_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/oteo")
+    path = write(tmp_path, f'state_dir = "{tmp_path}/s"\n[model]\npath = "m.onnx"\n')
+    assert load_config(path).state_dir == tmp_path / "s"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[alarm]\nk = "3"', "alarm.k: Input should be a valid integer"),
+        ("[alarm]\nk = true", "alarm.k: Input should be a valid integer"),
+        ("[alarm]\nk = 3.0", "alarm.k: Input should be a valid integer"),
+        ('[alarm]\nenter_threshold = "2.5"', "alarm.enter_threshold: Input should be a valid"),
+        ("[http]\nport = true", "http.port: Input should be a valid integer"),
+        ('[http]\nport = "9108"', "http.port: Input should be a valid integer"),
+        ("[mqtt]\nqos = true", "mqtt.qos: Input should be 0 or 1"),
+        ("[mqtt]\nqos = 1.0", "mqtt.qos: Input should be 0 or 1"),
+        ('[topics]\nper_channel = "yes"', "topics.per_channel: Input should be a valid boolean"),
+        ("[topics]\nper_channel = 1", "topics.per_channel: Input should be a valid boolean"),
+        ('[record]\nstreams = "pump-*"', "record.streams: Input should be a valid list"),
+        ('[model]\npath = "m.onnx"\nonnx_threads = 2.0', "model.onnx_threads: Input should be"),
+        ("instance = 7", "instance: Input should be a valid string"),
+    ],
+)
+def test_values_are_strictly_typed(tmp_path: Path, toml: str, message: str) -> None:
+    model = "" if "[model]" in toml else '\n[model]\npath = "m.onnx"\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, toml + model))
+    assert str(caught.value).startswith(message)
+
+
+def test_integers_are_fine_for_float_fields(tmp_path: Path) -> None:
+    """TOML writes 1.0 as `1` as often as not: a number is a number."""
+    path = write(
+        tmp_path,
+        '[model]\npath = "m.onnx"\n[alarm]\nenter_threshold = 3\nsmoothing_alpha = 1\n'
+        "[alarm.sensitivity]\npump-1 = 2\n[scoring]\nmax_wait_s = 0\n",
+    )
+    config = load_config(path)
+    assert config.alarm.enter_threshold == 3.0 and isinstance(config.alarm.enter_threshold, float)
+    assert config.alarm.sensitivity == {"pump-1": 2.0}
+    assert config.scoring.max_wait_s == 0.0
+
+
 def test_protocol_accepts_a_bare_5(tmp_path: Path) -> None:
     path = write(tmp_path, '[model]\npath = "m.onnx"\n[mqtt]\nprotocol = 5\n')
     assert load_config(path).mqtt.protocol == "5"
@@ -270,7 +335,7 @@ def test_container_secret_mounts_may_be_readable_by_everyone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Compose bind-mounts a secret with the host file's mode; the container is the boundary."""
-    monkeypatch.setattr(daemon.config, "CONTAINER_SECRETS", tmp_path)
+    monkeypatch.setattr(daemon.setting, "CONTAINER_SECRETS", tmp_path)
     secret = tmp_path / "http-token"
     secret.write_text("t0ken\n", encoding="utf-8")
     secret.chmod(0o644)
