@@ -166,6 +166,12 @@ class Manifest(_Strict):
     noise_level: float = Field(0.0, ge=0)
     code_size: int = Field(ge=1)
     hashable: bool = Field(description="The code is near-binary: code > 0.5 gives hash bits.")
+    code_median: list[float] | None = Field(
+        None,
+        description="Median of each code unit over held-back normal windows. Models not trained "
+        "for hashing derive hash bits as code > code_median (one bit per unit, about half set on "
+        "normal data); absent in files exported before it existed.",
+    )
     calibration: Calibration
     alarm: AlarmPolicy
     score_quantiles: Quantiles
@@ -187,7 +193,17 @@ class Manifest(_Strict):
             raise ValueError("channel_scale values must be > 0")
         if len(self.channel_score_quantiles.values) != n:
             raise ValueError("channel_score_quantiles needs one row per channel")
+        if self.code_median is not None and len(self.code_median) != self.code_size:
+            raise ValueError("code_median needs one value per code unit")
         return self
+
+    def hash_cut(self) -> np.ndarray | None:
+        """Per code unit, the value above which a bit is set; None: the model cannot hash."""
+        if self.hashable:
+            return np.full(self.code_size, 0.5)
+        if self.code_median is not None:
+            return np.asarray(self.code_median)
+        return None
 
     def to_json(self) -> str:
         return self.model_dump_json()

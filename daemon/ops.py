@@ -167,11 +167,11 @@ class OpsHandler:
     def _run_stateless(self, op: str, body: bytes) -> bytes:
         model = self._model()  # once: a hot reload mid-request does not mix two models
         manifest = model.manifest
-        if op == "hash" and not manifest.hashable:
+        if op == "hash" and manifest.hash_cut() is None:
             raise OpError(
                 "not_hashable",
-                f"model {manifest.name} v{manifest.version} has no binary code; "
-                "train it with --hashing to use hash",
+                f"model {manifest.name} v{manifest.version} has no hash rule (exported before "
+                "code_median existed); re-export it, or train with --hashing",
             )
         request = _parse(OpRequest, body)
         count, limit = len(request.windows), self.max_windows
@@ -194,7 +194,9 @@ def _reply(op: str, model: Model, out: ScoreBatch, request_id: str | None) -> by
     if op == "encode":
         return EncodeReply(code=out.code.tolist(), id=request_id).to_json()
     if op == "hash":
-        bits = [bits_to_hex(row > 0.5) for row in out.code]
+        cut = model.manifest.hash_cut()
+        assert cut is not None  # checked before the run
+        bits = [bits_to_hex(row > cut) for row in out.code]
         return HashReply(bits=bits, nbits=out.code.shape[1], id=request_id).to_json()
     quantiles = model.manifest.score_quantiles
     return ScoreReply(

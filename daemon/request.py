@@ -81,7 +81,11 @@ class EncodeReply(_Reply):
 
 
 class HashReply(_Reply):
-    """Binary codes as hex, bit 0 of the code most significant (see `bits_to_hex`)."""
+    """Binary codes as hex, bit 0 of the code most significant (see `bits_to_hex`).
+
+    A bit is set where the code unit exceeds 0.5 (models trained with --hashing, whose code is
+    near-binary) or its median on normal training data (other models).
+    """
 
     op: Literal["hash"] = "hash"
     bits: list[Annotated[str, Field(pattern=r"^[0-9a-f]+$")]]

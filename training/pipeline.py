@@ -252,6 +252,7 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
         noise_level=cfg.noise_level if cfg.noise != "none" else 0.0,
         code_size=cfg.code_size,
         hashable=cfg.hashing,
+        code_median=np.median(code, axis=0).astype(float).tolist(),
         calibration=calibration,
         alarm=policy,
         score_quantiles=cal.quantile_table(score),

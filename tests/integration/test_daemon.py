@@ -41,6 +41,7 @@ from daemon.manifest import Manifest
 from daemon.messages import Event, ModelRef, format_ts
 from daemon.model import Model
 from daemon.outbox import Outbox
+from daemon.request import bits_to_hex
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO / "models" / "demo.onnx"
@@ -585,11 +586,13 @@ def test_ops_round_trip_over_mqtt_v5_and_http_with_error_replies(
     assert bytes(error.properties.CorrelationData) == b"corr-2"
     assert error.json()["error"] == "bad_request" and error.json()["id"] == "req-2"
 
-    assert not demo.hashable, "the demo model has no binary code: hash must be refused"
+    # The demo model is not trained for hashing: its bits are code > the code's median.
     ask("hash", request, "replies/hash", b"corr-3")
     hashed = reply_on("replies/hash")
     assert bytes(hashed.properties.CorrelationData) == b"corr-3"
-    assert hashed.json()["error"] == "not_hashable" and hashed.json()["op"] == "hash"
+    code = Model.load(daemon.config["model"]["path"]).run(np.asarray(windows, np.float32)).code
+    cut = np.asarray(demo.code_median)
+    assert hashed.json()["bits"] == [bits_to_hex(row > cut) for row in code]
 
     ask("frobnicate", request, "replies/unknown", b"corr-4")
     assert reply_on("replies/unknown").json()["error"] == "unknown_op"
@@ -616,7 +619,7 @@ def test_ops_round_trip_over_mqtt_v5_and_http_with_error_replies(
     status, doc = daemon.post_json("/v1/ops/denoise", {"windows": [[[1.0, 2.0]]]})
     assert status == 400 and doc["error"] == "bad_request" and doc["op"] == "denoise"
     status, doc = daemon.post_json("/v1/ops/hash", {"windows": windows})
-    assert status == 409 and doc["error"] == "not_hashable"
+    assert status == 200 and doc["nbits"] == demo.code_size, doc
 
     # Mute over HTTP: only a stream the daemon tracks (creating one would track a stream that
     # nobody publishes, and at the stream cap evict a real one).

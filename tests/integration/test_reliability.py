@@ -432,7 +432,9 @@ def bad_models(directory: Path) -> dict[str, Path]:
 
     window = demo_manifest().window
     with_manifest("wrong-shape", window=window * 2)
-    with_manifest("manifest-mismatch", code_size=demo_manifest().code_size + 1)
+    # A manifest consistent in itself (a code median per unit) that the graph contradicts.
+    wider = demo_manifest().code_size + 1
+    with_manifest("manifest-mismatch", code_size=wider, code_median=[0.0] * wider)
     proto = onnx.load_from_string(data)
     for init in proto.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT:

@@ -144,7 +144,15 @@ def test_conv1d_hashing_model_has_codes_in_unit_interval(
     assert Model.load(out).manifest.architecture == "conv1d"
 
 
-def test_plain_model_is_not_hashable(tiny_model_path: Path) -> None:
-    m = Model.load(tiny_model_path).manifest
-    assert m.hashable is False
-    assert m.validation.code_binariness is None
+def test_plain_model_hashes_by_the_median_of_its_code(
+    tiny_model_path: Path, tiny_windows: np.ndarray
+) -> None:
+    """Not trained for hashing: bits are code > its held-back median, about half set."""
+    model = Model.load(tiny_model_path)
+    m = model.manifest
+    assert m.hashable is False and m.validation.code_binariness is None
+    assert m.code_median is not None and len(m.code_median) == m.code_size
+    cut = m.hash_cut()
+    assert cut is not None and np.array_equal(cut, m.code_median)
+    bits = model.run(tiny_windows).code > cut
+    assert 0.2 < bits.mean() < 0.8  # normal windows: neither all set nor none

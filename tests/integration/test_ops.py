@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -22,6 +23,7 @@ from daemon.request import (
     ErrorReply,
     HashReply,
     ScoreReply,
+    bits_to_hex,
     hex_to_bits,
 )
 
@@ -108,9 +110,11 @@ def test_each_request_uses_the_model_current_when_it_starts(
 ) -> None:
     current = {"model": model}
     handler = OpsHandler(lambda: current["model"])
-    assert handler.handle("hash", body(windows))[0] == 409
+    before = json.loads(handler.handle("encode", body(windows))[1])["code"]
     current["model"] = hash_model  # a hot reload
-    assert handler.handle("hash", body(windows))[0] == 200
+    after = json.loads(handler.handle("encode", body(windows))[1])["code"]
+    np.testing.assert_allclose(before, model.run(windows).code, rtol=1e-6)
+    np.testing.assert_allclose(after, hash_model.run(windows).code, rtol=1e-6)
 
 
 def test_observe_gets_op_result_and_duration(model: Model, windows: np.ndarray) -> None:
@@ -190,11 +194,26 @@ def test_unknown_op_is_404(model: Model, windows: np.ndarray) -> None:
     assert "frobnicate" in error.message
 
 
-def test_hash_on_a_model_without_binary_code_is_409(model: Model, windows: np.ndarray) -> None:
+def test_hash_of_a_plain_model_sets_bits_above_the_code_median(
+    model: Model, windows: np.ndarray
+) -> None:
     status, reply = OpsHandler(lambda: model).handle("hash", body(windows))
+    assert status == 200, reply
+    doc = json.loads(reply)
+    code = model.run(windows).code
+    cut = np.asarray(model.manifest.code_median)
+    assert doc["nbits"] == model.manifest.code_size
+    assert doc["bits"] == [bits_to_hex(row > cut) for row in code]
+
+
+def test_hash_on_a_model_file_without_a_hash_rule_is_409(model: Model, windows: np.ndarray) -> None:
+    """Files exported before code_median existed: neither hashing nor a median to cut at."""
+    old = copy.copy(model)
+    old.manifest = model.manifest.model_copy(update={"code_median": None})
+    status, reply = OpsHandler(lambda: old).handle("hash", body(windows))
     assert status == 409
     assert error_of(reply).error == "not_hashable"
-    assert "--hashing" in error_of(reply).message
+    assert "re-export" in error_of(reply).message
 
 
 def test_unexpected_exception_is_500_with_a_generic_message(
