@@ -266,7 +266,15 @@ def test_fault_on_one_stream_raises_one_start_and_one_end_event_on_that_stream_o
         10,
         f"an end event on {names[2]}",
     )
-    time.sleep(0.5)  # anything else the last batch produced
+    ended_at = time.monotonic()
+
+    def normal_again() -> bool:
+        seen = collapse(states(watcher, names[2]))
+        return "anomalous" in seen and "normal" in seen[seen.index("anomalous") :]
+
+    wait_until(normal_again, 5)  # the state follows the end event (asserted below)
+    # Observation period: anything else the last batch produced would have arrived by now.
+    time.sleep(max(0.0, ended_at + 0.5 - time.monotonic()))
 
     faulty = events(watcher, names[2])
     starts = [e for e in faulty if e["kind"] == "start"]
@@ -438,7 +446,7 @@ def test_restart_with_backlog_loses_nothing(
     pub.send_all(readings_for("backlog", normal_series(n, seed=21)))
     daemon.start()
     m = daemon.wait_metric(lambda m: m("oteo_readings_total") >= n, 30, f"{n} readings")
-    time.sleep(0.5)  # nothing more should come
+    time.sleep(0.5)  # observation period: nothing more should come (an absence is not awaited)
     m = daemon.metrics()
     assert m("oteo_readings_total") == n
     assert m("oteo_messages_total", result="ok") == n
@@ -478,7 +486,15 @@ def test_events_left_in_the_outbox_are_published_once_the_broker_is_back(
 
     mosquitto.stop()
     daemon.start(wait="/healthz")
-    time.sleep(2.0)  # several reconnect attempts
+
+    def outage_counted() -> Metrics | None:
+        """A scrape showing a failed attempt and the waiting event (the gauges and the link's
+        counters reach /metrics about once a second)."""
+        m = daemon.metrics()
+        failures = m.series("oteo_mqtt_connect_failures_total")
+        return m if any(v for _, v in failures) and m("oteo_outbox_events") == 1 else None
+
+    wait_until(outage_counted, 10)  # what it shows is asserted below
     assert daemon.running, daemon.log_text()
     assert daemon.get("/readyz")[0] == 503
     assert daemon.get("/healthz")[0] == 200
@@ -608,7 +624,7 @@ def test_ops_round_trip_over_mqtt_v5_and_http_with_error_replies(
         m("oteo_ops_total", op="score", result="ok")
         == before("oteo_ops_total", op="score", result="ok") + 1
     )
-    time.sleep(0.3)
+    time.sleep(0.3)  # observation period: no reply to it may arrive (an absence is not awaited)
     replies = [x.topic for x in watcher.all() if x.topic.startswith("replies/")]
     assert sorted(replies) == ["replies/bad", "replies/hash", "replies/score", "replies/unknown"]
 
@@ -647,7 +663,7 @@ def test_ops_round_trip_over_mqtt_v5_and_http_with_error_replies(
     daemon.wait_metric(
         lambda m: m("oteo_readings_total") >= 2 * rows, 10, "both streams' readings taken"
     )
-    time.sleep(0.3)
+    time.sleep(0.3)  # observation period: no event on the muted stream may arrive
     assert events(watcher, "muted-1") == []
     assert collapse(states(watcher, "muted-1"))[-1] == "muted"
     streams = {s["stream"]: s for s in json.loads(daemon.get("/v1/streams")[1])}
@@ -825,7 +841,7 @@ def test_sigterm_drains_and_exits_zero(
     daemon.start()
     rest = n - 1 - last_taken
     m = daemon.wait_metric(lambda m: m("oteo_readings_total") >= rest, 30, f"{rest} readings")
-    time.sleep(0.5)
+    time.sleep(0.5)  # observation period: no reading more may come (an absence is not awaited)
     m = daemon.metrics()
     assert m("oteo_readings_total") == rest, (
         f"run 1 took readings up to #{last_taken}; run 2 got {m('oteo_readings_total')}, "
@@ -944,8 +960,14 @@ def test_alarms_are_reconciled_when_a_mute_ends(
         lambda m: m("oteo_readings_total") == sent["begins"] + sent["ends"], 10, "readings taken"
     )
     assert events(watcher, "begins") == []
-    # After the mute: more of the same data on both.
-    time.sleep(max(0.0, muted_at + mute_s + 1.5 - time.monotonic()))
+
+    # After the mute (it ends with the daemon's next once-a-second tick): more of the same data.
+    def streams_now() -> dict[str, dict[str, Any]]:
+        return {s["stream"]: s for s in json.loads(daemon.get("/v1/streams")[1])}
+
+    assert wait_until(
+        lambda: all(streams_now()[s]["state"] != "muted" for s in ("begins", "ends")), mute_s + 10
+    ), f"still muted {time.monotonic() - muted_at:.1f} s after a {mute_s} s mute: {streams_now()}"
     more = normal["a"][2 * window + 40 : 2 * window + 80].copy()
     more[:, FAULT_CHANNEL] += big
     send("begins", more)
@@ -953,8 +975,17 @@ def test_alarms_are_reconciled_when_a_mute_ends(
     daemon.wait_metric(
         lambda m: m("oteo_readings_total") == sent["begins"] + sent["ends"], 10, "readings taken"
     )
-    time.sleep(0.5)
-    listing = {s["stream"]: s for s in json.loads(daemon.get("/v1/streams")[1])}
+    taken_at = time.monotonic()
+
+    def reconciled() -> bool:
+        ended = [e["kind"] for e in events(watcher, "ends")]
+        began = [e["kind"] for e in events(watcher, "begins")]
+        return "end" in ended and "start" in began
+
+    wait_until(reconciled, 10)  # what arrived is asserted below
+    # Observation period: a second end would have arrived by now.
+    time.sleep(max(0.0, taken_at + 0.5 - time.monotonic()))
+    listing = streams_now()
     report = (
         f"begins: {collapse(states(watcher, 'begins'))} "
         f"{[e['kind'] for e in events(watcher, 'begins')]}; "

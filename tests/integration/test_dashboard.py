@@ -394,7 +394,14 @@ def test_every_dashboard_query_returns_data_from_real_prometheus_scraping_the_da
 
         assert wait_until(scraped_all, 10, 0.2), "prometheus did not scrape the last readings"
         at = time.time()
-        wait_until(lambda: False, 2 * SCRAPE_S)  # a couple more scrapes after the last reading
+
+        def scraped_twice_more() -> bool:
+            # A couple more scrapes (and rule evaluations, on the same interval) after the last
+            # reading: the latest scrape is at least one interval after it.
+            last = samples(prom.query('timestamp(up{job="oteo"})', time.time()))
+            return bool(last) and last[0] >= at + SCRAPE_S
+
+        assert wait_until(scraped_twice_more, 10, 0.2), f"no more scrapes:\n{prom.log()}"
 
         failures = []
         for where, expr in panel_queries(doc):

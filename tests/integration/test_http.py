@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from daemon_harness import wait_until
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -284,12 +285,12 @@ def test_connections_over_the_cap_are_refused(daemon: Daemon) -> None:
     server = daemon.server(max_connections=1, timeout_s=5)
     server.start()
     try:
+        url = f"http://127.0.0.1:{server.port}/healthz"
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as idle:
-            time.sleep(0.2)  # the idle connection holds the only slot
-            assert call(f"http://127.0.0.1:{server.port}/healthz")[0] == 503
+            # Once the server has taken the idle connection, it holds the only slot.
+            assert wait_until(lambda: call(url)[0] == 503, 5), "a connection over the cap served"
             idle.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
             assert idle.recv(100).startswith(b"HTTP/1.0 200")
-        time.sleep(0.2)
-        assert call(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+        assert wait_until(lambda: call(url)[0] == 200, 5), "the slot not freed after the close"
     finally:
         server.stop()

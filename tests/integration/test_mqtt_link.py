@@ -186,6 +186,7 @@ class Links:
     def __init__(self) -> None:
         self.made: list[MqttLink] = []
         self.states: dict[str, list[tuple[LinkState, str]]] = {}
+        self.stamps: dict[str, list[float]] = {}  # time.monotonic() of each state, in step
 
     def __call__(
         self,
@@ -207,6 +208,12 @@ class Links:
         settings.update(mqtt)
         cfg = MqttSection(url=url or broker.url, **settings)
         states = self.states.setdefault(client_id, [])
+        stamps = self.stamps.setdefault(client_id, [])
+
+        def on_state(state: LinkState, reason: str) -> None:
+            stamps.append(time.monotonic())
+            states.append((state, reason))
+
         link = MqttLink(
             cfg,
             client_id=client_id,
@@ -216,7 +223,7 @@ class Links:
             offline_payload=b"offline",
             on_message=on_message or Inbox(),
             outbox=outbox,
-            on_state=lambda state, reason: states.append((state, reason)),
+            on_state=on_state,
             counters=LinkCounters(),
         )
         self.made.append(link)
@@ -242,6 +249,9 @@ def test_connects_with_persistent_session_and_publishes_retained_online(
     # p5: MQTT v5; c0: Clean Start = 0 already on the first connect of the process.
     assert "as oteo-test (p5, c0, k5)" in mosquitto.log_text()
     assert [s for s, _ in links.states["oteo-test"]] == [LinkState.CONNECTING, LinkState.CONNECTED]
+    # The online status is published just after the CONNACK: once the broker has acknowledged
+    # it, a new subscriber must get it as a retained message.
+    assert wait_until(lambda: link.counters.acked == 1), link.counters
     watcher = watch([STATUS])  # subscribes after the fact: the status must be retained
     assert wait_until(lambda: watcher.messages == [(STATUS, b"online", True)])
 
@@ -258,7 +268,7 @@ link = MqttLink(MqttSection(url={mosquitto.url!r}, keepalive_s=5), client_id="ot
     offline_payload=b"offline", on_message=lambda m: True)
 link.start()
 print("connected" if link.wait_connected(15) else "not connected", flush=True)
-time.sleep(30)
+time.sleep(30)  # alive until the test kills it
 """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
@@ -287,7 +297,7 @@ def test_clean_stop_publishes_offline_and_the_will_is_not_sent(
     assert link.stop(timeout_s=3.0) is True
     assert link.state is LinkState.STOPPED
     assert wait_until(lambda: watcher.payloads() == [b"online", b"offline"])
-    time.sleep(0.5)  # a last will would arrive now as a second "offline"
+    time.sleep(0.5)  # observation period: a last will would arrive now as a second "offline"
     assert watcher.payloads() == [b"online", b"offline"]
     assert "Client oteo-test disconnected." in mosquitto.log_text()  # a clean DISCONNECT
 
@@ -310,17 +320,32 @@ def test_refused_connack_is_never_connected_and_backs_off(
 
     link = links(broker, client_id="oteo-wrong", username="oteo", reconnect_min_s=0.2,
                  reconnect_max_s=0.8)  # fmt: skip
-    time.sleep(3.0)
+    states, stamps = links.states["oteo-wrong"], links.stamps["oteo-wrong"]
 
-    states = links.states["oteo-wrong"]
+    def attempts_made() -> int:
+        return [s for s, _ in states].count(LinkState.CONNECTING)
+
+    # Six attempts, then a look while it waits for the seventh (0.6 s at least: no race).
+    assert wait_until(
+        lambda: attempts_made() >= 6 and states[-1][0] is LinkState.DISCONNECTED, 15.0
+    ), states
+    states, stamps = list(states), stamps[: len(states)]
     assert not link.connected
     assert LinkState.CONNECTED not in [s for s, _ in states]
     refusals = [r for s, r in states if s is LinkState.DISCONNECTED]
     # Mosquitto 2.0.11 answers a wrong v5 password with 0x87 Not authorized, not 0x86.
     assert refusals and all("refused the connection: Not authorized" in r for r in refusals)
-    # 0.2, 0.4, 0.8, 0.8, ... s apart (minus up to 25 % jitter): about 6 attempts in 3 s.
-    attempts = [s for s, _ in states].count(LinkState.CONNECTING)
-    assert 4 <= attempts <= 8
+    # Each retry waits its back-off step (0.2, 0.4, 0.8, 0.8, ... s, up to 25 % shorter), and
+    # no longer than the step plus a scheduling allowance.
+    waits = [
+        later - at
+        for (state, _), at, later in zip(states, stamps, stamps[1:], strict=False)
+        if state is LinkState.DISCONNECTED
+    ]
+    steps = [min(0.2 * 2**i, 0.8) for i in range(len(waits))]
+    paced = list(zip(steps, waits, strict=True))
+    assert all(0.75 * step - 0.05 <= wait <= step + 0.5 for step, wait in paced), paced
+    attempts = attempts_made()
     failures = link.counters.connect_failures
     assert failures["not_authorized"] == sum(failures.values()) == len(refusals)
     # One warning per back-off step (0.2, 0.4, 0.8), not one per attempt.
@@ -337,10 +362,11 @@ def test_broker_down_at_start_then_connects_when_it_comes_up(
 ) -> None:
     broker = make_broker(start=False)
     link = links(broker)
-    time.sleep(1.0)
+    failures = link.counters.connect_failures
+    assert wait_until(lambda: failures["network"] >= 2 and link.state is LinkState.DISCONNECTED), (
+        link.counters
+    )
     assert not link.connected
-    assert link.state is LinkState.DISCONNECTED
-    assert link.counters.connect_failures["network"] >= 2
     broker.start()
     assert link.wait_connected(3)
 
@@ -387,6 +413,7 @@ def test_manual_ack_back_pressure_loses_nothing_and_keeps_order(
     readings = [("sensors/pump/data", f"r{i:03d}".encode()) for i in range(200)]
     publish_all(mosquitto, readings)
 
+    # Observation period: for a second the refusing inbox is offered the first, and only it.
     time.sleep(1.0)
     assert inbox.taken == []
     assert set(inbox.offered) == {b"r000"}  # nothing behind the first is offered meanwhile
@@ -396,7 +423,7 @@ def test_manual_ack_back_pressure_loses_nothing_and_keeps_order(
     inbox.room, inbox.flaky = True, True  # room returns, but every other offer is refused
     link.wake()
     assert wait_until(lambda: len(inbox.taken) >= 200)
-    time.sleep(0.2)
+    time.sleep(0.2)  # observation period: nothing may be taken twice
     assert inbox.payloads() == [p for _, p in readings]
 
 
@@ -421,7 +448,7 @@ def test_a_link_holding_its_limit_stops_reading_and_still_resumes_after_a_broker
     publish_all(broker, qos0, qos=0)
     bound = 1000  # max(1000, 10 x max_inflight)
     assert wait_until(lambda: link.counters.held_incoming >= bound)
-    time.sleep(0.5)
+    time.sleep(0.5)  # observation period: it must not read beyond the bound
     assert link.counters.held_incoming == bound, "read beyond the bound"
     assert link.counters.dropped_qos0 == 0, "QoS 0 dropped while TCP could hold it"
 
@@ -499,7 +526,7 @@ def test_durable_messages_wait_in_the_outbox_and_go_oldest_first(
     assert wait_until(lambda: len(outbox) == 0, 3.0)
     expected = [b"old-0", b"old-1", *(f"new-{i}".encode() for i in range(5))]
     assert wait_until(lambda: len(watcher.payloads(events)) >= 7, 5.0)
-    time.sleep(0.2)
+    time.sleep(0.2)  # observation period: none may arrive twice
     assert watcher.payloads(events) == expected  # oldest first, none twice
     assert link.stop(timeout_s=3.0)
 

@@ -109,6 +109,21 @@ def events_produced(m: Metrics) -> int:
     return int(sum(m("oteo_events_total", kind=k) for k in ("start", "update", "end")))
 
 
+def link_counters_mirrored(daemon: OteoProcess, published: Watcher) -> Metrics:
+    """A scrape whose link counters cover every message `published` has seen of the daemon.
+
+    The link's counters reach /metrics about once a second, the PUBACK count after the outbox
+    errors. `published` subscribed, before the daemon started, to everything it publishes at
+    QoS 1: once that many PUBACKs are mirrored, the last message seen was sent, and the outbox
+    error of any message sent before is mirrored too.
+    """
+    return daemon.wait_metric(
+        lambda m: m("oteo_mqtt_publish_acks_total") >= len(published.all()),
+        10,
+        "the link's counters mirrored",
+    )
+
+
 def settle(
     daemon: OteoProcess, check: Callable[[Metrics], bool], timeout_s: float, what: str
 ) -> Metrics:
@@ -183,7 +198,10 @@ def test_broker_restart_mid_stream_loses_no_reading_and_no_event(
         wait_for(lambda: saved_at() > acknowledged, 8, "a database save after the burst")
         first = saved_at()
         wait_for(lambda: saved_at() > first, 8, "one more database save")
-    time.sleep(0.3)
+    # Mid-stream: the broker stops while events of the burst wait for its acknowledgement.
+    wait_for(
+        lambda: outbox_rows(daemon.outbox_path) >= 1, 10, "events waiting for the broker's ack"
+    )
     before = daemon.metrics()
     assert before("oteo_readings_total") < len(burst) * 0.5, "the daemon was not busy: no test"
 
@@ -191,7 +209,7 @@ def test_broker_restart_mid_stream_loses_no_reading_and_no_event(
     down_at = time.monotonic()
     outage_s = 1.5
     most_in_outbox = 0
-    while time.monotonic() - down_at < outage_s:
+    while time.monotonic() - down_at < outage_s:  # the outage lasts outage_s: the scenario
         most_in_outbox = max(most_in_outbox, outbox_rows(daemon.outbox_path))
         time.sleep(0.02)
     during = daemon.metrics()
@@ -269,7 +287,13 @@ def test_daemon_sigkill_restart_gets_the_backlog_and_counts_what_the_broker_drop
     run1 = daemon.metrics()
     daemon.kill()  # SIGKILL
     killed_at = time.monotonic()
-    time.sleep(1.0)
+    acked_at_kill = pub.acked
+    # Down until the broker had to drop: twice what it keeps for the absent daemon published.
+    wait_for(
+        lambda: pub.acked >= acked_at_kill + 2 * limit,
+        10,
+        f"{2 * limit} readings published while the daemon is down",
+    )
     scores.clear()
     daemon.start()
     restarted_s = time.monotonic() - killed_at
@@ -340,7 +364,16 @@ def test_sigterm_under_load_keeps_every_event_and_the_next_start_sends_the_outbo
         pub = Publisher(broker.host, broker.port)
         pub.send_all(items)
         pub.close()
-    time.sleep(1.0)  # the ingest queue fills up (it takes faster than the model scores)
+    # Busy: a tenth of the backlog taken (the rest waits at the broker, which sends it no faster
+    # than the daemon takes it), and events waiting for the broker's acknowledgement.
+    wait_for(
+        lambda: (
+            daemon.metrics()("oteo_readings_total") >= len(items) // 10
+            and outbox_rows(daemon.outbox_path) >= 1
+        ),
+        15,
+        "the daemon into the backlog with events in flight",
+    )
     busy = daemon.metrics()
     assert busy("oteo_readings_total") < len(items) * 0.8, "the daemon was not busy: no test"
 
@@ -366,8 +399,15 @@ def test_sigterm_under_load_keeps_every_event_and_the_next_start_sends_the_outbo
         broker._proc.send_signal(signal.SIGCONT)
     produced = events_produced(final)
     left = outbox_entries(daemon.outbox_path)
-    # What the frozen broker had in its socket when it resumes is delivered now.
-    time.sleep(2.0)
+    # What the frozen broker had in its socket when it resumes is delivered now. The daemon's
+    # offline status comes last on that connection (or the broker's last will for it, once it has
+    # read the rest): after it, nothing more from run 1 can arrive.
+    offline = f"oteo/status/{daemon.instance}"
+    watcher.wait_for(
+        lambda msgs: any(m.topic == offline and m.json()["state"] == "offline" for m in msgs),
+        15,
+        f"{offline} offline, after the rest of run 1",
+    )
     run1_docs = event_docs(watcher)
     published = {event_key(d) for d in run1_docs}
     stored = {event_key(json.loads(p)) for _, _, p in left}
@@ -381,10 +421,9 @@ def test_sigterm_under_load_keeps_every_event_and_the_next_start_sends_the_outbo
         "the rest of the burst",
     )
     wait_for(lambda: outbox_rows(daemon.outbox_path) == 0, 10, "an empty outbox")
-    time.sleep(0.5)
-    arrivals = [
-        json.loads(m.payload) for m in watcher.all() if m.topic.endswith("/event") and m.payload
-    ]
+    # Acknowledged by the broker; delivered to the watcher a moment later.
+    wait_for(lambda: len(event_docs(watcher)) >= len(left), 10, "the outbox's events delivered")
+    arrivals = event_docs(watcher)
     print(
         f"\nfault 5 SIGTERM under load: {len(items)} readings; run 1 processed "
         f"{final('oteo_readings_total'):.0f} and stopped in {stop_s:.1f} s with exit {code}; "
@@ -723,32 +762,39 @@ def test_disk_full_outbox_is_counted_scoring_continues_and_it_recovers(
     mosquitto: Broker, fleet: Fleet, watchers: Callable[..., Watcher], tiny_disk: Path
 ) -> None:
     watcher = event_watcher(watchers, mosquitto)
+    qos1 = (("oteo/+/event", 1), ("oteo/+/state", 1), ("oteo/status/+", 1))
+    published = watchers(mosquitto, qos1)  # all it publishes: scores (QoS 0) are off
     daemon = fleet(mosquitto.url, alarm=EVENTFUL, state_dir=str(tiny_disk / "state"))
     wait_online(watcher, daemon)
     filler = fill(tiny_disk)
     n = 2 * EVENT_UPDATE_S
     pub = Publisher(mosquitto.host, mosquitto.port)
     pub.send_all(interleave(*(readings_for(f"full{i}", n, seed=i) for i in range(3))))
-    m1 = daemon.wait_metric(
-        lambda m: m("oteo_windows_scored_total") == 3 * windows_for(n), 15, "scoring while full"
+    # Settled: the events of the last windows are counted a moment after the windows.
+    m1 = settle(
+        daemon,
+        lambda m: m("oteo_windows_scored_total") == 3 * windows_for(n),
+        15,
+        "scoring while full",
     )
     produced_full = events_produced(m1)
     wait_for(
         lambda: len({event_key(d) for d in event_docs(watcher)}) >= produced_full, 10, "events"
     )
-    time.sleep(1.2)  # the error counter is mirrored into the metrics once a second
-    errors_full = daemon.metrics()("oteo_outbox_errors_total")
+    errors_full = link_counters_mirrored(daemon, published)("oteo_outbox_errors_total")
 
     filler.unlink()  # space returns
     pub.send_all(interleave(*(readings_for(f"full{i}", n, start=n, seed=i) for i in range(3))))
-    m2 = daemon.wait_metric(
-        lambda m: m("oteo_windows_scored_total") == 3 * windows_for(2 * n), 15, "scoring after"
+    m2 = settle(
+        daemon,
+        lambda m: m("oteo_windows_scored_total") == 3 * windows_for(2 * n),
+        15,
+        "scoring after",
     )
-    time.sleep(1.2)  # one more tick for the mirrored error counter
-    m2 = daemon.metrics()
     pub.close()
     produced = events_produced(m2)
     wait_for(lambda: len({event_key(d) for d in event_docs(watcher)}) >= produced, 10, "events")
+    m2 = link_counters_mirrored(daemon, published)
     wait_for(lambda: outbox_rows(daemon.outbox_path) == 0, 10, "an empty outbox")
     print(
         f"\nfault 6 disk full: while full {produced_full} events produced, "
@@ -804,6 +850,8 @@ def test_broker_down_wrong_password_and_silent_acl_retry_boundedly_and_report_no
     items = readings_for("acl", 40)
     dev.send_all(items)
     dev.close()
+    # An observation period, not a wait: the ACL-limited daemon must see none of those readings
+    # (an absence cannot be awaited), and the others' retries are counted over these seconds.
     time.sleep(max(0.0, observe_s - (time.monotonic() - started)))
 
     figures = {}

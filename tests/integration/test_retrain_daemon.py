@@ -131,7 +131,7 @@ def test_record_retrain_promote_swaps_without_losing_or_repeating_a_window(
                     after += 1
                     if after >= 10:
                         break
-                time.sleep(0.2)
+                time.sleep(0.2)  # paced like a device
             feed.close()
 
         thread = threading.Thread(target=keep_publishing)

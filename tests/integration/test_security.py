@@ -99,8 +99,14 @@ def test_flood_of_stream_ids_and_oversized_payloads_stays_within_bounds(
         "the flood processed",
     )
     done_s = time.monotonic() - started
-    time.sleep(1.2)  # gauges are refreshed once a second
-    m = daemon.metrics()
+    # Gauges are refreshed about once a second: wait for one that counts the streams the
+    # daemon holds now (the flood is processed, so that number no longer changes).
+    held = len(json.loads(daemon.get("/v1/streams")[1]))
+    m = daemon.wait_metric(
+        lambda m: sum(v for _, v in m.series("oteo_streams")) == held,
+        10,
+        f"oteo_streams to count the {held} streams held",
+    )
     peak_kib = sampler.stop()
     tracked = sum(v for _, v in m.series("oteo_streams"))
     labels = stream_label_values(m)
@@ -153,7 +159,23 @@ def test_one_hostile_reading_does_not_kill_the_daemon(mosquitto: Broker, fleet: 
     pub.flush()
     pub.send_all(readings_for("after", window + 4))
     pub.close()
-    time.sleep(1.5)
+
+    scored = ("normal", "anomalous")  # the states a stream can only reach by a scored window
+
+    def past_the_hostile_readings(daemon: daemon_harness.OteoProcess) -> bool:
+        """Dead, or it has scored a window of `after`: readings are taken and scored in arrival
+        order, so the hostile readings before them were taken and scored too."""
+        if not daemon.running:
+            return True
+        status, body = daemon.get("/v1/streams")
+        listing = json.loads(body) if status == 200 else []
+        return any(s["stream"] == "after" and s["state"] in scored for s in listing)
+
+    wait_for(
+        lambda: past_the_hostile_readings(seq_daemon) and past_the_hostile_readings(score_daemon),
+        15,
+        "both daemons past the hostile readings (a window of `after` scored)",
+    )
     report = {}
     for name, daemon in (("seq 10**400", seq_daemon), ("value 1e39", score_daemon)):
         report[name] = (daemon.running, daemon.proc.returncode if daemon.proc else None)
@@ -247,7 +269,20 @@ def test_tls_good_chain_connects_and_every_bad_one_is_refused_and_counted(
     for daemon in daemons.values():
         wait_for(lambda d=daemon: d.get("/healthz")[0] == 200, 20, "the daemon up")
     wait_for(lambda: daemons["good chain"].get("/readyz")[0] == 200, 10, "the good chain")
-    time.sleep(2.0)  # a few attempts each
+    # The link's counters reach /metrics with the gauges, about once a second. The good chain:
+    # a refresh since it connected (it sets oteo_mqtt_connected), so a failure before shows.
+    daemons["good chain"].wait_metric(
+        lambda m: m("oteo_mqtt_connected") == 1, 10, "the good chain's gauges refreshed"
+    )
+    for name, daemon in daemons.items():
+        if name == "good chain":
+            continue
+        daemon.wait_metric(
+            lambda m: m.get("oteo_mqtt_connect_failures_total", reason="tls") >= 1,
+            20,
+            f"{name}: a TLS failure counted",
+        )
+        wait_for(lambda d=daemon: "cannot connect" in d.log_text(), 10, f"{name}: a warning logged")
     results = {}
     for name, daemon in daemons.items():
         m = daemon.metrics()

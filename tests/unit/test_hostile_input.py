@@ -520,7 +520,7 @@ def test_a_seq_gap_across_a_silence_is_still_counted(tmp_path: Path) -> None:
     try:
         intake = Intake(daemon)
         intake.feed("quiet", 3)  # seq 0, 1, 2
-        time.sleep(0.1)
+        time.sleep(0.1)  # silent for longer than stale_after_s: the scenario needs time to pass
         daemon.engine.tick()  # the stream is stale now
         assert daemon.engine.streams["quiet"].state == "stale"
         intake.offer("sensors/quiet/data", intake.reading(T0 + 10, 10, intake.row(10)))

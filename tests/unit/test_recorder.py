@@ -104,7 +104,12 @@ def test_store_stays_within_its_size_cap_dropping_the_oldest(tmp_path: Path) -> 
     for second in range(0, 20_000, 500):  # 40 flushes of 500 readings: ~3x the cap
         recorder.record(work("p", t0 + second, 500))
         recorder.flush({})
-        time.sleep(0.02)  # the daemon flushes once a second; the writer keeps up with that
+        # The daemon flushes once a second, and the writer keeps up with that: here, the next
+        # flush waits until the writer has taken this one (a queue overflow would drop readings).
+        deadline = time.monotonic() + 10
+        while recorder.backlog:
+            assert time.monotonic() < deadline, "the writer did not take a batch in 10 s"
+            time.sleep(0.005)
     recorder.close()
     path = tmp_path / FILE_NAME
     assert path.stat().st_size <= 0.25 * 1024 * 1024
