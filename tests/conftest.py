@@ -69,9 +69,8 @@ def train_tiny(tiny_table: SensorTable) -> Trainer:
     Keyword arguments: `table`, `seed`, `epochs`, `cross_fit`, and any ModelConfig field
     (`architecture`, `variant`, `noise`, `hashing`, ...). Same arguments, same model.
     """
-    from training.fit import FitConfig
-    from training.model import ModelConfig
-    from training.pipeline import TrainOptions, train
+    from training.config import FitConfig, ModelConfig, TrainOptions
+    from training.pipeline import train
 
     def run(
         out: Path,

@@ -11,15 +11,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from daemon.cli import EXIT_CONFIG, load_model_or_exit, refuse
+from training.config import ARCHITECTURES, NOISES, VARIANTS, option_fields, setting_field
 from training.preset import PRESETS
-
-ARCHITECTURES = ("dense", "conv1d", "gru", "lstm")
-VARIANTS = ("basic", "denoising", "sparse", "contractive", "robust", "variational")
-NOISES = ("none", "gaussian", "salt_pepper", "masking", "cauchy")
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -65,6 +63,26 @@ def _load(path: Path, time_column, channels, label_columns, period, max_gap):  #
         refuse(DataError(message))
 
 
+def _setting_options(command: Any) -> Any:
+    """One option per training setting with a help text (training/config.py), its default and
+    choices taken from there: the settings are defined once."""
+    for f in reversed(option_fields()):
+        flag = "--" + ("epochs" if f.name == "max_epochs" else f.name).replace("_", "-")
+        choices = {"architecture": ARCHITECTURES, "variant": VARIANTS, "noise": NOISES}
+        if f.type in ("bool", bool):
+            option = click.option(flag, f.name, is_flag=True, help=f.metadata["help"])
+        else:
+            kind: Any = click.Choice(choices[f.name]) if f.name in choices else None
+            if kind is None and f.default is not None:
+                kind = type(f.default)
+            option = click.option(
+                flag, f.name, type=kind, default=f.default, show_default=True,
+                help=f.metadata["help"],
+            )  # fmt: skip
+        command = option(command)
+    return command
+
+
 @click.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option(
@@ -78,92 +96,42 @@ def _load(path: Path, time_column, channels, label_columns, period, max_gap):  #
     show_default=True,
     help="Defaults for a kind of recording (small: a few hundred rows); explicit options win.",
 )
-@click.option("--window", default=32, show_default=True, help="Samples per window.")
-@click.option("--hop", default=1, show_default=True, help="Samples between scored windows.")
-@click.option(
-    "--architecture", type=click.Choice(ARCHITECTURES), default="dense", show_default=True
-)
-@click.option("--variant", type=click.Choice(VARIANTS), default="denoising", show_default=True)
-@click.option("--noise", type=click.Choice(NOISES), default="gaussian", show_default=True)
-@click.option(
-    "--noise-level", default=0.2, show_default=True, help="Std or probability of corruption."
-)
-@click.option("--code-size", default=16, show_default=True, help="Bottleneck units (hash bits).")
-@click.option("--hashing", is_flag=True, help="Near-binary code: code > 0.5 gives hash bits.")
-@click.option("--epochs", default=60, show_default=True, help="Most epochs (early stopping).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--quantile", default=0.999, show_default=True, help="Enter threshold quantile.")
-@click.option(
-    "--margin",
-    default=1.5,
-    show_default=True,
-    help="Multiply calibrated thresholds (held-back hours understate days of drift).",
-)
-@click.option(
-    "--false-alarms-per-day", default=1.0, show_default=True, help="Event-level target (0 = none)."
-)
+@_setting_options
 @click.option("--name", help="Model name (default: output file stem).")
 @click.option("--model-version", default="1", show_default=True)
 @click.option("--report/--no-report", default=True, help="Write plots beside the model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def train(
-    data,
-    out,
-    time_column,
-    channels,
-    label_columns,
-    period,
-    max_gap,
-    preset,
-    window,
-    hop,  # type: ignore[no-untyped-def]
-    architecture,
-    variant,
-    noise,
-    noise_level,
-    code_size,
-    hashing,
-    epochs,
-    seed,
-    quantile,
-    margin,
-    false_alarms_per_day,
-    name,
-    model_version,
-    report,
-    as_json,
-):
+    data: Path,
+    out: Path | None,
+    time_column: str | None,
+    channels: str | None,
+    label_columns: tuple[str, ...],
+    period: float | None,
+    max_gap: float | None,
+    preset: str,
+    name: str | None,
+    model_version: str,
+    report: bool,
+    as_json: bool,
+    **settings: Any,
+) -> None:
     """Train an autoencoder on normal data in DATA (CSV) and export one ONNX file."""
     from click.core import ParameterSource
 
-    from training.pipeline import options_for
+    from training.config import options_for
     from training.pipeline import train as run_training
 
     table = _load(data, time_column, channels, label_columns, period, max_gap)
     out = out or Path("models") / f"{data.stem}.onnx"
     ctx = click.get_current_context()
     given = {k for k in ctx.params if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
-    if variant != "denoising" and not {"noise", "noise_level"} & given:
-        noise = "none"  # the noise default belongs to the denoising variant
+    if settings["variant"] != "denoising" and not {"noise", "noise_level"} & given:
+        settings["noise"] = "none"  # the noise default belongs to the denoising variant
         given.add("noise")
+    settings["false_alarms_per_day"] = settings["false_alarms_per_day"] or None
     # The preset's values, except those given on the command line.
-    settings = {
-        "window": window,
-        "hop": hop,
-        "architecture": architecture,
-        "variant": variant,
-        "noise": noise,
-        "noise_level": noise_level,
-        "code_size": code_size,
-        "hashing": hashing,
-        "max_epochs": epochs,
-        "seed": seed,
-        "quantile": quantile,
-        "margin": margin,
-        "false_alarms_per_day": false_alarms_per_day or None,
-    }
-    given_fields = {"max_epochs" if k == "epochs" else k for k in given}
-    from_preset = set(PRESETS[preset].values) - given_fields
+    from_preset = set(PRESETS[preset].values) - given
     try:
         opts = options_for(
             preset,
@@ -410,8 +378,18 @@ def _timestamp(value: str | None) -> float | None:
     help="Seconds left out around alarm, muted and stale periods (default 2 windows + 60 s).",
 )
 @click.option("--eval-fraction", default=0.2, show_default=True, help="Most recent normal share.")
-@click.option("--hidden", default=128, show_default=True, help="Hidden units (as oteo train).")
-@click.option("--epochs", default=60, show_default=True, help="Most epochs (early stopping).")
+@click.option(
+    "--hidden",
+    default=setting_field("hidden").default,
+    show_default=True,
+    help="Hidden units (as oteo train).",
+)
+@click.option(
+    "--epochs",
+    default=setting_field("max_epochs").default,
+    show_default=True,
+    help="Most epochs (early stopping).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--fault-trials", default=20, show_default=True, help="Injected faults per kind.")
 @click.option(

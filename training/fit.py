@@ -15,30 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.model import Autoencoder, ModelConfig, Output
+from training.config import FitConfig, ModelConfig
+from training.model import Autoencoder, Output
 from training.noise import Corruption
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Optimiser and stopping settings; defaults fit 10k x 8 rows in seconds on 2 cores."""
-
-    # Early stopping normally ends training long before this.
-    max_epochs: int = 60
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
-    # Epochs without a 0.1 % improvement of the held-back loss before stopping. The held-back
-    # loss is noisy from epoch to epoch; stopping early leaves rare but normal patterns (set-point
-    # changes) poorly reconstructed, which inflates the alarm threshold by an order of magnitude.
-    patience: int = 12
-    # A hard cap so a huge CSV cannot make training run for hours by default.
-    max_steps: int = 20_000
-    seed: int = 0
-    progress: bool = True
-    # Small autoencoders gain little from intra-op threads, and on a busy 2-core box OpenMP's
-    # spinning threads made a step 30x slower (500 ms vs 16 ms measured here under load).
-    threads: int = 1
 
 
 @dataclass

@@ -8,67 +8,14 @@ ops: the VAE uses the mean of its code, the hashing model a sigmoid without its 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-ARCHITECTURES = ("dense", "conv1d", "gru", "lstm")
-VARIANTS = ("basic", "denoising", "sparse", "contractive", "robust", "variational")
-NOISES = ("none", "gaussian", "salt_pepper", "masking", "cauchy")
+from training.config import ARCHITECTURES, NOISES, VARIANTS, ModelConfig
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape and training variant of an autoencoder; the defaults give a good first model."""
-
-    channels: int
-    # 32 samples: long enough to see the coupling between channels, short enough that a fault
-    # dominates the window error within a few samples (detection delay).
-    window: int = 32
-    architecture: str = "dense"
-    variant: str = "denoising"
-    # Gaussian corruption at 0.2 standard deviations: enough to stop the identity mapping,
-    # small against the faults we want to see.
-    noise: str = "gaussian"
-    noise_level: float = 0.2
-    # A 16-unit code for 32x8 = 256 inputs: an 16x bottleneck forces the model to learn the
-    # coupling between channels instead of copying them.
-    code_size: int = 16
-    hidden: int = 128
-    hashing: bool = False
-    # Std of the noise added before the hashing sigmoid: pushes codes towards 0/1.
-    hash_noise: float = 1.0
-    sparsity_target: float = 0.05
-    sparsity_weight: float = 0.1
-    contractive_weight: float = 1e-3
-    correntropy_sigma: float = 1.0
-    kl_weight: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"architecture must be one of {ARCHITECTURES}, not {self.architecture!r}"
-            )
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, not {self.variant!r}")
-        if self.noise not in NOISES:
-            raise ValueError(f"noise must be one of {NOISES}, not {self.noise!r}")
-        if self.variant == "denoising" and self.noise == "none":
-            raise ValueError("the denoising variant needs a noise kind (gaussian, salt_pepper, …)")
-        if self.architecture == "conv1d" and self.window % 4:
-            raise ValueError(f"conv1d needs a window divisible by 4, not {self.window}")
-        if self.window < 2 or self.channels < 1 or self.code_size < 1:
-            raise ValueError("window must be >= 2, channels and code_size >= 1")
-
-    @property
-    def sigmoid_code(self) -> bool:
-        """Sparse (KL on mean activation) and hashing models need codes in (0, 1)."""
-        return self.hashing or self.variant == "sparse"
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+__all__ = ["ARCHITECTURES", "NOISES", "VARIANTS", "Autoencoder", "ModelConfig", "Output"]
 
 
 class Output(NamedTuple):

@@ -13,9 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -25,65 +24,16 @@ from daemon import __version__
 from daemon.manifest import AlarmPolicy, Manifest, Provenance, Validation, utc_now
 from daemon.model import OUTPUTS, Model, session_options
 from training import calibrate as cal
+from training.config import ModelConfig, TrainOptions
 from training.data import SensorTable, fingerprint, normal_segments, split_heldback, windows
 from training.export import PARITY_RTOL, ExportError, ScoringGraph, parity, to_onnx, with_manifest
-from training.fit import FitConfig, FitResult, fit
-from training.model import ModelConfig
-from training.preset import preset
+from training.fit import FitResult, fit
 
 log = logging.getLogger(__name__)
 
 # Fewer held-back windows than this and the thresholds come from cross-fitted scores.
 MIN_HELDBACK_WINDOWS = 300
 CROSS_FOLDS = 4
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Everything `oteo train` can set; the defaults give a good model for 1 Hz machine data."""
-
-    model: ModelConfig
-    fit: FitConfig = field(default_factory=FitConfig)
-    name: str = "model"
-    version: str = "1"
-    heldback_fraction: float = 0.2
-    # Window-level quantile of normal scores for the enter threshold, and for the exit.
-    quantile: float = 0.999
-    exit_quantile: float = 0.99
-    false_alarms_per_day: float | None = 1.0
-    # Thresholds x margin: a few hours of held-back data understate days of normal drift
-    # (the published SKAB Conv-AE uses 1.333 x its training quantile for the same reason).
-    margin: float = 1.5
-    hop: int = 1
-    k: int = 3
-    n: int = 5
-    clear_windows: int = 3
-    cooldown_windows: int | None = None  # default: one window length
-    smoothing_alpha: float = 1.0
-    cross_fit: bool | None = None  # None: when held-back data are too few
-    # Each channel's scale is at least this fraction of its mean magnitude: a near-constant
-    # channel would otherwise get a near-zero scale and turn any wiggle into an alarm.
-    scale_floor: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.scale_floor < 0 or self.margin <= 0:
-            raise ValueError("need scale_floor >= 0 and margin > 0")
-
-
-def options_for(preset_name: str, channels: int, **values: Any) -> TrainOptions:
-    """TrainOptions from a named preset (training/preset.py); `values` win, by field name."""
-    groups: dict[type, dict[str, Any]] = {ModelConfig: {}, FitConfig: {}, TrainOptions: {}}
-    names = {cls: {f.name for f in fields(cls)} - {"channels", "model", "fit"} for cls in groups}
-    for key, value in {**preset(preset_name).values, **values}.items():
-        owner = next((cls for cls in groups if key in names[cls]), None)
-        if owner is None:
-            raise ValueError(f"unknown training setting {key!r}")
-        groups[owner][key] = value
-    return TrainOptions(
-        model=ModelConfig(channels=channels, **groups[ModelConfig]),
-        fit=FitConfig(**groups[FitConfig]),
-        **groups[TrainOptions],
-    )
 
 
 @dataclass

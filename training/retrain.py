@@ -356,9 +356,8 @@ def decide(champion: Scorecard, challenger: Scorecard, target: float, tolerance:
 
 def retrain(store: Path, model_path: Path, out: Path, opts: RetrainOptions) -> Outcome:
     """Train a challenger on the recording, evaluate both models, write `out` and the report."""
-    from training.fit import FitConfig
-    from training.model import ModelConfig
-    from training.pipeline import TrainOptions, train
+    from training.config import FitConfig, ModelConfig, TrainOptions
+    from training.pipeline import train
 
     if out.resolve() == model_path.resolve():
         raise RetrainError(f"--out {out} is the champion's file; write the challenger elsewhere")

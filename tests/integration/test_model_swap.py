@@ -31,10 +31,9 @@ RATE_HZ = 50.0
 def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Four real model files: 8 and 3 channels, windows 32 / 16 / 12, hops 1 and 2,
     conv1d, dense and GRU."""
+    from training.config import FitConfig, ModelConfig, TrainOptions
     from training.data import from_array
-    from training.fit import FitConfig
-    from training.model import ModelConfig
-    from training.pipeline import TrainOptions, train
+    from training.pipeline import train
 
     out = tmp_path_factory.mktemp("swap-models")
     values = simulate(2400, seed=3).values

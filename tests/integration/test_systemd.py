@@ -232,9 +232,10 @@ def test_retrain_service_is_hardened_like_oteo_service(unit: dict[str, list[str]
 TRAIN_CONV1D = """
 from pathlib import Path
 from training.data import from_array
-from training.fit import FitConfig
-from training.model import ModelConfig
-from training.pipeline import TrainOptions, train
+from training.config import FitConfig
+from training.config import ModelConfig
+from training.config import TrainOptions
+from training.pipeline import train
 from training.simulator import CHANNELS, simulate
 
 table = from_array(simulate(2000, seed=1).values, 1.0, channels=CHANNELS)

@@ -17,8 +17,8 @@ import onnx
 import pytest
 
 from daemon.model import Model
+from training.config import ARCHITECTURES, NOISES, VARIANTS, ModelConfig
 from training.data import SensorTable, from_array
-from training.model import ARCHITECTURES, NOISES, VARIANTS, ModelConfig
 from training.pipeline import TrainResult
 from training.simulator import CHANNELS, simulate
 

@@ -19,16 +19,10 @@ from click.testing import CliRunner, Result
 
 from daemon.cli import EXIT_CONFIG, main
 from daemon.model import Model
+from training.config import ModelConfig, TrainOptions, options_for
 from training.data import SensorTable, from_array, windows
 from training.export import PARITY_RTOL, ScoringGraph
-from training.model import ModelConfig
-from training.pipeline import (
-    TrainOptions,
-    TrainResult,
-    graph_scores,
-    options_for,
-    standardisation,
-)
+from training.pipeline import TrainResult, graph_scores, standardisation
 from training.preset import PRESETS
 from training.simulator import CHANNELS, simulate
 

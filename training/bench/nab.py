@@ -156,11 +156,10 @@ def report_rises(lik: np.ndarray, quiet: int) -> np.ndarray:
 def window_scores(f: NabFile, cfg: DetectorConfig, workdir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the exported model's causal window score (NaN: none yet), and held-back scores."""
     from daemon.model import Model
+    from training.config import FitConfig, ModelConfig, TrainOptions
     from training.data import from_array
     from training.evaluate import causal_decisions
-    from training.fit import FitConfig
-    from training.model import ModelConfig
-    from training.pipeline import TrainOptions, train
+    from training.pipeline import train
 
     steps = np.diff(f.seconds)
     # The period only labels the model file (rates per day); rows are the time axis.

@@ -28,7 +28,7 @@ from training.bench.changepoint import FileScore, pooled, score_file
 from training.preset import PRESETS
 
 if TYPE_CHECKING:
-    from training.pipeline import TrainOptions
+    from training.config import TrainOptions
 
 TRAIN_ROWS = 400
 # The benchmark runs what users get with `oteo train --preset small`.
@@ -141,7 +141,7 @@ class Settings:
 
     def train_options(self, channels: int, name: str) -> TrainOptions:
         """The TrainOptions these settings mean: the preset with these values (imports torch)."""
-        from training.pipeline import options_for
+        from training.config import options_for
 
         same = ("window", "architecture", "hidden", "code_size", "noise_level", "scale_floor")
         same += ("quantile", "margin", "k", "n", "seed")
