@@ -1,7 +1,8 @@
 """`oteo benchmark nab` on three small NAB files, through the real trainer and runtime.
 
-Needs the NAB folder (../shared/datasets/nab from the repository, or $OTEO_NAB_DIR); the data are
-never copied into the repository: the test links three files into a temporary NAB layout.
+Needs the NAB folder: $OTEO_DATASETS/nab (OTEO_DATASETS defaults to ../shared/datasets beside the
+repository); the data are never copied into the repository: the test links three files into a
+temporary NAB layout.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from click.testing import CliRunner
 from training.bench import benchmark
 from training.bench.nab import DetectorConfig, likelihood, read_corpus, report_rises, run_file
 
-NAB = Path(os.environ.get("OTEO_NAB_DIR", Path(__file__).parents[2] / "../shared/datasets/nab"))
+DATASETS = Path(
+    os.environ.get("OTEO_DATASETS", Path(__file__).parents[2].parent / "shared/datasets")
+)
+NAB = DATASETS / "nab"
 FILES = (
     "realAdExchange/exchange-2_cpc_results.csv",
     "realTraffic/speed_7578.csv",
@@ -25,7 +29,7 @@ FILES = (
 )
 needs_nab = pytest.mark.skipif(
     not (NAB / "labels" / "combined_windows.json").exists(),
-    reason=f"NAB dataset not found at {NAB.resolve()} (set OTEO_NAB_DIR)",
+    reason=f"NAB data not found at {NAB} (set OTEO_DATASETS to the datasets folder)",
 )
 
 
