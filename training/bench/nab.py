@@ -236,7 +236,7 @@ def run_or_fail(
 
     try:
         return run_file(f, cfg, workdir, scorer)
-    except (ValueError, ExportError) as exc:  # DataError is a ValueError
+    except (ValueError, ArithmeticError, ExportError) as exc:  # DataError: a ValueError
         # A file the product cannot learn from still counts: all its windows missed.
         return FileRun(f, np.zeros(f.labelled.rows), 0.0, error=str(exc))
 

@@ -203,7 +203,7 @@ def run_or_fail(
     t0 = time.perf_counter()
     try:
         return run_file(file, settings, workdir, scorer)
-    except (ValueError, ExportError) as exc:  # DataError is a ValueError
+    except (ValueError, ArithmeticError, ExportError) as exc:  # DataError: a ValueError
         rows = len(file.values)
         never = np.zeros(rows, dtype=bool)
         return FileRun(file, np.full(rows, np.nan), never, None, time.perf_counter() - t0, str(exc))

@@ -205,7 +205,7 @@ def run_or_fail(
         return run_channel(data, chan, settings, workdir, scorer)
     except SmapDataError:
         raise
-    except (ValueError, ExportError) as exc:  # DataError is a ValueError
+    except (ValueError, ArithmeticError, ExportError) as exc:  # DataError: a ValueError
         missed = EventCounts(fn=len(chan.sequences))
         empty = np.empty(0)
         seconds = time.perf_counter() - t0
