@@ -78,7 +78,9 @@ def detect(fitted: Fitted, table: SensorTable, opts: TrainOptions) -> Detection:
     """Calibrate the fitted scorer, then decide every row of `table` causally."""
     policy, calibration = alarm_policy(fitted, opts)
     if fitted.manifest_policy is not None and not same_policy(policy, fitted.manifest_policy):
-        log.warning(
+        # An error, not a warning: the benchmarks silence the trainer's warnings, and a mismatch
+        # means the baselines are not calibrated as the product is.
+        log.error(
             "the shared calibration gives %s, the model file %s: they should agree",
             policy,
             fitted.manifest_policy,

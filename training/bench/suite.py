@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -288,6 +290,11 @@ def suite(
 ) -> None:
     """SKAB valve1, NAB and SMAP/MSL dev (folders skab/, nab/, smap_msl/ under DATASETS) with
     the product's defaults beside PCA and random baselines: one table."""
+    # One BLAS thread, as torch gets one (training/fit.py): on this busy 2-core machine the PCA
+    # baseline's matrix products ran 10x slower with OpenBLAS's two spinning threads (SMAP:
+    # 388 s instead of ~60 s). Read when numpy loads, which the CLI has not done yet.
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     chosen_sets = _choose(sets, SETS, "--sets")
     chosen = _choose(detectors, DETECTORS, "--detectors")
     seed_list = list(dict.fromkeys(seeds))
