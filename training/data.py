@@ -33,12 +33,17 @@ class SensorTable:
     timestamps: np.ndarray  # float64 unix seconds on the grid t0 + i * period_s, [T]
     values: np.ndarray  # float32 [T, C]; NaN only in rows outside every segment
     channels: list[str]
-    labels: dict[str, np.ndarray]  # label column -> int8 [T] (0/1), max within a grid bin
+    # label column -> int8 [T] (0/1), max within a grid bin; a filled row (below) has no label of
+    # its own: it is 1 only inside a labelled run (1 on both sides), so runs are never split
+    labels: dict[str, np.ndarray]
     period_s: float
     segments: list[tuple[int, int]]  # [start, stop) rows of gap-free data (short gaps filled)
     constant_channels: list[str]  # kept as channels; the trainer decides what to do with them
     source: str  # file name or "array"
     notes: list[str]  # what was done to the data, for people to read
+    # [T] bool: grid rows that no reading fell into (values interpolated or absent); metrics
+    # leave them out, since their labels were never observed
+    filled: np.ndarray
 
     @property
     def anomalous(self) -> np.ndarray:
@@ -339,6 +344,7 @@ def _build(
         notes.append(f"{n_bad} infinite value(s) treated as missing")
     if times is None:
         grid = values
+        filled = np.zeros(len(grid), dtype=bool)
     else:
         start_time = float(times[0])
         idx = np.rint((times - start_time) / period).astype(np.int64)
@@ -359,7 +365,13 @@ def _build(
             total = np.bincount(idx[ok], weights=values[ok, c], minlength=n_grid)
             with np.errstate(invalid="ignore", divide="ignore"):
                 grid[:, c] = total / count
-        labels = {n: np.bincount(idx[a], minlength=n_grid) > 0 for n, a in labels.items()}
+        filled = np.bincount(idx, minlength=n_grid) == 0
+        labels = {
+            n: _join_across(np.bincount(idx[a], minlength=n_grid) > 0, filled)
+            for n, a in labels.items()
+        }
+        if n_filled := int(filled.sum()):
+            notes.append(f"{n_filled} grid row(s) had no reading: their labels are not counted")
     segments = _fill_gaps(grid, channels, period, max_gap, notes)
     if not segments:
         raise DataError(f"{source}: no usable data between gaps longer than {max_gap:g} s")
@@ -382,10 +394,24 @@ def _build(
         constant_channels=constant,
         source=source,
         notes=notes,
+        filled=filled,
     )
     if n_anomalous := int(table.anomalous.sum()):
         notes.append(f"{n_anomalous} row(s) labelled anomalous: left out of training")
     return table
+
+
+def _join_across(label: np.ndarray, filled: np.ndarray) -> np.ndarray:
+    """`label` where observed; on a filled row, 1 only if the observed rows around it are both 1."""
+    out = label.copy()
+    rows = np.flatnonzero(filled)
+    real = np.flatnonzero(~filled)
+    if len(rows) == 0 or len(real) == 0:
+        return out
+    before = real[np.clip(np.searchsorted(real, rows) - 1, 0, len(real) - 1)]
+    after = real[np.clip(np.searchsorted(real, rows), 0, len(real) - 1)]
+    out[rows] = label[before] & label[after]
+    return out
 
 
 def _fill_gaps(

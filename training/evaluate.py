@@ -4,6 +4,8 @@ Decisions are causal: the alarm state after the window ending at row t holds for
 the next scored window; rows before a segment's first full window count as normal. Metrics follow
 ../shared/datasets/README.md: F1 = TP / (TP + (FP + FN) / 2), FAR = 100 FP / (FP + TN),
 MAR = 100 FN / (FN + TP), plus event-level precision / recall (an event = a run of alarms).
+Grid rows that no reading fell into (`SensorTable.filled`) have no observed label: they are left
+out of the pointwise counts, and labelled runs are joined across them (training/data.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -18,6 +21,26 @@ from daemon.alarm import replay
 from daemon.manifest import AlarmPolicy
 from daemon.model import Model
 from training.data import SensorTable, windows
+
+# In alarm for at least this share of rows, a model says more about itself than about the data.
+ALARM_SHARE_WARNING = 0.5
+
+
+class WindowScores(Protocol):
+    """What a scorer returns for a batch of windows: one score each, and one per channel."""
+
+    score: np.ndarray  # [B]
+    channel_score: np.ndarray  # [B, C]
+
+
+class WindowModel(Protocol):
+    """What causal decisions need of a model: its window length and a batch scorer. The daemon's
+    Model is one; the benchmarks' baselines (training/bench/baseline.py) are others."""
+
+    @property
+    def window(self) -> int: ...
+
+    def run(self, windows: np.ndarray) -> WindowScores: ...
 
 
 @dataclass
@@ -29,7 +52,15 @@ class Evaluation:
 
     def summary(self) -> str:
         m = self.metrics
-        return (
+        share = m.get("alarm_share")
+        warning = ""
+        if share is not None and share >= ALARM_SHARE_WARNING:
+            warning = (
+                f"WARNING: in alarm {100 * share:.0f} % of rows: the model does not fit this data "
+                "(another operating point, or too little training data?), so the numbers below "
+                "say little about detection\n"
+            )
+        return warning + (
             f"F1 {m['f1']:.3f}  FAR {m['far']:.2f} %  MAR {m['mar']:.2f} %  |  events: "
             f"precision {m['event_precision']:.2f}  recall {m['event_recall']:.2f}  "
             f"({m['detected_events']:.0f}/{m['true_events']:.0f} detected, "
@@ -38,26 +69,48 @@ class Evaluation:
         )
 
 
-def causal_decisions(
-    model: Model, table: SensorTable, policy: AlarmPolicy, sensitivity: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row (score, alarm) from hop-spaced windows per segment, alarm state reset per segment."""
+@dataclass
+class RowDecisions:
+    """Per row: the score of the window ending at or last before it, its channel scores, and the
+    alarm state; NaN scores and no alarm before a segment's first full window."""
+
+    score: np.ndarray  # [T]
+    channel_score: np.ndarray  # [T, C]
+    alarm: np.ndarray  # [T] bool
+
+
+def decide_rows(
+    model: WindowModel, table: SensorTable, policy: AlarmPolicy, sensitivity: float = 1.0
+) -> RowDecisions:
+    """Score hop-spaced windows per segment and replay the alarm policy (reset per segment)."""
     n = len(table.timestamps)
-    score = np.full(n, np.nan)
-    alarm = np.zeros(n, dtype=bool)
+    out = RowDecisions(
+        np.full(n, np.nan), np.full((n, table.values.shape[1]), np.nan), np.zeros(n, dtype=bool)
+    )
     for seg in table.segments:
         x, ends = windows(table, model.window, policy.hop, segments=[seg])
         if not len(x):
             continue
-        s = np.concatenate([model.run(x[i : i + 1024]).score for i in range(0, len(x), 1024)])
+        batches = [model.run(x[i : i + 1024]) for i in range(0, len(x), 1024)]
+        s = np.concatenate([b.score for b in batches])
+        channel = np.concatenate([b.channel_score for b in batches])
         active = replay(s, policy, sensitivity)
         # Hold each decision until the next window (or the segment's end).
         stops = np.append(ends[1:], seg[1])
         reps = stops - ends
         rows = np.repeat(ends, reps) + _ramp(reps)
-        score[rows] = np.repeat(s, reps)
-        alarm[rows] = np.repeat(active, reps)
-    return score, alarm
+        out.score[rows] = np.repeat(s, reps)
+        out.channel_score[rows] = np.repeat(channel, reps, axis=0)
+        out.alarm[rows] = np.repeat(active, reps)
+    return out
+
+
+def causal_decisions(
+    model: WindowModel, table: SensorTable, policy: AlarmPolicy, sensitivity: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (score, alarm): `decide_rows` without the channel scores."""
+    rows = decide_rows(model, table, policy, sensitivity)
+    return rows.score, rows.alarm
 
 
 def _ramp(reps: np.ndarray) -> np.ndarray:
@@ -74,19 +127,24 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def metrics(
-    alarm: np.ndarray, label: np.ndarray, period_s: float, tolerance_rows: int = 0
+    alarm: np.ndarray,
+    label: np.ndarray,
+    period_s: float,
+    tolerance_rows: int = 0,
+    filled: np.ndarray | None = None,
 ) -> dict[str, float | None]:
     """Pointwise F1/FAR/MAR (percent) and event-level precision/recall/delay.
 
     At event level an alarm run matches a labelled run it overlaps or that ended fewer than
     `tolerance_rows` before it starts: a window still contains an anomaly for up to one window
     length after it (a 1-row spike is seen by the next `window` windows). Pointwise numbers stay
-    strict.
+    strict, and leave out `filled` rows (no reading, so no observed label).
     """
-    tp = int(np.sum(alarm & label))
-    fp = int(np.sum(alarm & ~label))
-    fn = int(np.sum(~alarm & label))
-    tn = int(np.sum(~alarm & ~label))
+    seen = np.ones(len(alarm), dtype=bool) if filled is None else ~np.asarray(filled, bool)
+    tp = int(np.sum(alarm & label & seen))
+    fp = int(np.sum(alarm & ~label & seen))
+    fn = int(np.sum(~alarm & label & seen))
+    tn = int(np.sum(~alarm & ~label & seen))
     true_events, predicted = runs(label), runs(alarm)
     t = tolerance_rows
     hit_true = [any(a < e + t and s < b for a, b in predicted) for s, e in true_events]
@@ -114,6 +172,8 @@ def metrics(
         "event_precision": sum(good_pred) / len(predicted) if predicted else 1.0,
         "event_recall": sum(hit_true) / len(true_events) if true_events else 1.0,
         "mean_delay_s": float(np.mean(delays)) if delays else None,
+        "alarm_share": (tp + fp) / (tp + fp + fn + tn) if tp + fp + fn + tn else 0.0,
+        "filled_rows": int((~seen).sum()),
     }
     return result
 
@@ -125,7 +185,8 @@ def evaluate_table(
         raise ValueError(f"no label column {label_column!r} (found {sorted(table.labels)})")
     label = table.labels[label_column].astype(bool)
     score, alarm = causal_decisions(model, table, policy)
-    return Evaluation(score, alarm, label, metrics(alarm, label, table.period_s, model.window))
+    found = metrics(alarm, label, table.period_s, model.window, table.filled)
+    return Evaluation(score, alarm, label, found)
 
 
 def write_outputs(

@@ -92,3 +92,13 @@ def test_likelihood_and_reporting_are_causal() -> None:
         part = report_rises(likelihood(scores[:k], history, cfg), cfg.quiet)
         np.testing.assert_array_equal(part, full[:k])
     assert ((full >= 0) & (full <= 1)).all()
+
+
+def test_preset_default_trains_what_oteo_train_does() -> None:
+    from training.bench.nab import train_options
+    from training.config import options_for
+
+    product = train_options(DetectorConfig(preset="default", seed=2), "f")
+    assert product == options_for("default", 1, seed=2, progress=False, name="f")
+    own = train_options(DetectorConfig(), "f")
+    assert (own.model.hidden, own.model.code_size, own.cross_fit) == (32, 4, False)

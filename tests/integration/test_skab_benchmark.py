@@ -112,3 +112,13 @@ def test_decisions_never_depend_on_later_rows(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a.score[:cut], b.score[:cut])
     np.testing.assert_array_equal(a.alarm[:cut], b.alarm[:cut])
     assert b.alarm[cut + 16 :].all()
+
+
+def test_preset_default_is_what_oteo_train_does_and_small_stays_the_default() -> None:
+    from training.config import options_for
+
+    default = Settings(preset="default", seed=3).train_options(8, "f")
+    assert default == options_for("default", 8, seed=3, progress=False, name="f")
+    assert Settings().train_options(8, "f") == options_for("small", 8, progress=False, name="f")
+    # Options given on top of a preset win, as in `oteo train --preset small --window 64`.
+    assert Settings(preset="default", window=16).train_options(8, "f").model.window == 16

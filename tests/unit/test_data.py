@@ -263,3 +263,41 @@ def test_npy_array_needs_a_period_and_loads_with_one(tmp_path):
     assert table.channels == ["ch0", "ch1", "ch2"]
     assert table.period_s == 0.5 and table.values.shape == (20, 3)
     assert table.source == "values.npy"
+
+
+def skipping_file(tmp_path: Path) -> Path:
+    """1 Hz rows 0..299 with an anomaly over rows 100..199, and seconds 120, 140 and 160 missing
+    (SKAB skips a second now and then)."""
+    missing = {120, 140, 160}
+    rows = [
+        [iso(T0 + i), np.sin(i / 7), int(100 <= i < 200)] for i in range(300) if i not in missing
+    ]
+    return write_csv(tmp_path / "skip.csv", ["datetime", "v", "anomaly"], rows, sep=";")
+
+
+def test_grid_rows_without_a_reading_are_marked_filled(tmp_path: Path) -> None:
+    table = load_table(skipping_file(tmp_path))
+    assert len(table.timestamps) == 300 and table.segments == [(0, 300)]
+    np.testing.assert_array_equal(np.flatnonzero(table.filled), [120, 140, 160])
+    assert any("3 grid row(s) had no reading" in n for n in table.notes)
+
+
+def test_a_labelled_episode_is_not_split_by_rows_without_a_reading(tmp_path: Path) -> None:
+    table = load_table(skipping_file(tmp_path))
+    label = table.labels["anomaly"].astype(bool)
+    # One run over rows 100..199: the filled rows inside it are not invented zeros.
+    edges = np.flatnonzero(np.diff(np.r_[0, label.astype(np.int8), 0]))
+    assert edges.tolist() == [100, 200]
+    assert table.anomalous[[120, 140, 160]].all()  # never trained on either
+
+
+def test_a_filled_row_at_the_end_of_an_episode_takes_no_label(tmp_path: Path) -> None:
+    rows = [[iso(T0 + i), float(i), int(i < 10)] for i in range(20) if i != 10]
+    table = load_table(write_csv(tmp_path / "e.csv", ["datetime", "v", "anomaly"], rows))
+    assert table.filled[10] and not table.labels["anomaly"][10]
+    assert table.labels["anomaly"][:10].all() and not table.labels["anomaly"][10:].any()
+
+
+def test_arrays_have_no_filled_rows() -> None:
+    table = from_array(np.arange(10.0), 1.0)
+    assert table.filled.shape == (10,) and not table.filled.any()

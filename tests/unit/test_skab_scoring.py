@@ -15,6 +15,7 @@ from training.bench.changepoint import (
     normalised,
     pooled,
     score_file,
+    scoring_windows,
     window_weight,
 )
 
@@ -45,23 +46,26 @@ def test_edges_are_both_transitions_at_the_first_row_of_the_new_state() -> None:
     assert edges(np.array([0, 0, 1, 1, 0, 1])).tolist() == [2, 4, 5]
 
 
-def test_prediction_already_high_on_the_first_row_is_not_an_edge() -> None:
-    assert edges(np.array([1, 1, 0])).tolist() == [2]
+def test_prediction_already_high_on_the_first_row_is_an_edge_there() -> None:
+    # The reference scorer takes |diff| of the prediction with its first value kept.
+    assert edges(np.array([1, 1, 0])).tolist() == [0, 2]
 
 
 @pytest.mark.parametrize("profile", PROFILES.values(), ids=PROFILES.keys())
 def test_window_weight_runs_from_a_tp_at_the_start_to_a_fp_at_the_end(profile: Profile) -> None:
-    assert window_weight(0, 61, profile) == pytest.approx(profile.a_tp)
-    assert window_weight(60, 61, profile) == pytest.approx(profile.a_fp)
-    # x = 0 in the middle: tanh(0) = 0 leaves the midpoint of A_tp and A_fp.
-    assert window_weight(30, 61, profile) == pytest.approx((profile.a_tp + profile.a_fp) / 2)
+    assert window_weight(0.0, profile) == pytest.approx(profile.a_tp)
+    assert window_weight(1.0, profile) == pytest.approx(profile.a_fp)
+    # x near 0 in the middle: tanh(0) = 0 leaves about the midpoint of A_tp and A_fp.
+    mid = (profile.a_tp + profile.a_fp) / 2
+    assert window_weight(0.5, profile) == pytest.approx(mid, abs=2e-3)
 
 
-def test_window_weight_follows_the_tanh_of_the_position() -> None:
-    x = -math.pi / 2 + math.pi * 10 / 60
+def test_window_weight_follows_the_tanh_at_the_references_1000_steps() -> None:
+    # 10 s into a 60 s window: step floor(1000 / 6) = 166 of 0..999 on [-pi/2, pi/2].
+    x = -math.pi / 2 + math.pi * 166 / 999
     half = (STANDARD.a_tp - STANDARD.a_fp) / 2
     expected = half * -math.tanh(x) / math.tanh(math.pi / 2) + half + STANDARD.a_fp
-    assert window_weight(10, 61, STANDARD) == pytest.approx(expected)
+    assert window_weight(10 / 60, STANDARD) == pytest.approx(expected, rel=1e-12)
 
 
 def test_early_detection_in_a_window_scores_more_than_late() -> None:
@@ -75,14 +79,16 @@ def test_window_reaches_60_s_right_of_the_changepoint_end_included() -> None:
     t, _, cp = episode()
     at_end = detections(t, cp, alarm_at(160))
     after_end = detections(t, cp, alarm_at(161))
-    assert at_end.hits[0] == (60, 61) and at_end.outside == 0
+    assert at_end.hits[0] == 1.0 and at_end.outside == 0
     assert after_end.hits[0] is None and after_end.outside == 1
 
 
 def test_window_is_cut_by_time_not_rows() -> None:
     t, _, cp = episode()
     t[120:] += 1.0  # one 2 s step inside the first window: 60 s now span 60 rows
-    assert detections(t, cp, alarm_at(105)).hits[0] == (5, 60)
+    assert detections(t, cp, alarm_at(125)).hits[0] == pytest.approx(26 / 60)
+    late = detections(t, cp, alarm_at(159, 299))  # 60 s after the changepoint: still inside
+    assert late.hits[0] == pytest.approx(1.0) and late.outside == 1
 
 
 @pytest.mark.parametrize("profile", PROFILES.values(), ids=PROFILES.keys())
@@ -152,3 +158,50 @@ def test_mismatched_lengths_are_refused() -> None:
     t, anomaly, cp = episode()
     with pytest.raises(ValueError, match="same length"):
         detections(t, cp, anomaly[:-1])
+
+
+def close_changepoints() -> tuple[np.ndarray, np.ndarray]:
+    """Changepoints at rows 572 and 573 (1 s apart, as in one SKAB experiment) and at 700."""
+    t = 1.6e9 + np.arange(800, dtype=np.float64)
+    cp = np.zeros(800, dtype=np.int8)
+    cp[[572, 573, 700]] = 1
+    return t, cp
+
+
+def test_windows_closer_than_60_s_are_cut_so_they_never_overlap() -> None:
+    t, cp = close_changepoints()
+    t0 = t[572]
+    assert scoring_windows(t, cp) == [(t0, t0 + 60), (t0 + 60, t0 + 61), (t[700], t[700] + 60)]
+
+
+@pytest.mark.parametrize("profile", PROFILES.values(), ids=PROFILES.keys())
+def test_one_detection_never_hits_two_windows_of_close_changepoints(profile: Profile) -> None:
+    t, cp = close_changepoints()
+    prediction = np.zeros(800, dtype=np.int8)
+    prediction[580:] = 1  # one rising edge 8 s after both changepoints, never falls
+    found = detections(t, cp, prediction)
+    # From the formulas: the first window [572, 632] s is hit 8 s in; the second, cut to
+    # [632, 633] s, holds no detection and is missed; so is the third.
+    assert found.hits == [pytest.approx(8 / 60), None, None]
+    assert found.outside == 0
+    assert found.score(profile) == pytest.approx(window_weight(8 / 60, profile) + 2 * profile.a_fn)
+    windows = 3
+    expected = (
+        100
+        * (found.score(profile) - profile.a_fn * windows)
+        / ((profile.a_tp - profile.a_fn) * windows)
+    )
+    assert normalised([found], profile) == pytest.approx(expected)
+
+
+def test_a_detection_inside_the_cut_window_hits_it_and_on_the_boundary_hits_both() -> None:
+    t, cp = close_changepoints()
+    prediction = np.zeros(800, dtype=np.int8)
+    prediction[632:700] = 1  # rises exactly where the first window ends and the second starts
+    found = detections(t, cp, prediction)
+    assert found.hits == [1.0, 0.0, 0.0]  # the fall at 700 opens the third window
+    assert found.outside == 0
+    later = np.zeros(800, dtype=np.int8)
+    later[633:650] = 1  # rises 1 s later: the end of the cut window; falls between windows
+    found = detections(t, cp, later)
+    assert found.hits == [None, 1.0, None] and found.outside == 1

@@ -14,6 +14,8 @@ import click
 SUBCOMMANDS = {
     "skab": "training.bench.skab:skab",
     "nab": "training.bench.nab:nab",
+    "smap": "training.bench.smap:smap",
+    "suite": "training.bench.suite:suite",
     "recorder": "training.bench.recorder:recorder",
     "throughput": "training.bench.throughput:throughput",
 }
@@ -37,5 +39,5 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup)
 def benchmark() -> None:
-    """Benchmarks: detection quality on SKAB / NAB (give the data folder), recorder overhead
-    and throughput."""
+    """Benchmarks: detection quality on SKAB / NAB / SMAP-MSL and the suite of all three (give
+    the data folder), recorder overhead and throughput."""

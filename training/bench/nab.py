@@ -19,6 +19,13 @@ level (0.99999) at which Numenta's own HTM deployments raise an alert.
 Rows, not timestamps, are the time axis, as in NAB's protocol and scorer: a few files step back in
 time (machine_temperature), repeat timestamps (ec2_request_latency) or report irregularly
 (realTraffic); a regular grid would sort, merge or split those rows and let one see a later one.
+
+Model settings: `--preset nab` (the default here, the README's table) is a small model chosen for
+NAB (window 32, 32 hidden units, a 4-unit code, 30 epochs, thresholds from held-back windows);
+`--preset default` is what `oteo train` does with no options (128 hidden units, a 16-unit code,
+60 epochs, cross-fitted calibration scores when the held-back windows are few, as they are in a
+probationary period), which the benchmark suite runs; `--preset small` the trainer's small preset.
+The likelihood's calibration history starts from the scorer's calibration scores either way.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -36,16 +44,27 @@ import numpy as np
 from training.bench.nab_scoring import PROFILE_NAMES, PROFILES, LabelledFile, load_profiles
 from training.bench.nab_scoring import score as nab_score
 from training.bench.nab_scoring import sweep as nab_sweep
+from training.preset import PRESETS
+
+if TYPE_CHECKING:
+    from training.bench.scorer import WindowScorer
+    from training.config import TrainOptions
 
 # NAB's log scale: p = 1e-5 sits at 0.5 and p <= 1e-10 at 1.
 LOG_SCALE_DECADES = 10.0
 FIXED_THRESHOLD = 0.5
 
 
+# `--preset nab`: the model settings of DetectorConfig; other names are the trainer's presets.
+NAB_PRESET = "nab"
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """One configuration for every file: no per-file constants, no labels."""
 
+    # Model settings: NAB_PRESET for the ones below, else a trainer preset (training/preset.py).
+    preset: str = NAB_PRESET
     # 32 samples (2.7 h of 5-minute data): long enough to see a shape, and still ~700 training
     # windows in a 750-row probationary period.
     window: int = 32
@@ -79,6 +98,8 @@ class NabFile:
 
 @dataclass
 class FileRun:
+    """One file's likelihood per row (all 0 if training failed, with the error)."""
+
     file: NabFile
     likelihood: np.ndarray  # [T] in [0, 1]
     seconds: float
@@ -153,40 +174,51 @@ def report_rises(lik: np.ndarray, quiet: int) -> np.ndarray:
     return np.where(lik > before, lik, 0.0)
 
 
-def window_scores(f: NabFile, cfg: DetectorConfig, workdir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the exported model's causal window score (NaN: none yet), and held-back scores."""
-    from daemon.model import Model
-    from training.config import FitConfig, ModelConfig, TrainOptions
-    from training.data import from_array
-    from training.evaluate import causal_decisions
-    from training.pipeline import train
+def train_options(cfg: DetectorConfig, name: str) -> TrainOptions:
+    """The trainer's options for one file: NAB's own model settings or a trainer preset."""
+    from training.config import FitConfig, ModelConfig, TrainOptions, options_for
 
-    steps = np.diff(f.seconds)
-    # The period only labels the model file (rates per day); rows are the time axis.
-    period = float(np.median(steps[steps > 0])) if (steps > 0).any() else 1.0
-    opts = TrainOptions(
+    if cfg.preset != NAB_PRESET:
+        return options_for(cfg.preset, 1, seed=cfg.seed, progress=False, name=name)
+    return TrainOptions(
         model=ModelConfig(
             channels=1, window=cfg.window, hidden=cfg.hidden, code_size=cfg.code_size
         ),
         fit=FitConfig(
             max_epochs=cfg.max_epochs, patience=cfg.patience, seed=cfg.seed, progress=False
         ),
-        name=Path(f.labelled.name).stem,
-        # Held-back windows seed the likelihood; cross-fitting would cost 4 more exports per file.
+        name=name,
+        # Held-back windows seed the likelihood; cross-fitting would cost 4 more fits per file.
         cross_fit=False,
     )
+
+
+def window_scores(
+    f: NabFile, cfg: DetectorConfig, workdir: Path, scorer: WindowScorer | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the causal window score (NaN: none yet), and the scorer's calibration scores."""
+    from training.bench.detection import detect
+    from training.bench.scorer import Autoencoder
+    from training.data import from_array
+
+    steps = np.diff(f.seconds)
+    # The period only labels the model file (rates per day); rows are the time axis.
+    period = float(np.median(steps[steps > 0])) if (steps > 0).any() else 1.0
+    opts = train_options(cfg, Path(f.labelled.name).stem)
     probation = f.labelled.probation
     train_table = from_array(f.values[:probation], period, channels=["value"])
-    result = train(train_table, opts, workdir / "model.onnx")
+    fitted = (scorer or Autoencoder()).fit(train_table, opts, workdir)
     table = from_array(f.values, period, channels=["value"])
-    score, _ = causal_decisions(Model.load(result.path), table, result.manifest.alarm)
-    return score, result.heldback_scores
+    score = detect(fitted, table, opts).rows.score
+    return score, np.concatenate(fitted.calibration)
 
 
-def run_file(f: NabFile, cfg: DetectorConfig, workdir: Path) -> FileRun:
+def run_file(
+    f: NabFile, cfg: DetectorConfig, workdir: Path, scorer: WindowScorer | None = None
+) -> FileRun:
     """Train on the probationary period, score every row causally, return likelihoods."""
     t0 = time.perf_counter()
-    score, seeds = window_scores(f, cfg, workdir)
+    score, seeds = window_scores(f, cfg, workdir, scorer)
     usable = np.arange(len(score)) >= f.labelled.probation
     usable &= ~np.isnan(score)
     out = np.zeros(len(score))
@@ -194,7 +226,21 @@ def run_file(f: NabFile, cfg: DetectorConfig, workdir: Path) -> FileRun:
     return FileRun(f, out, time.perf_counter() - t0, score=score)
 
 
-def _summary(files: list[NabFile], runs: list[FileRun], root: Path, fixed: float) -> dict:  # type: ignore[type-arg]
+def run_or_fail(
+    f: NabFile, cfg: DetectorConfig, workdir: Path, scorer: WindowScorer | None = None
+) -> FileRun:
+    """`run_file`, or, for a file the scorer cannot learn from, no detections and the error."""
+    from training.export import ExportError
+
+    try:
+        return run_file(f, cfg, workdir, scorer)
+    except (ValueError, ArithmeticError, ExportError) as exc:  # DataError: a ValueError
+        # A file the product cannot learn from still counts: all its windows missed.
+        return FileRun(f, np.zeros(f.labelled.rows), 0.0, error=str(exc))
+
+
+def summarise(files: list[NabFile], runs: list[FileRun], root: Path, fixed: float) -> dict:  # type: ignore[type-arg]
+    """Scores for the three profiles, optimised and at the fixed threshold, and what failed."""
     labelled = [f.labelled for f in files]
     liks = [r.likelihood for r in runs]
     profiles_path = root / "config" / "profiles.json"
@@ -255,11 +301,19 @@ def write_outputs(run: FileRun, out: Path, thresholds: dict[str, float]) -> None
     type=click.Path(path_type=Path),
     help="Write per-file likelihoods (timestamp,anomaly_score) and plots here.",
 )
-def nab(data: Path, as_json: bool, fixed_threshold: float, out: Path | None) -> None:
+@click.option(
+    "--preset",
+    type=click.Choice([NAB_PRESET, *sorted(PRESETS)]),
+    default=NAB_PRESET,
+    show_default=True,
+    help="Model settings: NAB's own small model (README table), or a trainer preset "
+    "(default: what `oteo train` does with no options).",
+)
+@click.option("--seed", default=0, show_default=True, help="Training seed.")
+def nab(
+    data: Path, as_json: bool, fixed_threshold: float, out: Path | None, preset: str, seed: int
+) -> None:
     """NAB v1.1: a fresh detector per file, scored for the three profiles."""
-    from training.data import DataError
-    from training.export import ExportError
-
     if not (data / "labels" / "combined_windows.json").exists():
         raise click.ClickException(f"{data}: no labels/combined_windows.json (a NAB folder?)")
     files = read_corpus(data)
@@ -268,18 +322,14 @@ def nab(data: Path, as_json: bool, fixed_threshold: float, out: Path | None) -> 
     # The trainer's calibration warns about the few held-back windows of a short probationary
     # period; the benchmark does not use those alarm thresholds.
     logging.getLogger("training").setLevel(logging.ERROR)
-    cfg, runs, t0 = DetectorConfig(), [], time.perf_counter()
+    cfg, runs, t0 = DetectorConfig(preset=preset, seed=seed), [], time.perf_counter()
     for i, f in enumerate(files, 1):
         with tempfile.TemporaryDirectory() as tmp:
-            try:
-                run = run_file(f, cfg, Path(tmp))
-            except (DataError, ExportError, ValueError) as exc:
-                # A file the product cannot learn from still counts: all its windows missed.
-                run = FileRun(f, np.zeros(f.labelled.rows), 0.0, error=str(exc))
+            run = run_or_fail(f, cfg, Path(tmp))
         runs.append(run)
         status = f"error: {run.error}" if run.error else f"{run.seconds:.1f} s"
         click.echo(f"[{i}/{len(files)}] {f.labelled.name}  {status}", err=True)
-    summary = _summary(files, runs, data, fixed_threshold)
+    summary = summarise(files, runs, data, fixed_threshold)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     if out is not None:
         # The optimised threshold is known only once every file has run.

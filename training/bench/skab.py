@@ -1,10 +1,14 @@
 """`oteo benchmark skab DIR`: the published SKAB protocol, run with the product's own trainer.
 
 Per file: a fresh model from `training.pipeline.train` on rows 0..399 only (its standardisation
-and its cross-fitted thresholds see nothing else), then every row is replayed causally through the
-daemon's alarm code and rows 400..end are scored (training/bench/changepoint.py). Rows, not
+and its cross-fitted thresholds see nothing else), then every row is decided causally by the
+shared stages after the window score (training/bench/detection.py: the trainer's calibration and
+the daemon's alarm code) and rows 400..end are scored (training/bench/changepoint.py). Rows, not
 timestamps, are the time axis, as in SKAB's own models and scorer: the files step 2 s now and
 then, and a grid would move "row 400" away from where the published predictions start.
+
+`--preset small` (the default here, the README's table) or `--preset default` (what `oteo train`
+does with no options; the benchmark suite runs that).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from training.bench.changepoint import FileScore, pooled, score_file
 from training.preset import PRESETS
 
 if TYPE_CHECKING:
+    from training.bench.scorer import WindowScorer
     from training.config import TrainOptions
 
 TRAIN_ROWS = 400
@@ -104,57 +109,51 @@ def find_files(root: Path) -> tuple[list[SkabFile], list[tuple[str, str]]]:
     return found, skipped
 
 
-def _opt(default: Any, text: str) -> Any:
-    """A Settings field whose help text the CLI option shows."""
-    return field(default=default, metadata={"help": text})
-
-
-SMALL = PRESETS[PRESET].values
+def _opt(text: str) -> Any:
+    """A Settings field (None: the preset's value) whose help text the CLI option shows."""
+    return field(default=None, metadata={"help": text})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Trainer and alarm settings used for every file: the `small` preset unless overridden."""
+    """Trainer and alarm settings used for every file: a preset, and any values set over it."""
 
-    window: int = _opt(SMALL["window"], "Samples per window.")
-    architecture: str = _opt(SMALL["architecture"], "Autoencoder architecture.")
-    hidden: int = _opt(SMALL["hidden"], "Hidden units.")
-    code_size: int = _opt(SMALL["code_size"], "Bottleneck units.")
-    noise_level: float = _opt(SMALL["noise_level"], "Std of the denoising corruption.")
-    scale_floor: float = _opt(SMALL["scale_floor"], "Channel scale floor, x its magnitude.")
-    quantile: float = _opt(SMALL["quantile"], "Quantile of cross-fitted scores: enter threshold.")
-    margin: float = _opt(SMALL["margin"], "Multiply both thresholds by this.")
-    k: int = _opt(SMALL["k"], "Exceeding windows among the last n that raise an alarm.")
-    n: int = _opt(SMALL["n"], "Length of the k-of-n window.")
-    smoothing: float = _opt(SMALL["smoothing_alpha"], "EWMA weight of the newest score (1 = none).")
-    false_alarms_per_day: float = _opt(
-        SMALL["false_alarms_per_day"], "Event target on cross-fitted scores (0 = none)."
+    preset: str = field(
+        default=PRESET,
+        metadata={"help": "Training preset: small (README table) or default (`oteo train`)."},
     )
-    epochs: int = _opt(SMALL["max_epochs"], "Most epochs (early stopping).")
-    seed: int = _opt(0, "Training seed.")
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.k <= self.n:
-            raise ValueError(f"need 1 <= k <= n, got k={self.k}, n={self.n}")
-        if not (0 < self.smoothing <= 1 and 0 < self.quantile < 1 and self.margin > 0):
-            raise ValueError("need 0 < smoothing <= 1, 0 < quantile < 1 and margin > 0")
+    window: int | None = _opt("Samples per window.")
+    architecture: str | None = _opt("Autoencoder architecture.")
+    hidden: int | None = _opt("Hidden units.")
+    code_size: int | None = _opt("Bottleneck units.")
+    noise_level: float | None = _opt("Std of the denoising corruption.")
+    scale_floor: float | None = _opt("Channel scale floor, x its magnitude.")
+    quantile: float | None = _opt("Quantile of calibration scores: enter threshold.")
+    margin: float | None = _opt("Multiply both thresholds by this.")
+    k: int | None = _opt("Exceeding windows among the last n that raise an alarm.")
+    n: int | None = _opt("Length of the k-of-n window.")
+    smoothing: float | None = _opt("EWMA weight of the newest score (1 = none).")
+    false_alarms_per_day: float | None = _opt("Event target on calibration scores (0 = none).")
+    epochs: int | None = _opt("Most epochs (early stopping).")
+    seed: int = field(default=0, metadata={"help": "Training seed."})
 
     def train_options(self, channels: int, name: str) -> TrainOptions:
         """The TrainOptions these settings mean: the preset with these values (imports torch)."""
         from training.config import options_for
 
-        same = ("window", "architecture", "hidden", "code_size", "noise_level", "scale_floor")
-        same += ("quantile", "margin", "k", "n", "seed")
-        return options_for(
-            PRESET,
-            channels,
-            **{k: getattr(self, k) for k in same},
-            smoothing_alpha=self.smoothing,
-            false_alarms_per_day=self.false_alarms_per_day or None,
-            max_epochs=self.epochs,
-            progress=False,
-            name=name,
-        )
+        given = {
+            _TRAIN_NAMES.get(f.name, f.name): getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "preset" and getattr(self, f.name) is not None
+        }
+        if given.get("false_alarms_per_day") == 0:
+            given["false_alarms_per_day"] = None
+        opts = options_for(self.preset, channels, **given, progress=False, name=name)
+        if not 1 <= opts.k <= opts.n:
+            raise ValueError(f"need 1 <= k <= n, got k={opts.k}, n={opts.n}")
+        if not (0 < opts.smoothing_alpha <= 1 and 0 < opts.quantile < 1):
+            raise ValueError("need 0 < smoothing <= 1 and 0 < quantile < 1")
+        return opts
 
 
 @dataclass
@@ -164,36 +163,53 @@ class FileRun:
     file: SkabFile
     score: np.ndarray
     alarm: np.ndarray
-    policy: AlarmPolicy
+    policy: AlarmPolicy | None
     seconds: float
+    error: str | None = None  # training failed: every row decided normal
 
     def scored(self) -> FileScore:
         f, t = self.file, slice(TRAIN_ROWS, None)
         return score_file(f.timestamps[t], f.anomaly[t], f.changepoint[t], self.alarm[t])
 
 
-def run_file(file: SkabFile, settings: Settings, workdir: Path) -> FileRun:
-    """Train on rows 0..399 of `file`, then decide every row causally with the exported model."""
-    from daemon.model import Model
+def run_file(
+    file: SkabFile, settings: Settings, workdir: Path, scorer: WindowScorer | None = None
+) -> FileRun:
+    """Fit on rows 0..399 of `file` (the product's autoencoder unless another scorer is given),
+    then decide every row causally."""
+    from training.bench.detection import detect
+    from training.bench.scorer import Autoencoder
     from training.data import from_array
-    from training.evaluate import causal_decisions
-    from training.pipeline import train
 
     t0 = time.perf_counter()
     # No labels in the training table: the detector must not learn from them.
     head = from_array(file.values[:TRAIN_ROWS], 1.0, channels=file.channels)
     stem = Path(file.name).with_suffix("").as_posix().replace("/", "_")
-    path = workdir / f"{stem}.onnx"
-    train(head, settings.train_options(len(file.channels), stem), path)
-    model = Model.load(path)
+    opts = settings.train_options(len(file.channels), stem)
+    fitted = (scorer or Autoencoder()).fit(head, opts, workdir)
     # The full table lets windows ending at row >= 400 reach back into the training rows.
     full = from_array(file.values, 1.0, channels=file.channels)
-    policy = model.manifest.alarm
-    score, alarm = causal_decisions(model, full, policy)
-    return FileRun(file, score, alarm, policy, time.perf_counter() - t0)
+    found = detect(fitted, full, opts)
+    rows = found.rows
+    return FileRun(file, rows.score, rows.alarm, found.policy, time.perf_counter() - t0)
 
 
-def write_outputs(run: FileRun, out: Path) -> None:
+def run_or_fail(
+    file: SkabFile, settings: Settings, workdir: Path, scorer: WindowScorer | None = None
+) -> FileRun:
+    """`run_file`, or a run that never alarms and says why when the file cannot be trained on."""
+    from training.export import ExportError
+
+    t0 = time.perf_counter()
+    try:
+        return run_file(file, settings, workdir, scorer)
+    except (ValueError, ArithmeticError, ExportError) as exc:  # DataError: a ValueError
+        rows = len(file.values)
+        never = np.zeros(rows, dtype=bool)
+        return FileRun(file, np.full(rows, np.nan), never, None, time.perf_counter() - t0, str(exc))
+
+
+def write_outputs(run: FileRun, out: Path, plot: bool = True) -> None:
     """Predictions for rows 400..end as `datetime;anomaly_pred`, and a score plot."""
     from training.report import plot_scores
 
@@ -202,6 +218,8 @@ def write_outputs(run: FileRun, out: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     rows = zip(f.datetimes[TRAIN_ROWS:], run.alarm[TRAIN_ROWS:].astype(int).tolist(), strict=True)
     target.write_text("datetime;anomaly_pred\n" + "".join(f"{d};{a}\n" for d, a in rows))
+    if not plot or run.policy is None:
+        return
     label = f.anomaly.astype(bool)
     trained = float(f.timestamps[TRAIN_ROWS - 1])
     plot_scores(
@@ -256,13 +274,29 @@ def _quiet(name: str) -> Iterator[None]:
 
 
 def _settings_options(command: Any) -> Any:
-    """One CLI option per Settings field, with its default and help: defined once."""
+    """One CLI option per Settings field, with its help: defined once. Unset options take the
+    preset's value; the help shows the small preset's."""
+    hints = Settings.__annotations__
     for f in reversed(fields(Settings)):
-        kind = click.Choice(ARCHITECTURES) if f.name == "architecture" else type(f.default)
         flag = "--" + f.name.replace("_", "-")
-        option = click.option(flag, f.name, type=kind, default=f.default, help=f.metadata["help"])
+        kind: Any
+        if f.name == "architecture":
+            kind = click.Choice(ARCHITECTURES)
+        elif f.name == "preset":
+            kind = click.Choice(sorted(PRESETS))
+        else:
+            kind = float if "float" in str(hints[f.name]) else int
+        text = f.metadata["help"]
+        small = PRESETS[PRESET].values.get(_TRAIN_NAMES.get(f.name, f.name))
+        if f.default is None and small is not None:
+            text += f" [small: {small}]"
+        option = click.option(flag, f.name, type=kind, default=f.default, help=text)
         command = option(command)
     return command
+
+
+# Settings fields whose trainer setting has another name.
+_TRAIN_NAMES = {"smoothing": "smoothing_alpha", "epochs": "max_epochs"}
 
 
 @click.command(context_settings={"show_default": True})
@@ -278,6 +312,7 @@ def _settings_options(command: Any) -> Any:
 def skab(data: Path, as_json: bool, out: Path | None, predictions: Path | None, **kw: Any) -> None:
     """SKAB protocol on every labelled CSV under DATA: train on rows 0..399, score 400..end."""
     t0 = time.perf_counter()
+    failed: dict[str, str] = {}
     files, skipped = find_files(data)
     for name, why in skipped:
         click.echo(f"skipped {name}: {why}", err=True)
@@ -294,15 +329,22 @@ def skab(data: Path, as_json: bool, out: Path | None, predictions: Path | None, 
         scores = []
         with tempfile.TemporaryDirectory(prefix="oteo-skab-") as tmp, _quiet("training"):
             for i, f in enumerate(files, 1):
-                run = run_file(f, settings, Path(tmp))
+                run = run_or_fail(f, settings, Path(tmp))
                 scores.append(run.scored())
+                if run.error is not None:
+                    failed[f.name] = run.error
+                    click.echo(f"[{i}/{len(files)}] {f.name} failed: {run.error}", err=True)
+                    continue
                 if out is not None:
                     write_outputs(run, out)
                 line = _line(f.name, _summary([scores[-1]], 1, [], 0.0))
                 click.echo(f"[{i}/{len(files)}] {line}  {run.seconds:.1f} s", err=True)
     summary = _summary(scores, len(files), skipped, round(time.perf_counter() - t0, 1))
+    summary["failed"] = failed
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(_line(f"{len(files)} files", summary))
+    if failed:
+        click.echo(f"{len(failed)} file(s) failed to train (every row counted normal)")
     click.echo(f"time: {summary['seconds']:.1f} s")
