@@ -81,10 +81,20 @@ def load_model_or_exit(path: Path) -> Any:
 @main.command()
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def inspect(model_path: Path, as_json: bool) -> None:
+@click.option(
+    "--example-request",
+    is_flag=True,
+    help="Print a valid denoise/encode/hash/score request body instead: one window of the "
+    "model's training means.",
+)
+def inspect(model_path: Path, as_json: bool, example_request: bool) -> None:
     """Print a model file's manifest (validated by the same loader the daemon uses)."""
     model = load_model_or_exit(model_path)
     m = model.manifest
+    if example_request:
+        window = [[round(v, 6) for v in m.channel_mean]] * m.window
+        click.echo(json.dumps({"id": "example-1", "windows": [window]}))
+        return
     if as_json:
         doc = {"path": str(model_path), "sha256": model.sha256, "manifest": m.model_dump()}
         click.echo(json.dumps(doc, indent=2))

@@ -265,9 +265,10 @@ class Daemon:
         m = self.metrics
         m.queue_depth_messages.set(max(self.drain.depth_peak, self.intake.queue.qsize()))
         self.drain.depth_peak = 0
-        m.mqtt_connected.set(1 if self.link.connected else 0)
         incomplete = sum(s.aligner.incomplete for s in self.engine.streams.values() if s.aligner)
         self.mirror.update(self.link.counters, self.outbox, incomplete)
+        # Last, so that a scrape showing connected also shows every failure before it.
+        m.mqtt_connected.set(1 if self.link.connected else 0)
         stale_s = self.cfg.ingest.stale_s(self.engine.model.manifest.sample_period_s)
         m.no_data.set(1 if now - self.intake.last_ok > stale_s else 0)
 

@@ -21,7 +21,8 @@ PROGRAMS = {
     "docker-compose": "docker-compose",  # parses deploy/compose.yaml (no container engine)
     "sqlite3": "sqlite3",  # the README's copy of a live recording
     "openssl": "openssl",  # TLS certificates for the TLS tests
-    "curl": "curl",  # the README's metrics command
+    "curl": "curl",  # the README's metrics command and the operations page's requests
+    "mosquitto_rr": "mosquitto-clients",  # the operations page's MQTT requests
     "systemd-analyze": "systemd",  # verifies the systemd units
     "unshare": "util-linux",  # network namespaces (partitions) and the systemd sandbox
     "setpriv": "util-linux",  # the systemd sandbox's user switch

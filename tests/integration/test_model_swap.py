@@ -63,7 +63,14 @@ def test_random_hot_reloads_never_kill_the_daemon_and_every_message_is_accounted
     shutil.copyfile(models[0], served)
     config = daemon_config(tmp_path, mosquitto.url, served)
     daemon = OteoProcess(tmp_path, config)
-    daemon.start()
+    try:
+        daemon.start()
+        swap_while_publishing(daemon, served, models, mosquitto)
+    finally:
+        daemon.kill()
+
+
+def swap_while_publishing(daemon: OteoProcess, served: Path, models: list[Path], mosquitto) -> None:
     rows = simulate(4000, seed=9).values
     stop = threading.Event()
     sent = {"messages": 0}

@@ -1,9 +1,9 @@
-"""Every command the README shows is run here, or by the named test, or by CI.
+"""Every command the README and docs/ show is run here, or by the named test, or by CI.
 
-Commands are read from the README's ```bash blocks. The training walk-through runs verbatim in a
-temporary directory; the daemon walk-through runs with the broker and HTTP ports of this test
-and a shorter run (the substitutions are listed below). A README command that nothing covers
-fails `test_every_readme_command_is_covered`.
+Commands are read from the ```bash blocks of README.md and docs/*.md. The training walk-through
+runs verbatim in a temporary directory; the daemon walk-through runs with the broker and HTTP
+ports of this test and a shorter run (the substitutions are listed below). A command that
+nothing covers fails `test_every_command_of_the_readme_and_docs_is_covered`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from host_program import require
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 BIN = Path(sys.executable).parent
 
 # Commands covered elsewhere: the prefix of the command -> where.
@@ -39,6 +40,15 @@ ELSEWHERE = {
     "python -m pytest -q": ".ci/run",
     "ruff check daemon training tests": ".ci/run",
     "python -m daemon.jsonschema daemon/schema": "tests/unit/test_schema_drift.py",
+    "python -m daemon.reference docs/metrics.md": "tests/unit/test_metrics.py",
+    # docs/operations.md, and its examples in the README.
+    "oteo run --model models/demo.onnx --broker mqtt://127.0.0.1:1883 --http 127.0.0.1:9108 &": (
+        "tests/integration/test_operations_doc.py runs docs/operations.md against a daemon"
+    ),
+    "oteo simulate --broker mqtt://127.0.0.1:1883 --streams 4": "test_operations_doc.py",
+    "oteo inspect --example-request": "test_operations_doc.py",
+    "curl -s 127.0.0.1:9108/v1/": "test_operations_doc.py",
+    "mosquitto_rr ": "test_operations_doc.py",
     "docker compose": "needs Docker: tests/integration/test_deploy.py parses compose.yaml",
     # The "Retrain" section.
     "sqlite3 ": "tests/integration/test_retrain_daemon.py copies a live recording with .backup",
@@ -61,11 +71,15 @@ TRAINING = "oteo simulate --csv normal.csv"
 DAEMON = "oteo run --model models/demo.onnx"
 
 
-def readme_commands() -> list[str]:
-    """Command lines of the README's bash blocks, comments stripped."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+def page_commands(page: Path) -> list[str]:
+    """Command lines of a page's bash blocks, comments stripped."""
+    blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
     lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
+
+
+def readme_commands() -> list[str]:
+    return page_commands(README)
 
 
 def block_with(first: str) -> list[str]:
@@ -79,12 +93,15 @@ def block_with(first: str) -> list[str]:
     return commands[start : end + 1]
 
 
-def test_every_readme_command_is_covered() -> None:
+def test_every_command_of_the_readme_and_docs_is_covered() -> None:
     covered = set(block_with(TRAINING)) | set(block_with(DAEMON))
     loose = [
-        c for c in readme_commands() if c not in covered and not c.startswith(tuple(ELSEWHERE))
+        (page.name, c)
+        for page in PAGES
+        for c in page_commands(page)
+        if c not in covered and not c.startswith(tuple(ELSEWHERE))
     ]
-    assert not loose, f"README commands no test runs: {loose}"
+    assert not loose, f"commands no test runs: {loose}"
 
 
 def run(command: str, cwd: Path, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
