@@ -155,11 +155,7 @@ class Engine:
             for reading in work.readings:
                 self._push(stream, reading.ts, reading.values, reading.seq, work.arrival)
         elif work.sample is not None:
-            if stream.aligner is None:
-                stream.aligner = self._new_aligner()
-            ts = work.sample.ts if work.sample.ts is not None else time.time()
-            for row_ts, values in stream.aligner.push(work.channel, ts, work.sample.value):
-                self._push(stream, row_ts, values, None, work.arrival)
+            self._push_sample(stream, work)
         stream.last_seen = now
         # A batch goes when it is full or its first window has waited `max_wait_s` (the main
         # loop also scores whenever the queue runs dry); under a steady stream the queue rarely
@@ -170,6 +166,21 @@ class Engine:
         ):
             self.score_pending()
         return True
+
+    def _push_sample(self, stream: Stream, work: Work) -> None:
+        """One channel's value: aligned onto the grid first; dropped values are counted."""
+        assert work.sample is not None
+        aligner = stream.aligner
+        if aligner is None:
+            aligner = stream.aligner = self._new_aligner()
+        late, duplicates = aligner.late, aligner.duplicates
+        ts = work.sample.ts if work.sample.ts is not None else time.time()
+        for row_ts, values in aligner.push(work.channel, ts, work.sample.value):
+            self._push(stream, row_ts, values, None, work.arrival)
+        if aligner.late != late:
+            self.metrics.messages_total.labels(result="late").inc()
+        elif aligner.duplicates != duplicates:
+            self.metrics.messages_total.labels(result="duplicate").inc()
 
     def _new_aligner(self) -> ChannelAligner:
         return ChannelAligner(len(self._channels), period_s=self.model.manifest.sample_period_s)

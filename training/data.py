@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from pandas.api import types as ptypes
 
+from daemon.grid import HOLD_PERIODS, hold_missing, to_grid
+
 _TIME_NAME = re.compile(
     r"(unix[ _]?)?(timestamp|datetime|date[ _]?time|time|date|ts)([ _]?\(?(s|ms|sec|utc)\)?)?", re.I
 )
@@ -116,11 +118,8 @@ def load_table(
             notes.append(f"dropped {int((~keep).sum())} row(s) with unparseable timestamps")
         order = np.flatnonzero(keep)[np.argsort(times[keep], kind="stable")]
         times = times[order]
-        # Exact duplicate timestamps: the later row is taken as the correction of the earlier one.
-        last = np.r_[times[1:] != times[:-1], True]
-        if not last.all():
-            notes.append(f"dropped {int((~last).sum())} duplicate-timestamp row(s), kept the last")
-        order, times = order[last], times[last]
+        # Rows with equal timestamps keep their file order: the first one's values win (the
+        # daemon's rule for a reading that lands in a slot already filled, daemon/grid.py).
         values, labels = values[order], {n: a[order] for n, a in labels.items()}
     return _build(values, chosen, labels, times, period_s, max_gap_s, 0.0, path.name, notes)
 
@@ -343,11 +342,11 @@ def _build(
         values = np.where(np.isinf(values), np.nan, values)
         notes.append(f"{n_bad} infinite value(s) treated as missing")
     if times is None:
-        grid = values
+        grid = hold_missing(values)  # the daemon's rules for a missing channel value
         filled = np.zeros(len(grid), dtype=bool)
     else:
         start_time = float(times[0])
-        idx = np.rint((times - start_time) / period).astype(np.int64)
+        idx = np.floor((times - start_time) / period + 0.5).astype(np.int64)  # daemon/grid.py
         n_grid = int(idx[-1]) + 1
         if n_grid > 20 * len(idx) + 1_000_000:
             raise DataError(
@@ -356,15 +355,12 @@ def _build(
         steps = np.diff(times)
         regular = np.mean(np.abs(steps - period) <= 0.01 * period) >= _REGULAR_SHARE
         if not regular or (np.diff(idx) == 0).any():
-            notes.append(f"irregular timestamps: {len(idx)} rows binned onto a {period:g} s grid")
-        grid = np.full((n_grid, values.shape[1]), np.nan)
-        for c in range(values.shape[1]):
-            # Each channel is binned on its own samples, which aligns multi-rate channels.
-            ok = ~np.isnan(values[:, c])
-            count = np.bincount(idx[ok], minlength=n_grid)
-            total = np.bincount(idx[ok], weights=values[ok, c], minlength=n_grid)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                grid[:, c] = total / count
+            notes.append(
+                f"irregular timestamps: {len(idx)} rows put on a {period:g} s grid (first value "
+                "of a channel in a slot wins, a missing channel holds its last value for up to "
+                f"{HOLD_PERIODS} periods, as the daemon does)"
+            )
+        grid, _observed = to_grid(times, values, period)
         filled = np.bincount(idx, minlength=n_grid) == 0
         labels = {
             n: _join_across(np.bincount(idx[a], minlength=n_grid) > 0, filled)
@@ -423,10 +419,12 @@ def _fill_gaps(
     for c in range(grid.shape[1]):
         runs = np.array(_runs(np.isnan(grid[:, c])), dtype=np.int64).reshape(-1, 2)
         starts, stops = runs[:, 0], runs[:, 1]
-        # A hole's length is the time between the samples around it; at an edge, to the one sample.
+        # A hole's length is the time between the samples around it. Rows before the first
+        # complete row or after the last are no hole: nothing to interpolate from on one side
+        # (the daemon, too, starts its window at the first complete row).
         at_edge = (starts == 0) | (stops == n_rows)
-        span = np.where(at_edge, stops - starts, stops - starts + 1) * period
-        is_long = span > max_gap + 1e-9 * period
+        span = (stops - starts + 1) * period
+        is_long = at_edge | (span > max_gap + 1e-9 * period)
         np.add.at(long_marks, starts[is_long], 1)
         np.add.at(long_marks, stops[is_long], -1)
     in_long_gap = np.cumsum(long_marks[:-1]) > 0
@@ -438,8 +436,7 @@ def _fill_gaps(
         if not missing.any():
             segments.append((s, e))
             continue
-        # Every NaN run left here is part of a short hole, so even leading/trailing ones are within
-        # max_gap of a sample: np.interp's clamped ends are the forward/backward fill.
+        # Every NaN run left here is a short hole between two rows.
         if empty := [channels[c] for c in np.flatnonzero(missing.all(axis=0))]:
             notes.append(f"dropped rows {s}..{e - 1}: no data for {', '.join(empty)} there")
             continue

@@ -96,13 +96,13 @@ def test_non_numeric_column_ignored_with_note(tmp_path: Path) -> None:
     assert any("mode" in n for n in table.notes)
 
 
-def test_rows_sorted_and_duplicate_timestamp_keeps_last(tmp_path: Path) -> None:
+def test_rows_sorted_and_the_first_reading_in_a_slot_wins(tmp_path: Path) -> None:
+    """As in the daemon, where a second reading in a filled slot is a duplicate."""
     rows = [[T0 + i, float(i)] for i in range(10)]
     rows = [*rows[::-1], [T0 + 4, 99.0]]
     table = load_table(write_csv(tmp_path / "d.csv", ["time", "v"], rows))
-    assert table.values[4, 0] == 99.0
-    np.testing.assert_array_equal(np.delete(table.values[:, 0], 4), np.delete(np.arange(10), 4))
-    assert any("duplicate" in n for n in table.notes)
+    np.testing.assert_array_equal(table.values[:, 0], np.arange(10))
+    assert any("first value" in n for n in table.notes)
 
 
 def test_short_gap_filled_by_interpolation(tmp_path: Path) -> None:
@@ -141,12 +141,15 @@ def test_irregular_timestamps_binned_onto_grid(tmp_path: Path) -> None:
     assert any("irregular" in n for n in table.notes)
 
 
-def test_multi_rate_channels_aligned(tmp_path: Path) -> None:
+def test_a_slower_channel_holds_its_last_value(tmp_path: Path) -> None:
+    """Sample-and-hold, as the daemon's channel aligner does (not interpolation: the daemon
+    cannot wait for the slow channel's next sample)."""
     rows = [[T0 + i, float(i), float(i) if i % 3 == 0 else None] for i in range(31)]
     table = load_table(write_csv(tmp_path / "m.csv", ["time", "fast", "slow"], rows))
     assert table.period_s == 1.0
     assert table.segments == [(0, 31)]
-    np.testing.assert_allclose(table.values[:, 1], np.arange(31))
+    np.testing.assert_allclose(table.values[:, 0], np.arange(31))
+    np.testing.assert_allclose(table.values[:, 1], 3 * (np.arange(31) // 3))
 
 
 def test_multi_rate_channels_on_own_timestamps_binned(tmp_path: Path) -> None:
@@ -218,7 +221,7 @@ def test_from_array_segments_and_fingerprint() -> None:
     values[30, 1] = np.nan
     table = from_array(values, 0.5, channels=["x", "y"], start_time=100.0)
     assert table.segments == [(0, 10), (20, 40)]
-    assert table.values[30, 1] == 30.0
+    assert table.values[30, 1] == 29.0  # a missing value holds the channel's last one
     assert table.timestamps[2] == 101.0
     assert table.source == "array"
     assert fingerprint(table) == fingerprint(

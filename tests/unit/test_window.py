@@ -341,13 +341,19 @@ def test_flush_emits_incomplete_slots_only_after_max_wait() -> None:
     np.testing.assert_array_equal(values, [2.0, 1.0])  # channel 1 held
 
 
-def test_several_values_in_one_slot_are_averaged() -> None:
+def test_the_first_value_of_a_channel_in_a_slot_wins() -> None:
     al = ChannelAligner(2, period_s=P)
-    al.push(0, T0 - 0.2 * P, 1.0)
-    al.push(0, T0 + 0.2 * P, 3.0)
-    ((ts, values),) = al.push(1, T0, 7.0)
-    assert ts == T0
-    np.testing.assert_array_equal(values, [2.0, 7.0])
+    al.push(0, T0, 1.0)  # anchors the grid
+    al.push(0, T0 + 0.2 * P, 3.0)  # same slot: a re-delivery or jitter
+    ((ts, values),) = al.push(1, T0 - 0.3 * P, 7.0)
+    assert ts == T0 and al.duplicates == 1
+    np.testing.assert_array_equal(values, [1.0, 7.0])
+
+
+def test_the_grid_is_anchored_at_the_first_value() -> None:
+    al = ChannelAligner(1, period_s=P)
+    rows = [r for i in range(3) for r in al.push(0, T0 + 0.4 * P + i * P, float(i))]
+    assert [ts for ts, _ in rows] == [T0 + 0.4 * P + i * P for i in range(3)]
 
 
 def test_value_for_an_emitted_slot_is_late() -> None:
