@@ -588,9 +588,6 @@ def measure(directory: Path, sizes: Sizes, say: Any) -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> str:
-    def ok(flag: bool) -> str:
-        return "met" if flag else "MISSED"
-
     single_ratio = r["daemon_samples_per_s"] / r["transport_limit_msgs_per_s"]
     onnx_ratio = r["onnx_windows_per_s"] / r["daemon_onnx_windows_per_s"]
     single_onnx_ratio = r["onnx_windows_per_s_single"] / r["daemon_onnx_windows_per_s_single"]
@@ -601,7 +598,7 @@ def table(r: dict[str, Any]) -> str:
         (
             "daemon, single-reading messages",
             f"{r['daemon_samples_per_s']:,.0f} samples/s",
-            f"{single_ratio:.2f} of bare paho; target ≥ 0.85: {ok(single_ratio >= 0.85)}",
+            f"{single_ratio:.2f} of bare paho",
         ),
         (
             "bare paho subscriber, one core",
@@ -616,7 +613,7 @@ def table(r: dict[str, Any]) -> str:
         (
             f"daemon, {BATCH_READINGS} readings per message, one core",
             f"{r['daemon_batched_samples_per_s']:,.0f} samples/s",
-            f"target ≥ 250,000: {ok(r['daemon_batched_samples_per_s'] >= 250_000)}",
+            "the model is the limit here (hop 1: a window per sample)",
         ),
         (
             f"onnxruntime alone, one core, batch {r['scoring_batch_windows']}",
@@ -637,14 +634,13 @@ def table(r: dict[str, Any]) -> str:
         (
             "  its runs inside the daemon",
             f"{r['daemon_onnx_windows_per_s_single']:,.0f} windows/s",
-            f"{single_onnx_ratio:.2f}× raw per window; target ≤ 1.2: "
-            f"{ok(single_onnx_ratio <= 1.2)}",
+            f"{single_onnx_ratio:.2f}× raw per window",
         ),
         ("onnxruntime alone, batch 1", f"{r['onnx_windows_per_s_batch1']:,.0f} windows/s", ""),
         (
             f"publish → event, p50 / p99 at {r['latency_rate_per_s']:,.0f}/s",
             f"{r['latency_p50_ms']:.1f} / {r['latency_p99_ms']:.1f} ms",
-            f"p99 target ≤ 20 ms: {ok(r['latency_p99_ms'] <= 20)}",
+            "half the sustained single-reading rate",
         ),
         (
             f"  at a quarter, {r['latency_quarter_rate_per_s']:,.0f}/s",
@@ -669,10 +665,10 @@ def table(r: dict[str, Any]) -> str:
         (
             "peak RSS",
             f"{r['rss_mb']:.0f} MB",
-            f"target ≤ 120 MB: {ok(r['rss_mb'] <= 120)} (single {r['rss_mb_single']:.0f}, "
-            f"batched {r['rss_mb_batched']:.0f}, latency run {r['rss_mb_latency']:.0f})",
+            f"single {r['rss_mb_single']:.0f}, batched {r['rss_mb_batched']:.0f}, "
+            f"latency run {r['rss_mb_latency']:.0f}",
         ),
-        ("start to READY", f"{r['ready_s']:.2f} s", f"target ≤ 1.5 s: {ok(r['ready_s'] <= 1.5)}"),
+        ("start to READY", f"{r['ready_s']:.2f} s", "model loaded, warmed up, HTTP listening"),
         (
             "readings lost / messages dropped",
             f"{r['readings_lost']} / {r['messages_dropped']}",
