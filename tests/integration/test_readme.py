@@ -64,7 +64,7 @@ ELSEWHERE = {
     ),
     "oteo benchmark nab": "tests/integration/test_nab_benchmark.py runs it with --out",
     "oteo benchmark smap": "tests/integration/test_smap_benchmark.py (tarball and folder, --out)",
-    "oteo benchmark suite": "tests/integration/test_suite_benchmark.py (a synthetic datasets folder)",
+    "oteo benchmark suite": "tests/integration/test_suite_benchmark.py (synthetic datasets)",
     "systemctl": "needs systemd as PID 1: tests/integration/test_systemd.py verifies the units",
     "journalctl": "needs systemd as PID 1",
     "oteo benchmark throughput": "tests/integration/test_throughput_benchmark.py (--quick --json)",
