@@ -131,7 +131,10 @@ def test_record_retrain_promote_swaps_without_losing_or_repeating_a_window(
                     after += 1
                     if after >= 10:
                         break
-                time.sleep(0.2)  # paced like a device
+                # Paced like a device, slowly enough that on a loaded machine (retraining took
+                # 45 s there) the pump has not moved on to data unlike what the challenger was
+                # trained on by the time of the swap: 100 rows a second.
+                time.sleep(1.0)
             feed.close()
 
         thread = threading.Thread(target=keep_publishing)
