@@ -23,6 +23,7 @@ from daemon.section import (
     AlarmSection,
     HttpSection,
     IngestSection,
+    LogSection,
     MetricsSection,
     ModelSection,
     MqttSection,
@@ -41,6 +42,7 @@ __all__ = [
     "ConfigError",
     "HttpSection",
     "IngestSection",
+    "LogSection",
     "MetricsSection",
     "ModelSection",
     "MqttSection",
@@ -82,6 +84,7 @@ class Config(Section):
     )
     outbox: OutboxSection = Field(default_factory=OutboxSection, description="Event outbox.")
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="Metrics.")
+    log: LogSection = Field(default_factory=LogSection, description="What is logged at INFO.")
     record: RecordSection = Field(
         default_factory=RecordSection, description="Recording of readings for retraining."
     )

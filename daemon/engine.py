@@ -65,6 +65,7 @@ class Engine:
             metrics,
             instance=cfg.instance,
             publish_scores=cfg.topics.publish_scores,
+            alarm_log_every_s=cfg.log.alarm_every_s,
             clock=clock,
         )
         self._pending: list[_Pending] = []

@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 # While an alarm lasts, an `update` event repeats its peak at most this often (data time).
 EVENT_UPDATE_S = 60.0
 TOP_CHANNELS = 3
-# Per stream, at most one alarm start (with its end) is logged this often; the rest are counted.
-ALARM_LOG_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -72,9 +70,11 @@ class Episodes:
         *,
         instance: str,
         publish_scores: bool,
+        alarm_log_every_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sink = sink
+        self.alarm_log_every_s = alarm_log_every_s
         self.metrics = metrics
         self.instance = instance
         self.publish_scores = publish_scores
@@ -245,7 +245,7 @@ class Episodes:
         now = self.clock()
         last, suppressed, open_ = self._logged.get(stream.id, (-math.inf, 0, False))
         if event.kind == "start":
-            if now - last < ALARM_LOG_EVERY_S:
+            if now - last < self.alarm_log_every_s:
                 self._logged[stream.id] = (last, suppressed + 1, False)
                 return
             more = f" ({suppressed} alarm starts not logged)" if suppressed else ""

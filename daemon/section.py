@@ -274,6 +274,23 @@ class MetricsSection(Section):
     )
 
 
+class LogSection(Section):
+    """What the daemon logs while it runs, at INFO (connects, reloads, alarms, a summary)."""
+
+    summary_every_s: float = Field(
+        300.0,
+        gt=0,
+        description="One line this often: streams by state, readings per second, active alarms, "
+        "drops by reason.",
+    )
+    alarm_every_s: float = Field(
+        60.0,
+        ge=0,
+        description="Per stream, at most one alarm start (with its end) is logged this often; "
+        "the others are counted in the next line. 0: every one.",
+    )
+
+
 class RecordSection(Section):
     """Recording of readings into `state_dir/recording.sqlite3`, for `oteo retrain`."""
 

@@ -95,7 +95,7 @@ class Daemon:
         self.http = self._make_http()
         self.link = self._make_link()
         self.mirror = LinkMirror(self.metrics)
-        self.summary = Summary(self.metrics, time.monotonic())
+        self.summary = Summary(self.metrics, time.monotonic(), cfg.log.summary_every_s)
         self.drain = Drain(
             self.intake, self.engine, self.metrics, wake=self.link.wake, recorder=self.recorder
         )

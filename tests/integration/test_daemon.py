@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -290,6 +291,10 @@ def test_fault_on_one_stream_raises_one_start_and_one_end_event_on_that_stream_o
     assert end["ended"] == end["ts"] and end["started"] == start["started"]
     top = [c["channel"] for c in start["top_channels"]]
     assert top[0] == demo.channels[channel], top
+    # The end names the episode's cause (its peak window), with the episode's length and peak.
+    assert end["top_channels"][0]["channel"] == demo.channels[channel], end["top_channels"]
+    assert end["duration_s"] == unix(end["ended"]) - unix(end["started"]) > 0
+    assert end["peak_score"] >= max(e["score"] for e in faulty)
     for e in faulty:
         assert 0.0 <= e["p_value"] <= 1.0
         assert e["stream"] == names[2] and e["instance"] == daemon.instance
@@ -996,4 +1001,39 @@ def test_alarms_are_reconciled_when_a_mute_ends(
     assert [e["event_id"] for e in ended] == [start["event_id"]], report
     assert listing["begins"]["state"] == "anomalous", report
     assert [e["kind"] for e in events(watcher, "begins")][:1] == ["start"], report
+    assert daemon.stop() == 0
+
+
+def test_it_says_what_it_does_while_it_runs(
+    oteo: Callable[..., OteoProcess],
+    publisher: Callable[..., Publisher],
+    mosquitto: Broker,
+    demo: Manifest,
+) -> None:
+    """At INFO: connects and losses with the reason, alarm start and end with the cause, reloads,
+    and a periodic summary (issue 14 A.4: `oteo run` logged nothing after its start line)."""
+    daemon = oteo(log={"summary_every_s": 1.0})
+    values = shifted(normal_series(900, seed=21), FAULT_CHANNEL, 300, 300, seed=5)
+    publisher().send_all(readings_for("loud", values))
+    daemon.wait_metric(
+        lambda m: m("oteo_events_total", kind="end") >= 1, 30, "the fault's start and end"
+    )
+    daemon.send_signal(signal.SIGHUP)
+    daemon.wait_metric(lambda m: m("oteo_model_reloads_total", result="ok") == 1, 10, "reload")
+    mosquitto.restart()
+    daemon.wait_metric(lambda m: m("oteo_mqtt_reconnects_total") >= 1, 20, "the reconnect")
+    assert wait_until(lambda: "readings/s" in daemon.log_text(), 10), daemon.log_text()[-2000:]
+    log = daemon.log_text()
+    fault = demo.channels[FAULT_CHANNEL]
+    expected = [
+        rf"MQTT connected to {mosquitto.host}:{mosquitto.port} \(session present: False\)",
+        rf"stream loud: alarm \w+ started, score [\d.e+-]+ / threshold [\d.e+-]+; top: {fault}",
+        rf"stream loud: alarm \w+ ended after \d+ s, peak [\d.e+-]+; top: {fault}",
+        r"reloaded \(SIGHUP\): model demo 1",
+        r"MQTT connection to .* (lost|broker closed)",
+        r"MQTT connected to .* after \d+ failed attempts|MQTT connected to .*session present: True",
+        r"last \d+ s: \d+ streams \(.*\); [\d.]+ readings/s; \d+ alarms active; dropped: ",
+    ]
+    missing = [p for p in expected if not re.search(p, log)]
+    assert not missing, f"{missing}\n--- log ---\n{log[-4000:]}"
     assert daemon.stop() == 0
