@@ -1,8 +1,9 @@
-"""Turn a stream's window scores into alarms: smoothing, k-of-n, hysteresis, cool-down.
+"""The last detection stage: k-of-n minimum duration, hysteresis, clear time and cool-down.
 
-The daemon feeds one `AlarmTracker` per stream window by window; `oteo evaluate`, threshold
-calibration and the benchmarks call `replay` over a whole series. Both run the same `update`, so
-offline numbers and live behaviour agree by construction.
+`AlarmState` decides one stream's alarm from a score and the thresholds in force for that window;
+`daemon.detector.Detector` runs it after its other stages. `AlarmTracker` and `replay` are that
+state machine with fixed thresholds and EWMA smoothing (what models without a `detection` section
+were calibrated with), kept for callers that only have window scores.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -30,25 +32,77 @@ class Step:
     transition: Transition | None
 
 
+class AlarmState:
+    """k-of-n / hysteresis / clear / cool-down of one stream, thresholds given per window."""
+
+    def __init__(self, policy: AlarmPolicy) -> None:
+        self.policy = policy
+        self.reset()
+
+    def reset(self) -> None:
+        """No alarm, no history (the caller ends an active alarm)."""
+        self._recent: deque[bool] = deque(maxlen=self.policy.n)
+        self.active = False
+        self._below = 0
+        self._cooldown = 0
+
+    def step(self, value: float, enter: float, leave: float) -> Transition | None:
+        """Take one window's score against its enter / exit thresholds; the edge, if any."""
+        p = self.policy
+        self._recent.append(value >= enter)
+        if self.active:
+            self._below = self._below + 1 if value < leave else 0
+            if self._below >= p.clear_windows:
+                self.end()
+                return Transition.END
+            return None
+        if self._cooldown > 0:
+            self._cooldown -= 1
+            return None
+        if sum(self._recent) >= p.k:
+            self.active = True
+            self._below = 0
+            return Transition.START
+        return None
+
+    def end(self) -> None:
+        """End the active alarm now (clear time met, or a new normal accepted)."""
+        self.active = False
+        self._cooldown = self.policy.cooldown_windows
+        self._recent.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "recent": list(self._recent),
+            "active": self.active,
+            "below": self._below,
+            "cooldown": self._cooldown,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._recent = deque((bool(v) for v in state["recent"]), maxlen=self.policy.n)
+        self.active = bool(state["active"])
+        self._below = int(state["below"])
+        self._cooldown = int(state["cooldown"])
+
+
 class AlarmTracker:
-    """Alarm state of one stream. `sensitivity` > 1 lowers both thresholds (more alarms)."""
+    """Fixed thresholds and EWMA smoothing before `AlarmState`; `sensitivity` > 1 lowers both."""
 
     def __init__(self, policy: AlarmPolicy, sensitivity: float = 1.0) -> None:
         self.policy = policy
         self.sensitivity = sensitivity
+        self._state = AlarmState(policy)
         self.reset()
 
     def reset(self) -> None:
         """Forget history (after a gap: a window never spans a hole, nor does smoothing)."""
         self._smoothed: float | None = None
-        self._recent: deque[bool] = deque(maxlen=self.policy.n)
-        self._active = False
-        self._below = 0
-        self._cooldown = 0
+        self._state.reset()
 
     @property
     def active(self) -> bool:
-        return self._active
+        return self._state.active
 
     @property
     def threshold(self) -> float:
@@ -64,23 +118,8 @@ class AlarmTracker:
         s = self._smoothed
         enter = p.enter_threshold / self.sensitivity
         leave = p.exit_threshold / self.sensitivity
-        self._recent.append(s >= enter)
-        if self._active:
-            self._below = self._below + 1 if s < leave else 0
-            if self._below >= p.clear_windows:
-                self._active = False
-                self._cooldown = p.cooldown_windows
-                self._recent.clear()
-                return Step(s, False, Transition.END)
-            return Step(s, True, None)
-        if self._cooldown > 0:
-            self._cooldown -= 1
-            return Step(s, False, None)
-        if sum(self._recent) >= p.k:
-            self._active = True
-            self._below = 0
-            return Step(s, True, Transition.START)
-        return Step(s, False, None)
+        transition = self._state.step(s, enter, leave)
+        return Step(s, self._state.active, transition)
 
 
 def replay(scores: np.ndarray, policy: AlarmPolicy, sensitivity: float = 1.0) -> np.ndarray:

@@ -22,6 +22,8 @@ Architecture = Literal["dense", "conv1d", "gru", "lstm"]
 Variant = Literal["basic", "denoising", "sparse", "contractive", "robust", "variational"]
 Noise = Literal["none", "gaussian", "salt_pepper", "masking", "cauchy"]
 ThresholdRule = Literal["quantile", "pot", "max"]
+ErrorTransform = Literal["squared", "root"]
+Combination = Literal["mean", "max"]
 
 
 class ManifestError(ValueError):
@@ -125,6 +127,88 @@ class ChannelQuantiles(_Strict):
     values: list[list[float]] = Field(description="values[c][i]: channel c at levels[i].")
 
 
+class Detection(_Strict):
+    """The stages between a window's per-channel errors and the alarm policy (daemon/detector.py).
+
+    Absent in files exported before it existed: those run `Detection.legacy()`, which reproduces
+    the behaviour they were calibrated with (the graph's score, a calibrated threshold only).
+    """
+
+    error: ErrorTransform = Field(
+        "squared",
+        description="Per-channel window error: squared = the graph's channel_score (mean squared "
+        "standardised error over the window); root = its square root (RMS), which lets one "
+        "large deviation weigh less against many small ones.",
+    )
+    normalise: bool = Field(
+        False,
+        description="Divide each channel's error by its normal level (channel_level) before "
+        "combining, so that every channel counts in units of its own normal error.",
+    )
+    combine: Combination = Field(
+        "mean",
+        description="How channel errors become one score: their mean, or their max (one faulty "
+        "channel among many is not diluted).",
+    )
+    channel_level: list[float] | None = Field(
+        None,
+        description="Per channel, its normal error level (a quantile of calibration errors, "
+        "after `error`); needed when `normalise` is on.",
+    )
+    baseline_s: float | None = Field(
+        None,
+        gt=0,
+        description="Trailing window of the dynamic threshold, in seconds of data: the enter "
+        "threshold is the higher of the calibrated one and baseline_factor x the median smoothed "
+        "score of the stream's normal windows in this window. None: calibrated threshold only.",
+    )
+    baseline_factor: float = Field(
+        1.75, gt=0, description="Dynamic enter threshold = this x the trailing median."
+    )
+    baseline_refresh: int = Field(
+        16, ge=1, description="Windows between two recomputations of the trailing median."
+    )
+    baseline_seed: float | None = Field(
+        None,
+        ge=0,
+        description="The calibrated normal level of the smoothed score; a stream's trailing "
+        "window starts full of it, so it adapts only once it has seen enough of its own data.",
+    )
+    baseline_in_alarm: bool = Field(
+        False,
+        description="The trailing window also takes windows in alarm, so a sustained level "
+        "raises the threshold by itself (an end caused that way is flagged new_normal). False: "
+        "only normal windows; a fault is accepted only through new_normal_s.",
+    )
+    new_normal_s: float | None = Field(
+        None,
+        gt=0,
+        description="An alarm that has lasted this long (seconds of data) ends as a new normal: "
+        "the stream's baseline takes the current level and the end event says so. None: never; "
+        "an alarm lasts as long as the score stays high.",
+    )
+    score_quantiles: Quantiles | None = Field(
+        None,
+        description="Quantiles of the detection score (after combining and smoothing) on the "
+        "calibration windows: p-values of Decision.score.",
+    )
+
+    @classmethod
+    def legacy(cls) -> Detection:
+        """What files without a detection section were calibrated for."""
+        return cls(error="squared", normalise=False, combine="mean", baseline_s=None)
+
+    @model_validator(mode="after")
+    def _check(self) -> Detection:
+        if self.normalise and not self.channel_level:
+            raise ValueError("normalise needs channel_level (one value per channel)")
+        if self.channel_level is not None and any(v <= 0 for v in self.channel_level):
+            raise ValueError("channel_level values must be > 0")
+        if self.new_normal_s is not None and self.baseline_s is None:
+            raise ValueError("new_normal_s needs baseline_s: a new normal is a baseline")
+        return self
+
+
 class Provenance(_Strict):
     data_fingerprint: str = Field(description="sha256 of the training matrix (float32 bytes).")
     source: str = Field("", description="Where the training data came from (file name).")
@@ -176,6 +260,11 @@ class Manifest(_Strict):
     alarm: AlarmPolicy
     score_quantiles: Quantiles
     channel_score_quantiles: ChannelQuantiles
+    detection: Detection | None = Field(
+        None,
+        description="Scoring stages after the model (daemon/detector.py); absent in older "
+        "files, which then run Detection.legacy().",
+    )
     constant_channels: list[str] = Field(
         default_factory=list, description="Channels near-constant in training (reported)."
     )
@@ -193,6 +282,9 @@ class Manifest(_Strict):
             raise ValueError("channel_scale values must be > 0")
         if len(self.channel_score_quantiles.values) != n:
             raise ValueError("channel_score_quantiles needs one row per channel")
+        level = self.detection.channel_level if self.detection is not None else None
+        if level is not None and len(level) != n:
+            raise ValueError("detection.channel_level needs one value per channel")
         if self.code_median is not None and len(self.code_median) != self.code_size:
             raise ValueError("code_median needs one value per code unit")
         return self

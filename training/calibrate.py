@@ -6,9 +6,11 @@ Rule for a target quantile q of normal window scores:
   quantile, when there are at least `MIN_EXCEEDANCES` excesses to fit;
 - max: otherwise, the largest score times a margin, with a warning that the data are too few.
 
-A false-alarm target is then checked at the level of alarm EVENTS: the alarm policy (k-of-n,
-hysteresis, cool-down) is replayed over the held-back series and the enter threshold raised until
-the replay meets the target.
+The scores are those of the detector's own stages (daemon/detector.py): per-channel errors,
+normalised by channel levels taken here, combined and smoothed, so that the thresholds mean the
+same thing as the score they are compared with. A false-alarm target is then checked at the level
+of alarm EVENTS: the whole detector is replayed over the held-back series and the enter
+threshold raised until the replay meets the target.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import stats
 
-from daemon.alarm import count_events, replay
-from daemon.manifest import AlarmPolicy, Calibration, ChannelQuantiles, Quantiles
+if TYPE_CHECKING:
+    from training.config import TrainOptions
+
+from daemon.detector import Stages, replay
+from daemon.manifest import AlarmPolicy, Calibration, ChannelQuantiles, Detection, Quantiles
 
 MIN_EXCEEDANCES = 20
 # The POT fit starts at this empirical quantile (or lower, to keep MIN_EXCEEDANCES excesses).
@@ -92,18 +98,45 @@ def channel_quantile_table(channel_scores: np.ndarray) -> ChannelQuantiles:
     return ChannelQuantiles(levels=levels, values=values.tolist())
 
 
+Series = tuple[np.ndarray, np.ndarray]  # one contiguous series: score [N], channel_score [N, C]
+
+# Each channel's normal error level is this quantile of its calibration errors: the level a
+# normalised channel error of 1 stands for.
+CHANNEL_LEVEL_QUANTILE = 0.99
+# A channel whose normal error is (near) zero, such as a constant one, would turn any wiggle into
+# a huge normalised error: its level is at least this share of the channels' mean level.
+CHANNEL_LEVEL_FLOOR = 0.01
+
+
+def channel_levels(series: Sequence[Series], detection: Detection) -> list[float]:
+    """Each channel's normal error level (after the detection's error transform)."""
+    channel = np.concatenate([c for _, c in series]).astype(np.float64)
+    if detection.error == "root":
+        channel = np.sqrt(np.maximum(channel, 0.0))
+    level = np.quantile(channel, CHANNEL_LEVEL_QUANTILE, axis=0)
+    floor = max(CHANNEL_LEVEL_FLOOR * float(level.mean()), 1e-12)
+    return np.maximum(level, floor).tolist()
+
+
+def smoothed_scores(stages: Stages, policy: AlarmPolicy, series: Sequence[Series]) -> np.ndarray:
+    """The detection score of every calibration window as the detector computes it."""
+    parts = [replay(stages, policy, s, c).score for s, c in series]
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
 def events_per_day(
-    series: Sequence[np.ndarray], policy: AlarmPolicy, period_s: float
+    series: Sequence[Series], stages: Stages, policy: AlarmPolicy
 ) -> tuple[float, float]:
-    """(alarm events per day, hours) when the policy is replayed over each contiguous series."""
-    events = sum(count_events(replay(s, policy)) for s in series)
-    hours = sum(len(s) for s in series) * policy.hop * period_s / 3600
+    """(alarm events per day, hours) when the detector is replayed over each contiguous series."""
+    events = sum(replay(stages, policy, s, c).events for s, c in series)
+    hours = sum(len(s) for s, _ in series) * policy.hop * stages.period_s / 3600
     return (events / (hours / 24) if hours > 0 else 0.0), hours
 
 
 def calibrate(
-    series: Sequence[np.ndarray],
+    series: Sequence[Series],
     base: AlarmPolicy,
+    detection: Detection,
     period_s: float,
     *,
     q: float,
@@ -111,22 +144,37 @@ def calibrate(
     target_per_day: float | None,
     cross_fitted: bool,
     margin: float = 1.0,
-) -> tuple[AlarmPolicy, Calibration]:
-    """Thresholds from held-back window scores (one array per contiguous series, hop-spaced).
+) -> tuple[AlarmPolicy, Detection, Calibration]:
+    """Thresholds and detection baselines from held-back windows (hop-spaced, per series).
 
-    `margin` multiplies both thresholds: hours of held-back data cannot show the drift of days
-    (wear, seasons), so a quantile of them is optimistic for the weeks a model serves.
+    The windows go through the detector's own stages (error, channel levels, combination,
+    smoothing) and the thresholds are quantiles of what comes out. `margin` multiplies both:
+    hours of held-back data cannot show the drift of days (wear, seasons), so a quantile of
+    them is optimistic for the weeks a model serves.
     """
-    scores = np.concatenate(series)
+    if detection.normalise:
+        detection = detection.model_copy(
+            update={"channel_level": channel_levels(series, detection)}
+        )
+    static = detection.model_copy(update={"baseline_s": None, "new_normal_s": None})
+    plain = Stages(static, period_s, "calibration")
+    scores = smoothed_scores(plain, base, series)
     enter = threshold(scores, q)
     leave = threshold(scores, exit_q)
     enter_value = enter.value * margin
     exit_value = min(leave.value, enter.value) * margin
+    detection = detection.model_copy(
+        update={
+            "baseline_seed": float(np.median(scores)),
+            "score_quantiles": quantile_table(scores),
+        }
+    )
+    stages = Stages(detection, period_s, "calibration")
     policy = base.model_copy(update={"enter_threshold": enter_value, "exit_threshold": exit_value})
-    rate, hours = events_per_day(series, policy, period_s)
+    rate, hours = events_per_day(series, stages, policy)
     warnings = list(enter.warnings)
     if target_per_day is not None and rate > target_per_day:
-        policy, rate = _raise_until(series, policy, period_s, target_per_day)
+        policy, rate = _raise_until(series, stages, policy, target_per_day)
         warnings.append(
             f"enter threshold raised from {enter_value:.4g} to {policy.enter_threshold:.4g} "
             f"to meet {target_per_day} false alarms/day on the held-back data"
@@ -148,15 +196,61 @@ def calibrate(
         heldback_hours=hours,
         warnings=warnings,
     )
-    return policy, calibration
+    return policy, detection, calibration
+
+
+def requested(opts: TrainOptions) -> tuple[AlarmPolicy, Detection]:
+    """The alarm policy and detection stages `opts` ask for, before calibration."""
+    window, hop = opts.model.window, opts.hop
+    policy = AlarmPolicy(
+        hop=hop,
+        enter_threshold=1.0,
+        exit_threshold=1.0,
+        k=opts.k,
+        n=opts.n,
+        clear_windows=opts.clear_windows,
+        cooldown_windows=opts.cooldown_windows
+        if opts.cooldown_windows is not None
+        else window // hop,
+        smoothing_alpha=opts.smoothing_alpha,
+    )
+    detection = Detection(
+        error=opts.error,  # type: ignore[arg-type]
+        normalise=opts.normalise,
+        combine=opts.combine,  # type: ignore[arg-type]
+        baseline_s=opts.baseline_s or None,
+        baseline_factor=opts.baseline_factor,
+        baseline_in_alarm=opts.baseline_in_alarm,
+        new_normal_s=opts.new_normal_s or None,
+    )
+    return policy, detection
+
+
+def calibrate_options(
+    series: Sequence[Series], opts: TrainOptions, period_s: float, cross_fitted: bool
+) -> tuple[AlarmPolicy, Detection, Calibration]:
+    """`calibrate` with everything `opts` set: the trainer's and the benchmarks' one call."""
+    policy, detection = requested(opts)
+    return calibrate(
+        series,
+        policy,
+        detection,
+        period_s,
+        q=opts.quantile,
+        exit_q=opts.exit_quantile,
+        target_per_day=opts.false_alarms_per_day,
+        cross_fitted=cross_fitted,
+        margin=opts.margin,
+    )
 
 
 def _raise_until(
-    series: Sequence[np.ndarray], policy: AlarmPolicy, period_s: float, target: float
+    series: Sequence[Series], stages: Stages, policy: AlarmPolicy, target: float
 ) -> tuple[AlarmPolicy, float]:
     """Smallest enter threshold (bisection, ratio to the exit threshold kept) meeting the target."""
     lo = policy.enter_threshold
-    hi = max(float(np.max(np.concatenate(series))) * 1.01, lo * 1.01)
+    top = float(np.max(smoothed_scores(stages, policy, series)))
+    hi = max(top * 1.01, lo * 1.01)
     ratio = policy.exit_threshold / policy.enter_threshold
 
     def at(value: float) -> AlarmPolicy:
@@ -164,11 +258,11 @@ def _raise_until(
 
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        if events_per_day(series, at(mid), period_s)[0] > target:
+        if events_per_day(series, stages, at(mid))[0] > target:
             lo = mid
         else:
             hi = mid
         if hi - lo <= 1e-4 * hi:
             break
     best = at(hi)
-    return best, events_per_day(series, best, period_s)[0]
+    return best, events_per_day(series, stages, best)[0]

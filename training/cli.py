@@ -16,7 +16,15 @@ from typing import Any
 import click
 
 from daemon.cli import EXIT_CONFIG, load_model_or_exit, refuse
-from training.config import ARCHITECTURES, NOISES, VARIANTS, option_fields, setting_field
+from training.config import (
+    ARCHITECTURES,
+    COMBINATIONS,
+    ERRORS,
+    NOISES,
+    VARIANTS,
+    option_fields,
+    setting_field,
+)
 from training.preset import PRESETS
 
 
@@ -68,7 +76,13 @@ def _setting_options(command: Any) -> Any:
     choices taken from there: the settings are defined once."""
     for f in reversed(option_fields()):
         flag = "--" + ("epochs" if f.name == "max_epochs" else f.name).replace("_", "-")
-        choices = {"architecture": ARCHITECTURES, "variant": VARIANTS, "noise": NOISES}
+        choices = {
+            "architecture": ARCHITECTURES,
+            "variant": VARIANTS,
+            "noise": NOISES,
+            "error": ERRORS,
+            "combine": COMBINATIONS,
+        }
         if f.type in ("bool", bool):
             option = click.option(flag, f.name, is_flag=True, help=f.metadata["help"])
         else:

@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_args
 
-from daemon.manifest import Architecture, Noise, Variant
+from daemon.manifest import Architecture, Combination, ErrorTransform, Noise, Variant
 from training.preset import preset
 
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 NOISES: tuple[str, ...] = get_args(Noise)
+ERRORS: tuple[str, ...] = get_args(ErrorTransform)
+COMBINATIONS: tuple[str, ...] = get_args(Combination)
 
 
 def _help(default: Any, text: str) -> Any:
@@ -124,6 +126,25 @@ class TrainOptions:
     clear_windows: int = 3
     cooldown_windows: int | None = None  # default: one window length
     smoothing_alpha: float = 1.0
+    # Detection stages after the model (daemon/detector.py). Each default is the setting that
+    # did best on all three benchmark sets at once (docs/benchmarks.md has the numbers).
+    error: str = _help("squared", "Per-channel window error: squared (mean square) or root (RMS).")
+    normalise: bool = _help(
+        False, "Divide each channel's error by its normal level before combining channels."
+    )
+    combine: str = _help("mean", "Combine channel errors by their mean or their max.")
+    baseline_s: float = _help(
+        0.0,
+        "Dynamic threshold: trailing window (seconds of data) of the stream's recent scores "
+        "(0: the calibrated threshold only).",
+    )
+    baseline_factor: float = _help(1.75, "Dynamic threshold = this x the trailing median score.")
+    new_normal_s: float = _help(
+        0.0, "An alarm lasting this long (seconds) ends as an accepted new normal (0: never)."
+    )
+    # Whether the trailing window also learns from windows in alarm (a sustained level then
+    # raises the threshold by itself); off, a fault is only accepted through new_normal_s.
+    baseline_in_alarm: bool = False
     cross_fit: bool | None = None  # None: when held-back data are too few
     # Each channel's scale is at least this fraction of its mean magnitude: a near-constant
     # channel would otherwise get a near-zero scale and turn any wiggle into an alarm.
@@ -132,6 +153,14 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.scale_floor < 0 or self.margin <= 0:
             raise ValueError("need scale_floor >= 0 and margin > 0")
+        if self.error not in ERRORS:
+            raise ValueError(f"error must be one of {ERRORS}, not {self.error!r}")
+        if self.combine not in COMBINATIONS:
+            raise ValueError(f"combine must be one of {COMBINATIONS}, not {self.combine!r}")
+        if self.baseline_s < 0 or self.new_normal_s < 0 or self.baseline_factor <= 0:
+            raise ValueError("need baseline_s >= 0, new_normal_s >= 0 and baseline_factor > 0")
+        if self.new_normal_s and not self.baseline_s:
+            raise ValueError("new_normal_s needs baseline_s: a new normal is a baseline level")
 
 
 SETTING_OWNERS = (ModelConfig, FitConfig, TrainOptions)

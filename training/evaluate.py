@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from daemon.alarm import replay
+from daemon.detector import Stages, replay
 from daemon.manifest import AlarmPolicy
 from daemon.model import Model
 from training.data import SensorTable, windows
@@ -70,47 +70,101 @@ class Evaluation:
 
 
 @dataclass
+class WindowOutputs:
+    """A scorer's outputs for the hop-spaced windows of one table, segment after segment."""
+
+    rows: int  # rows of the table
+    ends: np.ndarray  # [N] row of each window's last sample
+    stops: np.ndarray  # [N] the row where the window's decision stops holding (next window)
+    first: np.ndarray  # [N] bool: the window opens a segment (a gap lies before it)
+    score: np.ndarray  # [N]
+    channel_score: np.ndarray  # [N, C]
+
+
+@dataclass
 class RowDecisions:
-    """Per row: the score of the window ending at or last before it, its channel scores, and the
-    alarm state; NaN scores and no alarm before a segment's first full window."""
+    """Per row: the window ending at or last before it (its score, channel scores, detection
+    score and threshold) and the alarm state; NaN and no alarm before a segment's first window."""
 
-    score: np.ndarray  # [T]
+    score: np.ndarray  # [T] the model's window score
     channel_score: np.ndarray  # [T, C]
+    detection: np.ndarray  # [T] the detector's smoothed, combined score
+    threshold: np.ndarray  # [T] the enter threshold in force
     alarm: np.ndarray  # [T] bool
+    new_normal: np.ndarray  # [T] bool, True on the row where an alarm ended as a new normal
 
 
-def decide_rows(
-    model: WindowModel, table: SensorTable, policy: AlarmPolicy, sensitivity: float = 1.0
-) -> RowDecisions:
-    """Score hop-spaced windows per segment and replay the alarm policy (reset per segment)."""
-    n = len(table.timestamps)
-    out = RowDecisions(
-        np.full(n, np.nan), np.full((n, table.values.shape[1]), np.nan), np.zeros(n, dtype=bool)
-    )
+def window_outputs(model: WindowModel, table: SensorTable, hop: int) -> WindowOutputs:
+    """Score every hop-spaced window of every segment (the costly part of a decision)."""
+    ends, stops, first, scores, channels = [], [], [], [], []
     for seg in table.segments:
-        x, ends = windows(table, model.window, policy.hop, segments=[seg])
+        x, seg_ends = windows(table, model.window, hop, segments=[seg])
         if not len(x):
             continue
         batches = [model.run(x[i : i + 1024]) for i in range(0, len(x), 1024)]
-        s = np.concatenate([b.score for b in batches])
-        channel = np.concatenate([b.channel_score for b in batches])
-        active = replay(s, policy, sensitivity)
-        # Hold each decision until the next window (or the segment's end).
-        stops = np.append(ends[1:], seg[1])
-        reps = stops - ends
-        rows = np.repeat(ends, reps) + _ramp(reps)
-        out.score[rows] = np.repeat(s, reps)
-        out.channel_score[rows] = np.repeat(channel, reps, axis=0)
-        out.alarm[rows] = np.repeat(active, reps)
-    return out
+        scores.append(np.concatenate([b.score for b in batches]).astype(np.float64))
+        channels.append(np.concatenate([b.channel_score for b in batches]).astype(np.float64))
+        ends.append(seg_ends)
+        # Each decision holds until the next window (or the segment's end).
+        stops.append(np.append(seg_ends[1:], seg[1]))
+        first.append(np.arange(len(seg_ends)) == 0)
+    c = table.values.shape[1]
+    join = lambda parts, empty: np.concatenate(parts) if parts else empty  # noqa: E731
+    return WindowOutputs(
+        len(table.timestamps),
+        join(ends, np.empty(0, np.int64)),
+        join(stops, np.empty(0, np.int64)),
+        join(first, np.empty(0, bool)),
+        join(scores, np.empty(0)),
+        join(channels, np.empty((0, c))),
+    )
+
+
+def decide(
+    out: WindowOutputs, stages: Stages, policy: AlarmPolicy, sensitivity: float = 1.0
+) -> RowDecisions:
+    """Replay one detector over the windows (reset at each gap) and hold decisions per row."""
+    n, c = out.rows, out.channel_score.shape[1]
+    # A NaN row before every segment but the first: the detector's gap reset.
+    gaps = np.flatnonzero(out.first)[1:]
+    score = np.insert(out.score, gaps, np.nan)
+    channel = np.insert(out.channel_score, gaps, np.nan, axis=0)
+    found = replay(stages, policy, score, channel, sensitivity)
+    keep = ~np.isnan(score)
+    reps = out.stops - out.ends
+    rows = np.repeat(out.ends, reps) + _ramp(reps)
+    result = RowDecisions(
+        np.full(n, np.nan),
+        np.full((n, c), np.nan),
+        np.full(n, np.nan),
+        np.full(n, np.nan),
+        np.zeros(n, dtype=bool),
+        np.zeros(n, dtype=bool),
+    )
+    result.score[rows] = np.repeat(out.score, reps)
+    result.channel_score[rows] = np.repeat(out.channel_score, reps, axis=0)
+    result.detection[rows] = np.repeat(found.score[keep], reps)
+    result.threshold[rows] = np.repeat(found.threshold[keep], reps)
+    result.alarm[rows] = np.repeat(found.active[keep], reps)
+    result.new_normal[out.ends] = found.new_normal[keep]
+    return result
+
+
+def decide_rows(
+    model: Model, table: SensorTable, policy: AlarmPolicy | None = None, sensitivity: float = 1.0
+) -> RowDecisions:
+    """A model file's causal decisions on every row (its own policy unless one is given)."""
+    policy = policy or model.manifest.alarm
+    out = window_outputs(model, table, policy.hop)
+    return decide(out, Stages.of(model.manifest), policy, sensitivity)
 
 
 def causal_decisions(
-    model: WindowModel, table: SensorTable, policy: AlarmPolicy, sensitivity: float = 1.0
+    model: Model, table: SensorTable, policy: AlarmPolicy | None = None, sensitivity: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row (score, alarm): `decide_rows` without the channel scores."""
+    """Per-row (detection score, alarm): `decide_rows` without the rest."""
     rows = decide_rows(model, table, policy, sensitivity)
-    return rows.score, rows.alarm
+    return rows.detection, rows.alarm
 
 
 def _ramp(reps: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 
 from daemon import __version__
-from daemon.manifest import AlarmPolicy, Manifest, Provenance, Validation, utc_now
+from daemon.manifest import Manifest, Provenance, Validation, utc_now
 from daemon.model import OUTPUTS, Model, session_options
 from training import calibrate as cal
 from training.config import ModelConfig, TrainOptions
@@ -42,6 +42,8 @@ class TrainResult:
     manifest: Manifest
     fit: FitResult
     heldback_scores: np.ndarray
+    # [N, C] the same windows' per-channel scores (calibration of the detection stages)
+    heldback_channel_scores: np.ndarray
     sample_windows: np.ndarray  # a few held-back windows, raw units (for the report)
     sample_reconstructions: np.ndarray
     codes: np.ndarray
@@ -73,11 +75,16 @@ def ort_run(session: ort.InferenceSession, x: np.ndarray, batch: int = 2048) -> 
 
 
 @torch.no_grad()
-def graph_scores(graph: ScoringGraph, x: np.ndarray, batch: int = 2048) -> np.ndarray:
-    """`score` of the scoring graph in torch, for windows of models that are not exported."""
+def graph_scores(
+    graph: ScoringGraph, x: np.ndarray, batch: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """(`score`, `channel_score`) of the scoring graph in torch, for models never exported."""
     graph.eval()
-    parts = [graph(torch.from_numpy(x[i : i + batch]))[0].numpy() for i in range(0, len(x), batch)]
-    return np.concatenate(parts) if parts else np.empty(0, np.float32)
+    outs = [graph(torch.from_numpy(x[i : i + batch])) for i in range(0, len(x), batch)]
+    if not outs:
+        return np.empty(0, np.float32), np.empty((0, x.shape[-1]), np.float32)
+    score = np.concatenate([o[0].numpy() for o in outs])
+    return score, np.concatenate([o[1].numpy() for o in outs])
 
 
 def _export_and_check(result: FitResult, mean: np.ndarray, scale: np.ndarray, probe: np.ndarray):
@@ -140,9 +147,8 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
 
     if cross:
         series, best_epochs = _cross_fit(table, normal, cfg, opts, mean, scale)
-        notes.append(
-            f"cross-fitted thresholds over {CROSS_FOLDS} folds ({sum(map(len, series))} windows)"
-        )
+        count = sum(len(s) for s, _ in series)
+        notes.append(f"cross-fitted thresholds over {CROSS_FOLDS} folds ({count} windows)")
         epochs = max(1, int(np.median(best_epochs)) + 1)
         result = fit(cfg, z(x_train), z(x_train[:0]), opts.fit, epochs=epochs)
     else:
@@ -150,38 +156,17 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
     probe = held_all[:64] if len(held_all) >= 64 else x_train[:64]
     proto, session, worst = _export_and_check(result, mean, scale, probe)
     if cross:
-        scores_series = series
         eval_windows = x_train[:: max(1, len(x_train) // 256)]
     else:
-        scores_series = [ort_run(session, s)[0] for s in held_series]
+        outs = [ort_run(session, s) for s in held_series]
+        series = [(o[0], o[1]) for o in outs]
         eval_windows = held_all
-    score, channel_score, recon, code = ort_run(session, eval_windows)
-    if cross:
-        score = np.concatenate(scores_series)
-        channel_score = channel_score  # from the final model: only used for normalisation
+    _, _, recon, code = ort_run(session, eval_windows)
+    # Calibration evidence: windows the scoring model never fitted (held back or out of fold).
+    score = np.concatenate([s for s, _ in series])
+    channel_score = np.concatenate([c for _, c in series])
 
-    base = AlarmPolicy(
-        hop=opts.hop,
-        enter_threshold=1.0,
-        exit_threshold=1.0,
-        k=opts.k,
-        n=opts.n,
-        clear_windows=opts.clear_windows,
-        cooldown_windows=opts.cooldown_windows
-        if opts.cooldown_windows is not None
-        else cfg.window // opts.hop,
-        smoothing_alpha=opts.smoothing_alpha,
-    )
-    policy, calibration = cal.calibrate(
-        scores_series,
-        base,
-        table.period_s,
-        q=opts.quantile,
-        exit_q=opts.exit_quantile,
-        target_per_day=opts.false_alarms_per_day,
-        cross_fitted=cross,
-        margin=opts.margin,
-    )
+    policy, detection, calibration = cal.calibrate_options(series, opts, table.period_s, cross)
     for w in calibration.warnings:
         log.warning("%s", w)
     binariness = None
@@ -205,6 +190,7 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
         code_median=np.median(code, axis=0).astype(float).tolist(),
         calibration=calibration,
         alarm=policy,
+        detection=detection,
         score_quantiles=cal.quantile_table(score),
         channel_score_quantiles=cal.channel_quantile_table(channel_score),
         constant_channels=list(table.constant_channels),
@@ -239,6 +225,7 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
         manifest=manifest,
         fit=result,
         heldback_scores=score,
+        heldback_channel_scores=channel_score,
         sample_windows=eval_windows[pick],
         sample_reconstructions=recon[pick],
         codes=code,

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from training.bench import benchmark
 from training.bench.baseline import Pca, RandomScore
-from training.bench.detection import alarm_policy, detect, same_policy
+from training.bench.detection import alarm_policy, detect, evidence, same_policy
 from training.bench.scorer import Autoencoder, calibration_plan, count_windows
 from training.bench.suite import ROWS
 from training.config import options_for
@@ -41,7 +41,7 @@ def test_the_shared_calibration_reproduces_the_trainers_policy(rows: int, tmp_pa
     opts = options_for("default", 2, progress=False, name="m", **TINY)
     fitted = Autoencoder().fit(table, opts, tmp_path)
     assert fitted.manifest_policy is not None
-    policy, _ = alarm_policy(fitted, opts)
+    policy, _, _ = alarm_policy(evidence(fitted, table, opts), opts)
     # Baselines are calibrated by this function: it must give the product's own thresholds.
     assert same_policy(policy, fitted.manifest_policy)
     assert fitted.cross_fitted == (rows == 400)
@@ -59,7 +59,7 @@ def test_every_scorer_meets_the_same_contract(scorer: object, tmp_path: Path) ->
     x = np.stack([coupled(16, seed=i) for i in range(5)]).astype(np.float32)
     out = fitted.model.run(x)
     assert out.score.shape == (5,) and out.channel_score.shape == (5, 2)
-    found = detect(fitted, from_array(coupled(900, seed=1), 1.0), opts)
+    found = detect(evidence(fitted, from_array(coupled(900, seed=1), 1.0), opts), opts)
     assert found.rows.alarm.shape == (900,) and np.isnan(found.rows.score[:15]).all()
 
 
@@ -70,8 +70,9 @@ def test_decisions_of_every_scorer_never_depend_on_later_rows(tmp_path: Path) ->
     broken = clean.copy()
     broken[700:] *= -5.0
     for scorer in (Autoencoder(), Pca(), RandomScore()):
-        a = detect(scorer.fit(train, opts, tmp_path), from_array(clean, 1.0), opts).rows
-        b = detect(scorer.fit(train, opts, tmp_path), from_array(broken, 1.0), opts).rows
+        fitted = [scorer.fit(train, opts, tmp_path) for _ in range(2)]
+        a = detect(evidence(fitted[0], from_array(clean, 1.0), opts), opts).rows
+        b = detect(evidence(fitted[1], from_array(broken, 1.0), opts), opts).rows
         np.testing.assert_array_equal(a.score[:700], b.score[:700])
         np.testing.assert_array_equal(a.alarm[:700], b.alarm[:700])
 

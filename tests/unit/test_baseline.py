@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from training.bench.baseline import Pca, RandomScore, fit_pca
-from training.bench.detection import detect
+from training.bench.detection import detect, evidence
 from training.bench.scorer import calibration_plan, count_windows
 from training.config import TrainOptions, options_for
 from training.data import from_array
@@ -93,7 +93,7 @@ def test_every_baseline_gives_calibration_series_the_shared_stages_can_use(
     expected = [n for _, held in plan.folds for n in count_windows(held, 16, 1) if n]
     assert [len(s) for s in fitted.calibration] == expected
     assert fitted.cross_fitted == plan.cross_fitted
-    found = detect(fitted, from_array(coupled(rows + 500, seed=3), 1.0), opts)
+    found = detect(evidence(fitted, from_array(coupled(rows + 500, seed=3), 1.0), opts), opts)
     rows_ = found.rows
     assert np.isnan(rows_.score[:15]).all() and np.isfinite(rows_.score[15:]).all()
     assert rows_.channel_score.shape == (rows + 500, 2)
@@ -106,6 +106,6 @@ def test_pca_through_the_shared_stages_alarms_on_a_fault_and_not_before() -> Non
     values[3200:3300, 1] += 3.0  # a level shift on one channel
     train = from_array(values[:3000], 1.0)
     opts = options()
-    found = detect(Pca().fit(train, opts, Path(".")), from_array(values, 1.0), opts)
+    found = detect(evidence(Pca().fit(train, opts, Path(".")), from_array(values, 1.0), opts), opts)
     assert found.rows.alarm[3200:3300].any()
     assert not found.rows.alarm[3000:3200].any()

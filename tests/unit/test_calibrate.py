@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from daemon.manifest import AlarmPolicy
+from daemon.detector import Stages
+from daemon.manifest import AlarmPolicy, Detection
 from training.calibrate import calibrate, events_per_day, quantile_table, threshold
 
 
@@ -49,19 +50,22 @@ def test_quantile_table_is_monotone():
 
 def test_event_target_raises_the_threshold_until_replay_meets_it():
     rng = np.random.default_rng(4)
-    series = [rng.exponential(0.1, 3600) for _ in range(6)]  # 6 hours at 1 Hz
-    for s in series:  # bursts of high scores: normal but rare operating transients
+    scores = [rng.exponential(0.1, 3600) for _ in range(6)]  # 6 hours at 1 Hz
+    for s in scores:  # bursts of high scores: normal but rare operating transients
         for start in rng.integers(0, 3500, 4):
             s[start : start + 20] += 1.0
+    series = [(s, s[:, None]) for s in scores]
     base = AlarmPolicy(enter_threshold=1, exit_threshold=1)
-    loose, cal_loose = calibrate(
-        series, base, 1.0, q=0.99, exit_q=0.95, target_per_day=None, cross_fitted=False
+    plain = Detection.legacy()
+    loose, _, cal_loose = calibrate(
+        series, base, plain, 1.0, q=0.99, exit_q=0.95, target_per_day=None, cross_fitted=False
     )
-    tight, cal_tight = calibrate(
-        series, base, 1.0, q=0.99, exit_q=0.95, target_per_day=4.0, cross_fitted=False
+    tight, _, cal_tight = calibrate(
+        series, base, plain, 1.0, q=0.99, exit_q=0.95, target_per_day=4.0, cross_fitted=False
     )
     assert cal_loose.false_alarms_per_day > 4.0
     assert cal_tight.false_alarms_per_day <= 4.0
     assert tight.enter_threshold > loose.enter_threshold
-    assert events_per_day(series, tight, 1.0)[0] == pytest.approx(cal_tight.false_alarms_per_day)
+    rate = events_per_day(series, Stages(plain, 1.0, "m"), tight)[0]
+    assert rate == pytest.approx(cal_tight.false_alarms_per_day)
     assert any("raised" in w for w in cal_tight.warnings)

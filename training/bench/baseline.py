@@ -92,15 +92,14 @@ class Pca:
     def fit(self, table: SensorTable, opts: TrainOptions, workdir: Path) -> Fitted:
         plan = calibration_plan(table, opts)
         w, hop = opts.model.window, opts.hop
-        series = []
+        outs = []
         for fit_rows, held_rows in plan.folds:
             model = fit_pca(table, fit_rows, opts)
-            series += [
-                model.run(x).score.astype(np.float64) for x in held_series(table, held_rows, w, hop)
-            ]
+            outs += [model.run(x) for x in held_series(table, held_rows, w, hop)]
         final = model if not plan.cross_fitted else fit_pca(table, plan.final, opts)
         notes = [f"{len(final.components)} principal components"]
-        return Fitted(final, series, plan.cross_fitted, table.period_s, notes=notes)
+        score, channel = _split(outs)
+        return Fitted(final, score, channel, plan.cross_fitted, table.period_s, notes=notes)
 
 
 @dataclass
@@ -138,9 +137,16 @@ class RandomScore:
         start = float(rng.standard_normal())
         model = RandomModel(opts.model.window, len(table.channels), rng, start)
         w, hop = opts.model.window, opts.hop
-        series = [
-            model.run(x).score.astype(np.float64)
+        outs = [
+            model.run(x)
             for _, held_rows in plan.folds
             for x in held_series(table, held_rows, w, hop)
         ]
-        return Fitted(model, series, plan.cross_fitted, table.period_s)
+        score, channel = _split(outs)
+        return Fitted(model, score, channel, plan.cross_fitted, table.period_s)
+
+
+def _split(outs: list[Scores]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Calibration scores and channel scores, one array per series, as float64."""
+    score = [o.score.astype(np.float64) for o in outs]
+    return score, [o.channel_score.astype(np.float64) for o in outs]

@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
@@ -47,6 +47,8 @@ from training.bench.nab_scoring import sweep as nab_sweep
 from training.preset import PRESETS
 
 if TYPE_CHECKING:
+    from training.bench.cache import ScoreCache
+    from training.bench.detection import Evidence
     from training.bench.scorer import WindowScorer
     from training.config import TrainOptions
 
@@ -83,6 +85,8 @@ class DetectorConfig:
     # A rise is reported once per day of 5-minute data.
     quiet: int = 288
     seed: int = 0
+    # Any other training settings, by name, over a trainer preset (the benchmark suite's --set).
+    extra: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass
@@ -179,7 +183,8 @@ def train_options(cfg: DetectorConfig, name: str) -> TrainOptions:
     from training.config import FitConfig, ModelConfig, TrainOptions, options_for
 
     if cfg.preset != NAB_PRESET:
-        return options_for(cfg.preset, 1, seed=cfg.seed, progress=False, name=name)
+        extra = dict(cfg.extra)
+        return options_for(cfg.preset, 1, seed=cfg.seed, progress=False, name=name, **extra)
     return TrainOptions(
         model=ModelConfig(
             channels=1, window=cfg.window, hidden=cfg.hidden, code_size=cfg.code_size
@@ -194,11 +199,16 @@ def train_options(cfg: DetectorConfig, name: str) -> TrainOptions:
 
 
 def window_scores(
-    f: NabFile, cfg: DetectorConfig, workdir: Path, scorer: WindowScorer | None = None
+    f: NabFile,
+    cfg: DetectorConfig,
+    workdir: Path,
+    scorer: WindowScorer | None = None,
+    cache: ScoreCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the causal window score (NaN: none yet), and the scorer's calibration scores."""
-    from training.bench.detection import detect
-    from training.bench.scorer import Autoencoder
+    from training.bench.cache import ScoreCache, array_digest
+    from training.bench.detection import detect, evidence
+    from training.bench.scorer import Autoencoder, scorer_failures
     from training.data import from_array
 
     steps = np.diff(f.seconds)
@@ -206,19 +216,30 @@ def window_scores(
     period = float(np.median(steps[steps > 0])) if (steps > 0).any() else 1.0
     opts = train_options(cfg, Path(f.labelled.name).stem)
     probation = f.labelled.probation
-    train_table = from_array(f.values[:probation], period, channels=["value"])
-    fitted = (scorer or Autoencoder()).fit(train_table, opts, workdir)
-    table = from_array(f.values, period, channels=["value"])
-    score = detect(fitted, table, opts).rows.score
-    return score, np.concatenate(fitted.calibration)
+    scorer = scorer or Autoencoder()
+
+    def compute() -> Evidence:
+        train_table = from_array(f.values[:probation], period, channels=["value"])
+        fitted = scorer.fit(train_table, opts, workdir)
+        return evidence(fitted, from_array(f.values, period, channels=["value"]), opts)
+
+    cache = cache or ScoreCache(None)
+    key = cache.key("nab", f.labelled.name, scorer.name, opts, array_digest(f.values))
+    found = cache.get("nab", key, compute, scorer_failures())
+    score = detect(found, opts).rows.score
+    return score, np.concatenate([s for s, _ in found.calibration])
 
 
 def run_file(
-    f: NabFile, cfg: DetectorConfig, workdir: Path, scorer: WindowScorer | None = None
+    f: NabFile,
+    cfg: DetectorConfig,
+    workdir: Path,
+    scorer: WindowScorer | None = None,
+    cache: ScoreCache | None = None,
 ) -> FileRun:
     """Train on the probationary period, score every row causally, return likelihoods."""
     t0 = time.perf_counter()
-    score, seeds = window_scores(f, cfg, workdir, scorer)
+    score, seeds = window_scores(f, cfg, workdir, scorer, cache)
     usable = np.arange(len(score)) >= f.labelled.probation
     usable &= ~np.isnan(score)
     out = np.zeros(len(score))
@@ -227,14 +248,18 @@ def run_file(
 
 
 def run_or_fail(
-    f: NabFile, cfg: DetectorConfig, workdir: Path, scorer: WindowScorer | None = None
+    f: NabFile,
+    cfg: DetectorConfig,
+    workdir: Path,
+    scorer: WindowScorer | None = None,
+    cache: ScoreCache | None = None,
 ) -> FileRun:
     """`run_file`, or, for a file the scorer cannot learn from, no detections and the error."""
-    from training.export import ExportError
+    from training.bench.scorer import scorer_failures
 
     try:
-        return run_file(f, cfg, workdir, scorer)
-    except (ValueError, ArithmeticError, ExportError) as exc:  # DataError: a ValueError
+        return run_file(f, cfg, workdir, scorer, cache)
+    except scorer_failures() as exc:
         # A file the product cannot learn from still counts: all its windows missed.
         return FileRun(f, np.zeros(f.labelled.rows), 0.0, error=str(exc))
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from daemon.manifest import AlarmPolicy
+from daemon.manifest import AlarmPolicy, Detection
 from training.data import SensorTable, normal_segments, split_heldback, windows
 from training.evaluate import WindowModel
 
@@ -40,10 +40,13 @@ class Fitted:
     # Scores of normal windows the model (or its fold model) never fitted, hop-spaced, one array
     # per contiguous series: the alarm replay of the calibration must not run across a gap.
     calibration: list[np.ndarray]
+    calibration_channel: list[np.ndarray]  # the same windows' channel scores [n, C]
     cross_fitted: bool
     period_s: float
-    # The product's own policy from its manifest: the shared calibration must reproduce it.
+    # The product's own policy and stages from its manifest: the shared calibration must
+    # reproduce them.
     manifest_policy: AlarmPolicy | None = None
+    manifest_detection: Detection | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -137,11 +140,21 @@ class Autoencoder:
                 f"{len(scores)} calibration scores from the trainer, {sum(lengths)} expected: "
                 "training/bench/scorer.py no longer splits the rows as training/pipeline.py does"
             )
-        series = np.split(scores.astype(np.float64), np.cumsum(lengths)[:-1])
-        notes = result.notes + result.manifest.calibration.warnings
+        cuts = np.cumsum(lengths)[:-1]
+        series = np.split(scores.astype(np.float64), cuts)
+        channel = np.split(result.heldback_channel_scores.astype(np.float64), cuts)
+        m = result.manifest
+        notes = result.notes + m.calibration.warnings
         return Fitted(
-            model, series, plan.cross_fitted, table.period_s, result.manifest.alarm, notes
+            model, series, channel, plan.cross_fitted, table.period_s, m.alarm, m.detection, notes
         )
+
+
+def scorer_failures() -> tuple[type[Exception], ...]:
+    """Errors meaning "this scorer cannot learn from these data": the file counts as failed."""
+    from training.export import ExportError
+
+    return (ValueError, ArithmeticError, ExportError)  # a DataError is a ValueError
 
 
 def _file_stem(name: str) -> str:

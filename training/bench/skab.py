@@ -32,6 +32,8 @@ from training.bench.changepoint import FileScore, pooled, score_file
 from training.preset import PRESETS
 
 if TYPE_CHECKING:
+    from training.bench.cache import ScoreCache
+    from training.bench.detection import Evidence
     from training.bench.scorer import WindowScorer
     from training.config import TrainOptions
 
@@ -136,6 +138,8 @@ class Settings:
     false_alarms_per_day: float | None = _opt("Event target on calibration scores (0 = none).")
     epochs: int | None = _opt("Most epochs (early stopping).")
     seed: int = field(default=0, metadata={"help": "Training seed."})
+    # Any other training settings, by name (the benchmark suite's --set); not a CLI option here.
+    extra: tuple[tuple[str, Any], ...] = field(default=(), metadata={"cli": False})
 
     def train_options(self, channels: int, name: str) -> TrainOptions:
         """The TrainOptions these settings mean: the preset with these values (imports torch)."""
@@ -144,8 +148,9 @@ class Settings:
         given = {
             _TRAIN_NAMES.get(f.name, f.name): getattr(self, f.name)
             for f in fields(self)
-            if f.name != "preset" and getattr(self, f.name) is not None
+            if f.name not in ("preset", "extra") and getattr(self, f.name) is not None
         }
+        given.update(self.extra)
         if given.get("false_alarms_per_day") == 0:
             given["false_alarms_per_day"] = None
         opts = options_for(self.preset, channels, **given, progress=False, name=name)
@@ -173,37 +178,52 @@ class FileRun:
 
 
 def run_file(
-    file: SkabFile, settings: Settings, workdir: Path, scorer: WindowScorer | None = None
+    file: SkabFile,
+    settings: Settings,
+    workdir: Path,
+    scorer: WindowScorer | None = None,
+    cache: ScoreCache | None = None,
 ) -> FileRun:
     """Fit on rows 0..399 of `file` (the product's autoencoder unless another scorer is given),
     then decide every row causally."""
-    from training.bench.detection import detect
-    from training.bench.scorer import Autoencoder
+    from training.bench.cache import ScoreCache, array_digest
+    from training.bench.detection import detect, evidence
+    from training.bench.scorer import Autoencoder, scorer_failures
     from training.data import from_array
 
     t0 = time.perf_counter()
-    # No labels in the training table: the detector must not learn from them.
-    head = from_array(file.values[:TRAIN_ROWS], 1.0, channels=file.channels)
+    scorer = scorer or Autoencoder()
     stem = Path(file.name).with_suffix("").as_posix().replace("/", "_")
     opts = settings.train_options(len(file.channels), stem)
-    fitted = (scorer or Autoencoder()).fit(head, opts, workdir)
-    # The full table lets windows ending at row >= 400 reach back into the training rows.
-    full = from_array(file.values, 1.0, channels=file.channels)
-    found = detect(fitted, full, opts)
+
+    def compute() -> Evidence:
+        # No labels in the training table: the detector must not learn from them.
+        head = from_array(file.values[:TRAIN_ROWS], 1.0, channels=file.channels)
+        fitted = scorer.fit(head, opts, workdir)
+        # The full table lets windows ending at row >= 400 reach back into the training rows.
+        return evidence(fitted, from_array(file.values, 1.0, channels=file.channels), opts)
+
+    cache = cache or ScoreCache(None)
+    key = cache.key("skab", file.name, scorer.name, opts, array_digest(file.values))
+    found = detect(cache.get("skab", key, compute, scorer_failures()), opts)
     rows = found.rows
-    return FileRun(file, rows.score, rows.alarm, found.policy, time.perf_counter() - t0)
+    return FileRun(file, rows.detection, rows.alarm, found.policy, time.perf_counter() - t0)
 
 
 def run_or_fail(
-    file: SkabFile, settings: Settings, workdir: Path, scorer: WindowScorer | None = None
+    file: SkabFile,
+    settings: Settings,
+    workdir: Path,
+    scorer: WindowScorer | None = None,
+    cache: ScoreCache | None = None,
 ) -> FileRun:
     """`run_file`, or a run that never alarms and says why when the file cannot be trained on."""
-    from training.export import ExportError
+    from training.bench.scorer import scorer_failures
 
     t0 = time.perf_counter()
     try:
-        return run_file(file, settings, workdir, scorer)
-    except (ValueError, ArithmeticError, ExportError) as exc:  # DataError: a ValueError
+        return run_file(file, settings, workdir, scorer, cache)
+    except scorer_failures() as exc:
         rows = len(file.values)
         never = np.zeros(rows, dtype=bool)
         return FileRun(file, np.full(rows, np.nan), never, None, time.perf_counter() - t0, str(exc))
@@ -277,7 +297,7 @@ def _settings_options(command: Any) -> Any:
     """One CLI option per Settings field, with its help: defined once. Unset options take the
     preset's value; the help shows the small preset's."""
     hints = Settings.__annotations__
-    for f in reversed(fields(Settings)):
+    for f in reversed([f for f in fields(Settings) if f.metadata.get("cli", True)]):
         flag = "--" + f.name.replace("_", "-")
         kind: Any
         if f.name == "architecture":

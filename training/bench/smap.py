@@ -47,6 +47,8 @@ from training.preset import PRESETS
 
 if TYPE_CHECKING:
     from daemon.manifest import AlarmPolicy
+    from training.bench.cache import ScoreCache
+    from training.bench.detection import Evidence
     from training.bench.scorer import WindowScorer
     from training.config import TrainOptions
 
@@ -131,12 +133,15 @@ class Settings:
     seed: int = 0
     columns: tuple[int, ...] | None = None  # None: all
     epochs: int | None = None  # None: the preset's
+    extra: tuple[tuple[str, Any], ...] = ()  # any other training settings, by name
 
     def train_options(self, channels: int, name: str) -> TrainOptions:
         """The trainer's options for one channel (imports torch)."""
         from training.config import options_for
 
-        extra = {} if self.epochs is None else {"max_epochs": self.epochs}
+        extra = dict(self.extra)
+        if self.epochs is not None:
+            extra["max_epochs"] = self.epochs
         return options_for(
             self.preset, channels, seed=self.seed, progress=False, name=name, **extra
         )
@@ -163,10 +168,12 @@ def run_channel(
     settings: Settings,
     workdir: Path,
     scorer: WindowScorer | None = None,
+    cache: ScoreCache | None = None,
 ) -> ChannelRun:
     """Fit on the train array, decide every test row causally, count events."""
-    from training.bench.detection import detect
-    from training.bench.scorer import Autoencoder
+    from training.bench.cache import ScoreCache, array_digest
+    from training.bench.detection import detect, evidence
+    from training.bench.scorer import Autoencoder, scorer_failures
     from training.data import from_array
 
     t0 = time.perf_counter()
@@ -178,15 +185,31 @@ def run_channel(
         raise SmapDataError(f"{chan.chan_id}: no column {max(cols)} (it has {width})")
     names = [f"c{c}" for c in cols]
     opts = settings.train_options(len(cols), chan.chan_id)
-    train_table = from_array(train[:, cols], PERIOD_S, channels=names)
-    fitted = (scorer or Autoencoder()).fit(train_table, opts, workdir)
-    found = detect(fitted, from_array(test[:, cols], PERIOD_S, channels=names), opts)
+    scorer = scorer or Autoencoder()
+
+    def compute() -> Evidence:
+        train_table = from_array(train[:, cols], PERIOD_S, channels=names)
+        fitted = scorer.fit(train_table, opts, workdir)
+        return evidence(fitted, from_array(test[:, cols], PERIOD_S, channels=names), opts)
+
+    cache = cache or ScoreCache(None)
+    digest = array_digest(train[:, cols], test[:, cols])
+    key = cache.key("smap", chan.chan_id, scorer.name, opts, digest)
+    scored = cache.get("smap", key, compute, scorer_failures())
+    found = detect(scored, opts)
     predicted = spans(found.rows.alarm)
     counts = score_channel(predicted, chan.sequences)
     seconds = time.perf_counter() - t0
     rows = found.rows
     return ChannelRun(
-        chan, rows.score, rows.alarm, predicted, counts, seconds, found.policy, notes=fitted.notes
+        chan,
+        rows.detection,
+        rows.alarm,
+        predicted,
+        counts,
+        seconds,
+        found.policy,
+        notes=scored.notes,
     )
 
 
@@ -196,16 +219,17 @@ def run_or_fail(
     settings: Settings,
     workdir: Path,
     scorer: WindowScorer | None = None,
+    cache: ScoreCache | None = None,
 ) -> ChannelRun:
     """`run_channel`, or a failed run (its sequences missed) naming the error."""
-    from training.export import ExportError
+    from training.bench.scorer import scorer_failures
 
     t0 = time.perf_counter()
     try:
-        return run_channel(data, chan, settings, workdir, scorer)
+        return run_channel(data, chan, settings, workdir, scorer, cache)
     except SmapDataError:
         raise
-    except (ValueError, ArithmeticError, ExportError) as exc:  # DataError: a ValueError
+    except scorer_failures() as exc:
         missed = EventCounts(fn=len(chan.sequences))
         empty = np.empty(0)
         seconds = time.perf_counter() - t0

@@ -43,9 +43,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from training.bench.cache import ScoreCache
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,18 @@ def _scorer(name: str) -> Any:
     return {"oteo": Autoencoder, "pca": Pca, "random": RandomScore}[name]()
 
 
-def run_skab(root: Path, detector: str, seed: int, out: Path | None, echo: Echo) -> SetResult:
+@dataclass(frozen=True)
+class Run:
+    """What every set's runner is told: detector, seed, and the shared switches."""
+
+    detector: str
+    seed: int
+    out: Path | None = None
+    cache: ScoreCache | None = None
+    extra: tuple[tuple[str, Any], ...] = ()  # training settings over the defaults (--set)
+
+
+def run_skab(root: Path, run: Run, echo: Echo) -> SetResult:
     """SKAB valve1 with the product's defaults (or a baseline): pooled numbers."""
     from training.bench import skab
     from training.bench.changepoint import pooled
@@ -129,14 +143,14 @@ def run_skab(root: Path, detector: str, seed: int, out: Path | None, echo: Echo)
     files, skipped = skab.find_files(folder)
     if not files:
         raise click.ClickException(f"{folder}: no SKAB experiment (CSV with anomaly labels)")
-    settings = skab.Settings(preset=PRESET, seed=seed)
-    scorer, runs = _scorer(detector), []
+    settings = skab.Settings(preset=PRESET, seed=run.seed, extra=run.extra)
+    scorer, runs = _scorer(run.detector), []
     with tempfile.TemporaryDirectory(prefix="oteo-suite-") as tmp:
         for f in files:
-            run = skab.run_or_fail(f, settings, Path(tmp), scorer)
-            runs.append(run)
-            if out is not None and run.error is None:
-                skab.write_outputs(run, out, plot=detector == PRODUCT)
+            done = skab.run_or_fail(f, settings, Path(tmp), scorer, run.cache)
+            runs.append(done)
+            if run.out is not None and done.error is None:
+                skab.write_outputs(done, run.out, plot=run.detector == PRODUCT)
     echo(f"{len(files)} files")
     summary: dict[str, Any] = dict(pooled([r.scored() for r in runs]))
     failed = {r.file.name: r.error for r in runs if r.error}
@@ -146,7 +160,7 @@ def run_skab(root: Path, detector: str, seed: int, out: Path | None, echo: Echo)
     return SetResult(numbers, summary)
 
 
-def run_nab(root: Path, detector: str, seed: int, out: Path | None, echo: Echo) -> SetResult:
+def run_nab(root: Path, run: Run, echo: Echo) -> SetResult:
     """NAB v1.1: the set's likelihood post-processing on the detector's window scores."""
     from training.bench import nab
 
@@ -154,19 +168,19 @@ def run_nab(root: Path, detector: str, seed: int, out: Path | None, echo: Echo) 
     if not (folder / "labels" / "combined_windows.json").is_file():
         raise click.ClickException(f"{folder}: no labels/combined_windows.json (NAB v1.1?)")
     files = nab.read_corpus(folder)
-    cfg = nab.DetectorConfig(preset=PRESET, seed=seed)
-    scorer, runs = _scorer(detector), []
+    cfg = nab.DetectorConfig(preset=PRESET, seed=run.seed, extra=run.extra)
+    scorer, runs = _scorer(run.detector), []
     for f in files:
         with tempfile.TemporaryDirectory(prefix="oteo-suite-") as tmp:
-            runs.append(nab.run_or_fail(f, cfg, Path(tmp), scorer))
+            runs.append(nab.run_or_fail(f, cfg, Path(tmp), scorer, run.cache))
     echo(f"{len(files)} files")
     summary = nab.summarise(files, runs, folder, nab.FIXED_THRESHOLD)
     summary.pop("published", None)
-    if out is not None:
+    if run.out is not None:
         best = summary["optimised"]["standard"]["threshold"]
         lines = {"fixed": nab.FIXED_THRESHOLD, "optimised (standard)": best}
-        for run in runs:
-            nab.write_outputs(run, out, lines)
+        for done in runs:
+            nab.write_outputs(done, run.out, lines)
     numbers = {k: float(summary[k]) for k in ("standard", "low_fp", "low_fn")}
     numbers.update(
         {f"fixed_{k}": float(summary["fixed"][k]) for k in ("standard", "low_fp", "low_fn")}
@@ -175,21 +189,21 @@ def run_nab(root: Path, detector: str, seed: int, out: Path | None, echo: Echo) 
     return SetResult(numbers, summary)
 
 
-def run_smap(root: Path, detector: str, seed: int, out: Path | None, echo: Echo) -> SetResult:
+def run_smap(root: Path, run: Run, echo: Echo) -> SetResult:
     """SMAP/MSL dev by telemanom's event rule, all 25 columns."""
     from training.bench import smap
     from training.bench.smap_scoring import read_labels
 
     data = smap.locate(root / "smap_msl")
     chans = read_labels(data.folder / smap.LABELS)
-    settings = smap.Settings(preset=PRESET, seed=seed)
-    scorer, runs, t0 = _scorer(detector), [], time.perf_counter()
+    settings = smap.Settings(preset=PRESET, seed=run.seed, extra=run.extra)
+    scorer, runs, t0 = _scorer(run.detector), [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="oteo-suite-") as tmp:
         for i, chan in enumerate(chans, 1):
-            run = smap.run_or_fail(data, chan, settings, Path(tmp), scorer)
-            runs.append(run)
-            if out is not None and run.error is None:
-                smap.write_outputs(run, out, plot=detector == PRODUCT)
+            done = smap.run_or_fail(data, chan, settings, Path(tmp), scorer, run.cache)
+            runs.append(done)
+            if run.out is not None and done.error is None:
+                smap.write_outputs(done, run.out, plot=run.detector == PRODUCT)
             if i % 10 == 0 or i == len(chans):
                 echo(f"{i}/{len(chans)} channels")
     summary = smap.summarise(runs, time.perf_counter() - t0)
@@ -279,6 +293,20 @@ def _fmt(key: str, value: float) -> str:
     show_default=True,
     help="Comma-separated subset of oteo (the product), pca, random.",
 )
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep every model's scores here and reuse them: a re-run that changes only the "
+    "detection stages takes a minute (keep it outside the repository).",
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A training setting over the defaults for every detector (e.g. baseline_s=600), to "
+    "measure one change; repeatable. The table's title names them.",
+)
 def suite(
     datasets: Path,
     as_json: bool,
@@ -287,6 +315,8 @@ def suite(
     seeds: tuple[int, ...],
     sets: str,
     detectors: str,
+    cache: Path | None,
+    settings: tuple[str, ...],
 ) -> None:
     """SKAB valve1, NAB and SMAP/MSL dev (folders skab/, nab/, smap_msl/ under DATASETS) with
     the product's defaults beside PCA and random baselines: one table."""
@@ -297,6 +327,10 @@ def suite(
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     chosen_sets = _choose(sets, SETS, "--sets")
     chosen = _choose(detectors, DETECTORS, "--detectors")
+    extra = parse_settings(settings)
+    from training.bench.cache import ScoreCache
+
+    store = ScoreCache(cache) if cache is not None else None
     seed_list = list(dict.fromkeys(seeds))
     t0 = time.perf_counter()
     results: dict[str, dict[int, dict[str, SetResult]]] = {d: {} for d in chosen}
@@ -313,24 +347,68 @@ def suite(
                     tag = f"[seed {seed}] {SET_NAMES[set_]} {d}"
                     echo: Echo = lambda text, tag=tag: click.echo(f"{tag}: {text}", err=True)  # noqa: E731
                     started = time.perf_counter()
-                    result = RUNNERS[set_](datasets, d, seed, where, echo)
+                    result = RUNNERS[set_](datasets, Run(d, seed, where, store, extra), echo)
                     result.numbers["seconds"] = round(time.perf_counter() - started, 1)
                     results[d].setdefault(seed, {})[set_] = result
                     echo(f"done in {result.numbers['seconds']:.0f} s")
     seconds = round(time.perf_counter() - t0, 1)
-    everything = json.dumps(_as_json(results, chosen_sets, seed_list, seconds), indent=2)
+    everything = json.dumps(
+        _as_json(results, chosen_sets, seed_list, seconds, dict(extra)), indent=2
+    )
     if save is not None:
         save.write_text(everything + "\n")
     if as_json:
         click.echo(everything)
         return
+    changed = " ".join(f"{k}={v}" for k, v in extra) or "none"
     click.echo(
         f"oteo benchmark suite: the product's defaults (`oteo train` with no options) beside "
-        f"baselines through the same calibration and alarm policy; seeds {seed_list}"
+        f"baselines through the same calibration and alarm policy; seeds {seed_list}; "
+        f"settings changed: {changed}"
     )
     for line in table_lines(results, chosen_sets, seed_list):
         click.echo(line)
     click.echo(f"total {seconds:.0f} s")
+
+
+def parse_settings(texts: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+    """NAME=VALUE pairs as training settings, each value typed like the setting's default."""
+    from training.config import setting_field
+
+    out = []
+    for text in texts:
+        name, sep, raw = text.partition("=")
+        try:
+            default = setting_field(name.strip()).default
+        except KeyError:
+            raise click.BadParameter(f"no training setting {name!r}", param_hint="--set") from None
+        if not sep:
+            raise click.BadParameter(f"{text!r}: give NAME=VALUE", param_hint="--set")
+        try:
+            value = _typed(raw.strip(), default)
+        except ValueError as exc:
+            raise click.BadParameter(f"{text!r}: {exc}", param_hint="--set") from None
+        out.append((name.strip(), value))
+    return tuple(out)
+
+
+def _typed(raw: str, default: Any) -> Any:
+    if raw.lower() in ("none", "null"):
+        return None
+    if isinstance(default, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError("expected true or false")
+        return raw.lower() in ("true", "1")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float) or default is None:
+        try:
+            return float(raw)
+        except ValueError:
+            if default is None:
+                return raw
+            raise
+    return raw
 
 
 def _choose(text: str, allowed: tuple[str, ...], hint: str) -> list[str]:
@@ -345,6 +423,7 @@ def _as_json(
     sets: list[str],
     seeds: list[int],
     seconds: float,
+    changed: dict[str, Any],
 ) -> dict[str, Any]:
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for set_, key, _ in ROWS:
@@ -358,6 +437,7 @@ def _as_json(
                 row["noise"] = {**spread(values), "values": values}
     return {
         "configuration": f"the trainer's {PRESET!r} preset (`oteo train` with no options)",
+        "settings_changed": changed,
         "seeds": seeds,
         "table": table,
         "details": {

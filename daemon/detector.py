@@ -1,0 +1,255 @@
+"""One stream's detection stages: per-channel window errors in, alarm decisions out.
+
+The stages, configured by the manifest's `detection` section and calibrated by the trainer:
+1. error: per channel the graph's mean squared error, or its root; optionally divided by the
+   channel's normal level; combined by mean or max (`combine_errors`);
+2. smoothing: an EWMA (the alarm policy's `smoothing_alpha`);
+3. threshold: the calibrated enter / exit thresholds, raised to `baseline_factor` x the median of
+   the stream's recent smoothed scores when `baseline_s` is set (daemon/threshold.py); all
+   divided by the stream's sensitivity;
+4. alarm: k-of-n, hysteresis, clear time, cool-down (daemon/alarm.py);
+5. new normal: an alarm that has lasted `new_normal_s` ends, flagged, and the baseline takes
+   its level, so a sustained change is accepted visibly, never silently.
+
+The daemon, `oteo evaluate`, the trainer's calibration and the benchmarks all run `update`
+(`replay` loops over it), so offline numbers and live behaviour agree by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from daemon.alarm import AlarmState, Transition
+from daemon.manifest import AlarmPolicy, Detection, Manifest
+from daemon.threshold import TrailingBaseline
+
+SNAPSHOT_VERSION = 1
+
+
+class SnapshotError(ValueError):
+    """A saved detector state that does not belong to this model or cannot be read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One window's outcome."""
+
+    score: float  # the stream's smoothed, combined score (what is compared to threshold)
+    threshold: float  # the enter threshold in force now (after sensitivity; may move)
+    active: bool  # in alarm after this window
+    transition: Transition | None
+    new_normal: bool = False  # END because the baseline accepted a sustained new level
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What a detector needs of a model file: its detection settings, clock and identity."""
+
+    detection: Detection
+    period_s: float
+    model_id: str  # snapshots of another model are refused
+    targets: tuple[int, ...] | None = None  # the scored channels (None: all)
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Stages:
+        detection = manifest.detection or Detection.legacy()
+        digest = hashlib.sha256(manifest.to_json().encode()).hexdigest()[:16]
+        return cls(detection, manifest.sample_period_s, digest)
+
+
+def combine_errors(
+    detection: Detection,
+    score: np.ndarray,
+    channel_score: np.ndarray,
+    targets: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """The detection score of windows: score [B], channel_score [B, C] -> [B].
+
+    Only `targets` channels count (the others are model inputs only, their error 0)."""
+    d = detection
+    if d.error == "squared" and not d.normalise and d.combine == "mean":
+        return np.asarray(score, dtype=np.float64)  # the graph's own score, bit for bit
+    err = np.asarray(channel_score, dtype=np.float64)
+    level = None if d.channel_level is None else np.asarray(d.channel_level, dtype=np.float64)
+    if targets is not None:
+        err = err[:, list(targets)]
+        level = None if level is None else level[list(targets)]
+    if d.error == "root":
+        err = np.sqrt(np.maximum(err, 0.0))
+    if d.normalise and level is not None:
+        err = err / level
+    out: np.ndarray = err.max(axis=-1) if d.combine == "max" else err.mean(axis=-1)
+    return out
+
+
+class Detector:
+    """One stream's stages: window errors in, alarm decisions out. Only the main loop calls it."""
+
+    def __init__(
+        self, manifest: Manifest | Stages, policy: AlarmPolicy, sensitivity: float = 1.0
+    ) -> None:
+        self.stages = manifest if isinstance(manifest, Stages) else Stages.of(manifest)
+        self.policy = policy
+        self.sensitivity = sensitivity
+        d = self.stages.detection
+        window_s = self.stages.period_s * policy.hop
+        self._baseline: TrailingBaseline | None = None
+        if d.baseline_s is not None:
+            size = max(1, round(d.baseline_s / window_s))
+            seed = d.baseline_seed if d.baseline_seed is not None else 0.0
+            self._baseline = TrailingBaseline(size, d.baseline_refresh, seed)
+        self._new_normal_windows = (
+            None if d.new_normal_s is None else max(1, math.ceil(d.new_normal_s / window_s))
+        )
+        self._ratio = policy.exit_threshold / policy.enter_threshold
+        self._alarm = AlarmState(policy)
+        self._smoothed: float | None = None
+        self._alarm_windows = 0
+
+    @property
+    def active(self) -> bool:
+        return self._alarm.active
+
+    @property
+    def threshold(self) -> float:
+        """The enter threshold in force for this stream now (after its sensitivity)."""
+        return self._thresholds()[0]
+
+    def _thresholds(self) -> tuple[float, float]:
+        p, sens = self.policy, self.sensitivity
+        enter, leave = p.enter_threshold / sens, p.exit_threshold / sens
+        if self._baseline is not None:
+            moving = self.stages.detection.baseline_factor * self._baseline.level / sens
+            enter, leave = max(enter, moving), max(leave, moving * self._ratio)
+        return enter, leave
+
+    def update(self, score: float, channel_score: np.ndarray) -> Decision:
+        """Decide one window from its score [] and channel scores [C]."""
+        st = self.stages
+        value = combine_errors(
+            st.detection, np.asarray([score]), np.asarray(channel_score)[None, :], st.targets
+        )
+        return self.decide(float(value[0]))
+
+    def decide(self, value: float) -> Decision:
+        """Decide one window from its combined (not yet smoothed) detection score."""
+        a = self.policy.smoothing_alpha
+        s = value if self._smoothed is None else a * value + (1 - a) * self._smoothed
+        self._smoothed = s
+        enter, leave = self._thresholds()
+        transition = self._alarm.step(s, enter, leave)
+        new_normal = False
+        if transition is Transition.START:
+            self._alarm_windows = 0
+        if self._alarm.active:
+            self._alarm_windows += 1
+            if self._new_normal_windows and self._alarm_windows >= self._new_normal_windows:
+                # The level has lasted the configured time: it is the stream's normal now.
+                self._alarm.end()
+                self._accept(s)
+                transition, new_normal = Transition.END, True
+        elif transition is Transition.END:
+            # Ended while still above the calibrated exit: the moving baseline ended it.
+            new_normal = s >= self.policy.exit_threshold / self.sensitivity
+        if self._baseline is not None and (
+            not self._alarm.active or self.stages.detection.baseline_in_alarm
+        ):
+            self._baseline.add(s)
+        if transition is Transition.END:
+            self._alarm_windows = 0
+        return Decision(s, enter, self._alarm.active, transition, new_normal)
+
+    def _accept(self, level: float) -> None:
+        if self._baseline is not None:
+            self._baseline.fill(level)
+
+    def reset(self) -> None:
+        """A gap: smoothing and the alarm restart (the caller emits the end); baselines stay."""
+        self._smoothed = None
+        self._alarm.reset()
+        self._alarm_windows = 0
+
+    def follow(self, previous: Detector) -> None:
+        """After a model swap: carry the previous detector's alarm state, not its baselines."""
+        self._alarm.restore(previous._alarm.snapshot())
+        self._alarm_windows = previous._alarm_windows
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able state, to survive a restart."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "model": self.stages.model_id,
+            "smoothed": self._smoothed,
+            "alarm": self._alarm.snapshot(),
+            "alarm_windows": self._alarm_windows,
+            "baseline": None if self._baseline is None else self._baseline.snapshot(),
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Take a snapshot back; SnapshotError if it is another model's or unreadable."""
+        if snapshot.get("version") != SNAPSHOT_VERSION:
+            raise SnapshotError(f"detector snapshot version {snapshot.get('version')!r}")
+        if snapshot.get("model") != self.stages.model_id:
+            raise SnapshotError("detector snapshot belongs to another model")
+        try:
+            smoothed = snapshot["smoothed"]
+            self._smoothed = None if smoothed is None else float(smoothed)
+            self._alarm.restore(snapshot["alarm"])
+            self._alarm_windows = int(snapshot["alarm_windows"])
+            if self._baseline is not None and snapshot["baseline"] is not None:
+                self._baseline.restore(snapshot["baseline"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"detector snapshot is malformed ({exc!r})") from exc
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Per window of a replayed series (NaN rows are gaps: NaN score and threshold)."""
+
+    score: np.ndarray  # [T] smoothed combined score
+    threshold: np.ndarray  # [T] enter threshold in force
+    active: np.ndarray  # [T] bool
+    new_normal: np.ndarray  # [T] bool, True on an END that accepted a new normal
+
+    @property
+    def events(self) -> int:
+        """Alarm starts (rising edges; a series that opens in alarm counts one)."""
+        a = self.active.astype(np.int8)
+        return int(a[0] + np.count_nonzero(np.diff(a) == 1)) if len(a) else 0
+
+
+def replay(
+    manifest: Manifest | Stages,
+    policy: AlarmPolicy,
+    score: np.ndarray,
+    channel_score: np.ndarray,
+    sensitivity: float = 1.0,
+) -> Replay:
+    """Run one detector window by window over score [T], channel_score [T, C] (NaN score: gap)."""
+    detector = Detector(manifest, policy, sensitivity)
+    score = np.asarray(score, dtype=np.float64)
+    gap = np.isnan(score)
+    channel = np.nan_to_num(np.asarray(channel_score, dtype=np.float64).reshape(len(score), -1))
+    # Combining is stateless: done for all rows at once, with the very function `update` calls.
+    st = detector.stages
+    values = combine_errors(st.detection, np.nan_to_num(score), channel, st.targets).tolist()
+    n = len(score)
+    smoothed, threshold = np.full(n, np.nan), np.full(n, np.nan)
+    active, accepted = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    for i, value in enumerate(values):
+        if gap[i]:
+            detector.reset()
+            continue
+        d = detector.decide(value)
+        smoothed[i], threshold[i], active[i], accepted[i] = (
+            d.score,
+            d.threshold,
+            d.active,
+            d.new_normal,
+        )
+    return Replay(smoothed, threshold, active, accepted)
