@@ -17,9 +17,8 @@ from typing import Any
 
 from daemon.engine import Engine
 from daemon.messages import format_ts
-from daemon.ops import error_reply
+from daemon.ops import CONTROL_OPS, error_reply
 from daemon.request import ControlReply
-from daemon.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ class Controls:
             if request.op == "_republish":
                 republish()
             elif request.op == "_describe":
-                request.reply.set_result(engine.describe())
+                request.reply.set_result(describe(engine))
             else:
                 try:
                     request.reply.set_result(apply(engine, request.op, request.args))
@@ -94,22 +93,24 @@ class Controls:
 def apply(engine: Engine, op: str, args: dict[str, Any]) -> tuple[int, bytes]:
     """Run one validated control request against the engine's streams."""
     stream_id = str(args["stream"])
-    stream: Stream | None
-    until = None
-    if op == "mute":
-        stream = engine.mute(stream_id, float(args["duration_s"]))
-        until = time.time() + float(args["duration_s"])
-    elif op == "unmute":
-        stream = engine.unmute(stream_id)
-    elif op == "sensitivity":
-        stream = engine.set_sensitivity(stream_id, float(args["factor"]))
-    else:
+    if op not in CONTROL_OPS:
         return 404, error_reply("unknown_op", f"unknown control op {op[:40]!r}")
+    # Only streams the engine tracks: creating one would track a stream nobody publishes and,
+    # at the stream cap, evict one that does.
+    stream = engine.streams.get(stream_id)
     if stream is None:
-        # Creating it would track a stream nobody publishes and, at the stream cap, evict one
-        # that does.
         message = f"no stream {stream_id[:100]!r} is tracked (it has sent no reading yet)"
         return 404, error_reply("not_found", message, op, args.get("id"))
+    until = None
+    if op == "mute":
+        stream.muted_until = engine.clock() + float(args["duration_s"])
+        engine.episodes.set_state(stream, "muted", time.time())
+        until = time.time() + float(args["duration_s"])
+    elif op == "unmute":
+        stream.muted_until = 0.0
+        engine.episodes.end_mute(stream, time.time())
+    else:
+        engine.set_sensitivity(stream, float(args["factor"]))
     reply = ControlReply(
         op=op,
         id=args.get("id"),
@@ -119,3 +120,19 @@ def apply(engine: Engine, op: str, args: dict[str, Any]) -> tuple[int, bytes]:
         until=format_ts(until) if until else None,
     )
     return 200, reply.to_json()
+
+
+def describe(engine: Engine) -> list[dict[str, Any]]:
+    """A snapshot of every stream for /v1/streams."""
+    return [
+        {
+            "stream": s.id,
+            "state": s.state,
+            "score": s.last_score,
+            "threshold": s.detector.threshold,
+            "sensitivity": s.detector.sensitivity,
+            "event_id": s.alarm.event_id if s.alarm else None,
+            "last_ts": format_ts(s.last_ts) if s.last_ts else None,
+        }
+        for s in engine.streams.values()
+    ]

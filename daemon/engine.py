@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from daemon.alarm import AlarmTracker
 from daemon.aligner import ChannelAligner
 from daemon.config import Config, apply_alarm_overrides
+from daemon.detector import Detector
 from daemon.drift import DriftMeter
 from daemon.episode import Episodes, Serving
 from daemon.intake import Work
-from daemon.messages import STATES, format_ts
+from daemon.memory import StreamMemory
+from daemon.messages import STATES
 from daemon.metrics import Metrics
 from daemon.model import Scorer
 from daemon.publisher import Output, StreamGone
@@ -78,6 +79,7 @@ class Engine:
         self._drift_counted = 0
         self._dropped = metrics.messages_total.labels(result="model_changed")
         self.serving: Serving | None = None
+        self.memory: StreamMemory | None = None  # streams' saved states (the daemon sets it)
         # What makes windows of two models incompatible: window, channels, hop, sample period.
         self._shape: tuple[object, ...] = ()
         self.use_model(model)
@@ -106,26 +108,39 @@ class Engine:
             # nothing about it.
             self.drift.reset()
             self._drift_above, self._drift_counted = 0, self.windows_scored
+        shape = (m.window, tuple(m.channels), policy.hop, m.sample_period_s)
+        reshaped = old is not None and shape != self._shape
+        if reshaped:
+            # Their windows do not fit the new model: every stream starts again, and an alarm
+            # it was in ends now, named by the model that raised it (not silently).
+            for stream in self.streams.values():
+                self.episodes.interrupt(stream, stream.last_ts, "model changed")
+        self._shape = shape
         self.serving = self.episodes.serving = Serving.of(model, policy)
         self.episodes.publish_scores = self.cfg.topics.publish_scores
         self._channels = tuple(m.channels)
         self._batch = np.empty((self.cfg.scoring.max_batch, m.window, len(m.channels)), np.float32)
         self.metrics.set_model(m.name, m.version, model.sha256)
-        shape = (m.window, self._channels, policy.hop, m.sample_period_s)
-        reshaped = old is not None and shape != self._shape
-        self._shape = shape
         for stream in self.streams.values():
-            stream.tracker.policy = policy
+            previous, stream.detector = stream.detector, self._new_detector(stream.id)
             if reshaped:
                 stream.buffer = self._new_buffer()
                 stream.aligner = None  # built again for the new channels on the next value
-                stream.tracker.reset()
                 stream.late_run = 0
+            else:
+                stream.detector.follow(previous)  # an alarm across the swap ends properly
         if reshaped:
             log.warning(
                 "new model has another window, channels, hop or sample period: "
                 "every stream warms up again"
             )
+        if self.memory is not None:
+            self.memory.use_model(model.sha256)
+
+    def _new_detector(self, stream_id: str) -> Detector:
+        assert self.serving is not None
+        sensitivity = self._sensitivity.get(stream_id, 1.0)
+        return Detector(self.model.manifest, self.serving.policy, sensitivity)
 
     def _new_buffer(self) -> StreamBuffer:
         assert self.serving is not None
@@ -243,13 +258,15 @@ class Engine:
             return stream
         if len(self.streams) >= self.cfg.ingest.max_streams:
             self._evict()
-        assert self.serving is not None
-        tracker = AlarmTracker(self.serving.policy, self._sensitivity.get(stream_id, 1.0))
-        stream = Stream(stream_id, self._new_buffer(), tracker, last_seen=self.clock())
+        detector = self._new_detector(stream_id)
+        stream = Stream(stream_id, self._new_buffer(), detector, last_seen=self.clock())
         self.streams[stream_id] = stream
         label = self.metrics.stream_label(stream_id)
         stream.score_metric = self.metrics.stream_score.labels(stream=label)
-        self.metrics.stream_threshold.labels(stream=label).set(tracker.threshold)
+        stream.threshold_metric = self.metrics.stream_threshold.labels(stream=label)
+        stream.threshold_metric.set(detector.threshold)
+        if self.memory is not None:
+            self.memory.revive(stream)  # what it had learnt before a restart
         self.sink(self.episodes.state_message(stream, time.time()))
         return stream
 
@@ -335,52 +352,16 @@ class Engine:
         self._drift_above, self._drift_counted = 0, self.windows_scored
         self.metrics.drift_windows_above_p99_ratio.set(self.drift.ratio(now))
 
-    # -- operator controls -------------------------------------------------------------------
-
-    def mute(self, stream_id: str, duration_s: float) -> Stream | None:
-        """Hold back a stream's alarm messages for a while; None if the stream is unknown."""
-        stream = self.streams.get(stream_id)
-        if stream is not None:
-            stream.muted_until = self.clock() + duration_s
-            self.episodes.set_state(stream, "muted", time.time())
-        return stream
-
-    def unmute(self, stream_id: str) -> Stream | None:
-        stream = self.streams.get(stream_id)
-        if stream is not None:
-            stream.muted_until = 0.0
-            self.episodes.end_mute(stream, time.time())
-        return stream
-
-    def set_sensitivity(self, stream_id: str, factor: float) -> Stream | None:
+    def set_sensitivity(self, stream: Stream, factor: float) -> None:
         """Divide a stream's thresholds by `factor` (kept if the stream is evicted and returns)."""
-        stream = self.streams.get(stream_id)
-        if stream is not None:
-            self._sensitivity[stream_id] = factor
-            stream.tracker.sensitivity = factor
-            label = self.metrics.stream_label(stream_id)
-            self.metrics.stream_threshold.labels(stream=label).set(stream.tracker.threshold)
-        return stream
+        self._sensitivity[stream.id] = factor
+        stream.detector.sensitivity = factor
+        stream.threshold_metric.set(stream.detector.threshold)
 
     def states(self) -> list[Any]:
         """The current state message of every stream (re-sent after a reconnect)."""
         return [
             self.episodes.state_message(s, s.last_ts or time.time()) for s in self.streams.values()
-        ]
-
-    def describe(self) -> list[dict[str, Any]]:
-        """A snapshot of every stream for /v1/streams."""
-        return [
-            {
-                "stream": s.id,
-                "state": s.state,
-                "score": s.last_score,
-                "threshold": s.tracker.threshold,
-                "sensitivity": s.tracker.sensitivity,
-                "event_id": s.alarm.event_id if s.alarm else None,
-                "last_ts": format_ts(s.last_ts) if s.last_ts else None,
-            }
-            for s in self.streams.values()
         ]
 
 

@@ -1,6 +1,6 @@
 """What a scored window means for its stream: alarm events and state changes (domain outputs).
 
-`Episodes` feeds one window's score into the stream's alarm tracker and turns the outcome into
+`Episodes` feeds one window's scores into the stream's detector and turns the outcome into
 outputs for the sink: a `start` event when an alarm begins, `update`s while it lasts (at most once
 a minute of data time), an `end` when it is over, and the stream's state (normal, anomalous,
 muted ...). Every event of one alarm carries the same event id and the channels behind the
@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from daemon.alarm import Transition
-from daemon.manifest import AlarmPolicy
+from daemon.detector import Decision
+from daemon.manifest import AlarmPolicy, Quantiles
 from daemon.messages import (
     ChannelContribution,
+    EndReason,
     Event,
     EventKind,
     ModelRef,
@@ -51,13 +53,16 @@ class Serving:
     ref: ModelRef
     channel_q99: np.ndarray  # per channel: its normal p99, to normalise contributions
     p99: float  # the normal p99 of window scores (drift)
+    p_values: Quantiles  # of the detector's score on normal data (event p-values)
 
     @classmethod
     def of(cls, scorer: Scorer, policy: AlarmPolicy) -> Serving:
         m = scorer.manifest
         q99 = np.array([row[-1] for row in m.channel_score_quantiles.values])
         p99 = float(np.interp(0.99, m.score_quantiles.levels, m.score_quantiles.values))
-        return cls(scorer, policy, ModelRef.of(m, scorer.sha256), q99, p99)
+        detection = m.detection.score_quantiles if m.detection is not None else None
+        ref = ModelRef.of(m, scorer.sha256)
+        return cls(scorer, policy, ref, q99, p99, detection or m.score_quantiles)
 
 
 class Episodes:
@@ -94,22 +99,26 @@ class Episodes:
         expected: np.ndarray,
     ) -> None:
         """One scored window of `stream`; the arrays are views of a batch (copied if kept)."""
-        step = stream.tracker.update(score)
-        s = stream.last_score = step.smoothed
+        decision = stream.detector.update(score, channel_score)
+        s = stream.last_score = decision.score
         stream.score_metric.set(s)
+        if decision.threshold != stream.last_threshold:
+            stream.last_threshold = decision.threshold
+            stream.threshold_metric.set(decision.threshold)
         if self.publish_scores:
-            self.sink(self._window_score(stream, ts, s, score, channel_score))
+            self.sink(self._window_score(stream, ts, decision, score, channel_score))
         muted = stream.muted_until > self.clock()
         alarm = stream.alarm
         # While muted the alarm logic keeps running; only its messages are held back, so a
         # fault that starts during a maintenance window is reported when the window closes.
-        if step.transition is Transition.START:
+        if decision.transition is Transition.START:
             stream.alarm = Alarm.begin(_peak(s, ts, channel_score, observed, expected))
             if not muted:
                 self._announce(stream, ts, s, arrival)
-        elif step.transition is Transition.END and alarm is not None:
+        elif decision.transition is Transition.END and alarm is not None:
             if alarm.published:  # an announced alarm is always closed, muted or not
-                self._event(stream, "end", ts, s)
+                reason: EndReason = "new_normal" if decision.new_normal else "cleared"
+                self._event(stream, "end", ts, s, reason)
                 self._latency(arrival)
             stream.alarm = None
             if not muted:
@@ -129,11 +138,11 @@ class Episodes:
 
     def interrupt(self, stream: Stream, ts: float, why: str) -> None:
         """The stream's data broke off (gap or silence): end its alarm; it warms up again."""
-        stream.tracker.reset()
+        stream.detector.reset()
         if stream.alarm is not None:
             log.info("stream %s: alarm %s ends (%s)", stream.id, stream.alarm.event_id, why)
             if stream.alarm.published:
-                self._event(stream, "end", ts, stream.last_score or 0.0)
+                self._event(stream, "end", ts, stream.last_score or 0.0, "interrupted")
             stream.alarm = None
 
     def end_mute(self, stream: Stream, ts: float) -> None:
@@ -157,7 +166,7 @@ class Episodes:
             state=stream.state,
             ts=format_ts(ts),
             score=None if stream.last_score is None else max(0.0, stream.last_score),
-            threshold=stream.tracker.threshold,
+            threshold=stream.detector.threshold,
             event_id=stream.alarm.event_id if stream.alarm else None,
             since=format_ts(stream.state_since_ts or ts),
         )
@@ -180,7 +189,14 @@ class Episodes:
         if arrival > 0:
             self.metrics.event_latency_seconds.observe(max(0.0, self.clock() - arrival))
 
-    def _event(self, stream: Stream, kind: EventKind, ts: float, score: float) -> None:
+    def _event(
+        self,
+        stream: Stream,
+        kind: EventKind,
+        ts: float,
+        score: float,
+        reason: EndReason | None = None,
+    ) -> None:
         alarm, serving = stream.alarm, self.serving
         assert alarm is not None and serving is not None
         top = self._contributions(alarm.peak, serving)
@@ -194,10 +210,11 @@ class Episodes:
             started=format_ts(alarm.started_ts),
             ended=format_ts(ts) if ended else None,
             duration_s=max(0.0, ts - alarm.started_ts) if ended else None,
+            reason=reason,
             score=max(0.0, score),
             peak_score=max(0.0, alarm.peak.score),
-            threshold=stream.tracker.threshold,
-            p_value=serving.scorer.manifest.score_quantiles.p_value(score),
+            threshold=stream.detector.threshold,
+            p_value=serving.p_values.p_value(score),
             top_channels=top,
             model=serving.ref,
         )
@@ -224,7 +241,12 @@ class Episodes:
         ]
 
     def _window_score(
-        self, stream: Stream, ts: float, smoothed: float, score: float, channel_score: np.ndarray
+        self,
+        stream: Stream,
+        ts: float,
+        decision: Decision,
+        score: float,
+        channel_score: np.ndarray,
     ) -> WindowScore:
         serving = self.serving
         assert serving is not None
@@ -232,9 +254,9 @@ class Episodes:
         return WindowScore(
             stream=stream.id,
             ts=format_ts(ts),
-            score=max(0.0, smoothed),
-            threshold=stream.tracker.threshold,
-            p_value=manifest.score_quantiles.p_value(score),
+            score=max(0.0, decision.score),
+            threshold=decision.threshold,
+            p_value=serving.p_values.p_value(decision.score),
             channel_scores={
                 name: float(v) for name, v in zip(manifest.channels, channel_score, strict=True)
             },
@@ -259,11 +281,23 @@ class Episodes:
                 more,
             )
             self._logged[stream.id] = (now, 0, True)
+        elif event.reason == "new_normal":
+            # Always logged: the stream's normal has changed, a decision someone may question.
+            log.info(
+                "stream %s: new normal accepted after %.0f min in alarm %s (peak %.3g; %s)",
+                stream.id,
+                (event.duration_s or 0.0) / 60,
+                event.event_id,
+                event.peak_score,
+                _top_text(event),
+            )
+            self._logged[stream.id] = (last, suppressed, False)
         elif open_:
             log.info(
-                "stream %s: alarm %s ended after %.0f s, peak %.3g; %s",
+                "stream %s: alarm %s ended (%s) after %.0f s, peak %.3g; %s",
                 stream.id,
                 event.event_id,
+                event.reason,
                 event.duration_s or 0.0,
                 event.peak_score,
                 _top_text(event),

@@ -21,6 +21,7 @@ StateName = Literal["normal", "anomalous", "stale", "warming_up", "muted"]
 STATES: tuple[StateName, ...] = get_args(StateName)
 EventKind = Literal["start", "update", "end"]
 EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
+EndReason = Literal["cleared", "new_normal", "interrupted"]
 
 _UTC_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$"
 
@@ -101,6 +102,12 @@ class Event(OutputMessage):
     ended: UtcTimestamp | None = Field(None, description="Set on kind=end.")
     duration_s: float | None = Field(
         None, ge=0, description="Set on kind=end: from the start to the end, data time."
+    )
+    reason: EndReason | None = Field(
+        None,
+        description="Set on kind=end: cleared (the score fell back below the exit threshold), "
+        "new_normal (the level lasted the model's new-normal time and is accepted as the "
+        "stream's normal from now on), interrupted (a gap, silence or a model change).",
     )
     score: float = Field(ge=0, description="Smoothed score of the window behind this message.")
     peak_score: float = Field(ge=0, description="Highest smoothed score since the start.")

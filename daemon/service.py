@@ -28,6 +28,7 @@ from daemon.drain import Drain
 from daemon.engine import Engine
 from daemon.http import HttpServer
 from daemon.intake import Intake
+from daemon.memory import StreamMemory
 from daemon.messages import Status, format_ts
 from daemon.metrics import Metrics
 from daemon.mqtt import LinkState, MqttLink, Outgoing
@@ -78,7 +79,9 @@ class Daemon:
         )
         self.publisher = Publisher(self.topics, self._send, self.metrics, qos=cfg.mqtt.qos)
         self.engine = _startup(lambda: Engine(self.model, cfg, self.publisher, self.metrics))
-        self.outbox = self._open_outbox()
+        self.engine.memory = StreamMemory(cfg.state_dir, self.model.sha256)
+        self.outbox = self._open_outbox()  # makes state_dir
+        self.engine.memory.load()
         self.recorder = self._open_recorder()
         self.ops = OpsHandler(
             lambda: self.model, control=self.controls.call, observe=self._observe_op
@@ -208,6 +211,8 @@ class Daemon:
                 self.drain.guarded("engine", self.engine.tick)
                 self._update_gauges(now)
                 self.summary.maybe_log(now)
+            if self.engine.memory is not None and now >= self.engine.memory.next_save:
+                self._save_streams()
             if self.recorder is not None and now >= next_record:
                 next_record = now + self.cfg.record.flush_s
                 self.recorder.flush(self.engine.streams)
@@ -225,6 +230,7 @@ class Daemon:
         self.intake.close()  # further messages stay unacknowledged at the broker
         self.drain.run(timeout_s=0.0, until_empty=True)
         self.controls.run(self.engine, self._republish)
+        self._save_streams()
         if self.recorder is not None:
             self.recorder.flush(self.engine.streams)
             self.recorder.close()
@@ -241,6 +247,10 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _save_streams(self) -> None:
+        if self.engine.memory is not None:
+            self.engine.memory.save(self.engine.streams.values(), self.cfg.ingest.max_streams)
 
     def request_reload(self) -> None:
         self._reload_requested = True

@@ -1,4 +1,4 @@
-"""Per-stream state owned by the main loop: window buffer, alarm tracker, the alarm it is in."""
+"""Per-stream state owned by the main loop: window buffer, detector, the alarm it is in."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from daemon.alarm import AlarmTracker
 from daemon.aligner import ChannelAligner
+from daemon.detector import Detector
 from daemon.messages import StateName
 from daemon.window import StreamBuffer
 
@@ -51,7 +51,7 @@ class Stream:
 
     id: str
     buffer: StreamBuffer
-    tracker: AlarmTracker
+    detector: Detector
     aligner: ChannelAligner | None = None
     state: StateName = "warming_up"
     state_since_ts: float = 0.0
@@ -60,9 +60,12 @@ class Stream:
     muted_until: float = 0.0  # monotonic
     alarm: Alarm | None = None
     last_score: float | None = None
+    last_threshold: float = 0.0  # the enter threshold last exported (it may move)
     late_run: int = 0  # consecutive readings dropped as late
-    # This stream's oteo_stream_score series, looked up once: labels() per window is costly.
+    # This stream's oteo_stream_score / _threshold series, looked up once: labels() per window
+    # is costly.
     score_metric: Any = None
+    threshold_metric: Any = None
 
 
 def new_buffer(

@@ -1037,3 +1037,36 @@ def test_it_says_what_it_does_while_it_runs(
     missing = [p for p in expected if not re.search(p, log)]
     assert not missing, f"{missing}\n--- log ---\n{log[-4000:]}"
     assert daemon.stop() == 0
+
+
+def test_a_restart_keeps_each_streams_learnt_state_and_its_alarm(
+    oteo: Callable[..., OteoProcess],
+    watch: Callable[..., Watcher],
+    publisher: Callable[..., Publisher],
+    demo: Manifest,
+) -> None:
+    """state_dir/streams.json carries a stream's detector state and active alarm over a restart:
+    the fault's end after the restart has the event id of its start before it."""
+    watcher = watch()
+    daemon = oteo()
+    values = shifted(normal_series(1200, seed=31), FAULT_CHANNEL, 300, 500, seed=5)
+    pub = publisher()
+    pub.send_all(readings_for("kept", values[:500]))  # the fault is on when the daemon stops
+    start = watcher.wait_for(
+        lambda _: [e for e in events(watcher, "kept") if e["kind"] == "start"], 20, "the start"
+    )[0]
+    daemon.wait_metric(lambda m: m("oteo_readings_total") == 500, 20, "every reading taken")
+    assert daemon.stop() == 0
+    saved = json.loads((daemon.state_dir / "streams.json").read_text())
+    assert saved["streams"]["kept"]["alarm"]["event_id"] == start["event_id"]
+
+    daemon.start()
+    assert "streams' saved states" in daemon.log_text()
+    rest = readings_for("kept", values, t0=T0)[500:]
+    pub.send_all(rest)
+    end = watcher.wait_for(
+        lambda _: [e for e in events(watcher, "kept") if e["kind"] == "end"], 30, "the end"
+    )[0]
+    assert end["event_id"] == start["event_id"] and end["reason"] == "cleared"
+    assert [e["kind"] for e in events(watcher, "kept")].count("start") == 1
+    assert daemon.stop() == 0

@@ -15,6 +15,7 @@ from daemon.manifest import (
     AlarmPolicy,
     Calibration,
     ChannelQuantiles,
+    Detection,
     Manifest,
     Provenance,
     Quantiles,
@@ -36,6 +37,7 @@ def make_manifest(
     enter: float = 4.0,
     exit_: float = 3.0,
     name: str = "stub",
+    detection: Detection | None = None,
 ) -> Manifest:
     """A valid manifest for a stub model of these channels."""
     n = len(channels)
@@ -74,6 +76,7 @@ def make_manifest(
             oteo_version="test",
         ),
         validation=Validation(train_loss=1.0, heldback_loss=1.0, parity_max_rel_error=0.0),
+        detection=detection,
     )
 
 

@@ -179,7 +179,7 @@ def test_silent_stream_goes_stale_not_anomalous(model, normal_rows, tmp_path):
 def test_mute_suppresses_events_and_publishes_muted(model, normal_rows, tmp_path):
     engine, capture, _, _ = make_engine(model, tmp_path)
     feed(engine, "a", normal_rows[:20])
-    assert engine.mute("a", 3600) is not None
+    assert apply(engine, "mute", {"stream": "a", "duration_s": 3600.0})[0] == 200
     rows = normal_rows.copy()
     rows[100:200, 1] += 50 * model.manifest.channel_scale[1]
     feed(engine, "a", rows[20:], t0=20, seq0=20)
@@ -289,3 +289,71 @@ def test_a_ready_window_waits_at_most_max_wait_s_for_a_batch(model, normal_rows,
     clock.now += 0.015
     engine.handle(work(model, "b", [ParsedReading(0.0, 0, normal_rows[0])]))  # no new window
     assert value(metrics, "oteo_windows_scored_total") == 2  # the first waited 25 ms
+
+
+def test_a_sustained_change_ends_as_a_visible_new_normal(normal_rows, tmp_path):
+    """With `new_normal_s` set, an alarm that lasts that long ends with reason new_normal (and
+    the stream reads normal at the new level), never silently."""
+    from daemon.manifest import Detection
+
+    detection = Detection(new_normal_s=120.0, baseline_s=600.0, baseline_seed=1.0)
+    model = stub_for(normal_rows, [f"ch{i}" for i in range(8)], detection=detection)
+    engine, capture, _, _ = make_engine(model, tmp_path)
+    rows = normal_rows.copy()
+    rows[100:, 4] += 20 * model.manifest.channel_scale[4]  # a new level from row 100 on
+    feed(engine, "a", rows)
+    events = capture.events("a")
+    assert [e["kind"] for e in events if e["kind"] != "update"] == ["start", "end"]
+    end = events[-1]
+    assert end["reason"] == "new_normal"
+    assert 120 - 1 <= end["duration_s"] <= 120 + model.window  # counted in windows of 1 s
+    assert capture.states("a")[-1] == "normal"
+
+
+def test_an_alarm_survives_a_restart_with_its_event_id(model, normal_rows, tmp_path):
+    """The stream's saved state (detector and alarm) is taken up when it reports again."""
+    from daemon.memory import StreamMemory
+
+    rows = normal_rows.copy()
+    rows[150:300, 2] += 50 * model.manifest.channel_scale[2]
+    first, capture1, _, _ = make_engine(model, tmp_path)
+    first.memory = StreamMemory(tmp_path, model.sha256)
+    feed(first, "a", rows[:200])  # in alarm when it stops
+    (start,) = [e for e in capture1.events("a") if e["kind"] == "start"]
+    first.memory.save(first.streams.values(), limit=10)
+
+    second, capture2, _, _ = make_engine(model, tmp_path)
+    second.memory = StreamMemory(tmp_path, model.sha256)
+    assert second.memory.load() == 1
+    feed(second, "a", rows[200:], t0=200.0, seq0=200)
+    events = capture2.events("a")
+    assert [e["kind"] for e in events if e["kind"] != "update"] == ["end"]  # no second start
+    assert events[-1]["event_id"] == start["event_id"] and events[-1]["reason"] == "cleared"
+    assert events[-1]["started"] == start["started"]
+
+
+def test_saved_states_of_another_model_are_not_used(model, normal_rows, tmp_path):
+    from daemon.memory import StreamMemory
+
+    engine, _, _, _ = make_engine(model, tmp_path)
+    engine.memory = StreamMemory(tmp_path, model.sha256)
+    feed(engine, "a", normal_rows[:50])
+    engine.memory.save(engine.streams.values(), limit=10)
+    assert StreamMemory(tmp_path, "f" * 64).load() == 0
+    (tmp_path / "streams.json").write_text("{not json")
+    assert StreamMemory(tmp_path, model.sha256).load() == 0
+
+
+def test_an_alarm_active_when_the_model_changes_shape_ends_named_by_the_old_model(
+    model, normal_rows, tmp_path
+):
+    engine, capture, _, _ = make_engine(model, tmp_path)
+    rows = normal_rows.copy()
+    rows[100:200, 6] += 50 * model.manifest.channel_scale[6]
+    feed(engine, "a", rows[:150])
+    narrow = stub_for(normal_rows[:, :3], ["x0", "x1", "x2"], window=8)
+    engine.use_model(narrow)
+    end = capture.events("a")[-1]
+    assert end["kind"] == "end" and end["reason"] == "interrupted"
+    assert end["top_channels"][0]["channel"] == "ch6"
+    assert end["model"]["sha256"] == model.sha256
