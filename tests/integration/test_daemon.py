@@ -1028,7 +1028,7 @@ def test_it_says_what_it_does_while_it_runs(
     expected = [
         rf"MQTT connected to {mosquitto.host}:{mosquitto.port} \(session present: False\)",
         rf"stream loud: alarm \w+ started, score [\d.e+-]+ / threshold [\d.e+-]+; top: {fault}",
-        rf"stream loud: alarm \w+ ended after \d+ s, peak [\d.e+-]+; top: {fault}",
+        rf"stream loud: alarm \w+ ended \(cleared\) after \d+ s, peak [\d.e+-]+; top: {fault}",
         r"reloaded \(SIGHUP\): model demo 1",
         r"MQTT connection to .* (lost|broker closed)",
         r"MQTT connected to .* after \d+ failed attempts|MQTT connected to .*session present: True",
