@@ -208,6 +208,6 @@ def test_trailing_baseline_keeps_the_newest_values_through_a_snapshot() -> None:
 
 def test_detection_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="channel_level"):
-        Detection(normalise=True)
+        Detection(channel_level=[0.1, 0.0])
     with pytest.raises(ValueError, match="baseline_s"):
         Detection(new_normal_s=60.0)
