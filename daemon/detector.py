@@ -5,7 +5,7 @@ The stages, configured by the manifest's `detection` section and calibrated by t
    channel's normal level; combined by mean or max (`combine_errors`);
 2. smoothing: an EWMA (the alarm policy's `smoothing_alpha`);
 3. threshold: the calibrated enter / exit thresholds, raised to a threshold that moves with the
-   stream's recent smoothed scores when `baseline_s` is set (daemon/threshold.py); all divided
+   stream's recent smoothed scores when `baseline_samples` is set (daemon/threshold.py); all divided
    by the stream's sensitivity;
 4. alarm: k-of-n, hysteresis, clear time, cool-down (daemon/alarm.py);
 5. new normal: an alarm that has lasted `new_normal_s` ends, flagged, and the baseline takes
@@ -99,8 +99,8 @@ class Detector:
         d = self.stages.detection
         window_s = self.stages.period_s * policy.hop
         self._baseline: TrailingBaseline | None = None
-        if d.baseline_s is not None:
-            size = max(1, round(d.baseline_s / window_s))
+        if d.baseline_samples is not None:
+            size = max(1, round(d.baseline_samples / policy.hop))
             seed = d.baseline_seed if d.baseline_seed is not None else 0.0
             self._baseline = TrailingBaseline(
                 size, d.baseline_refresh, seed, d.baseline_rule, d.baseline_factor

@@ -163,12 +163,12 @@ class Detection(_Strict):
         description="Per channel, its normal error level (a quantile of calibration errors, "
         "after `error`); needed when `normalise` is on (calibration sets it).",
     )
-    baseline_s: float | None = Field(
+    baseline_samples: int | None = Field(
         None,
-        gt=0,
-        description="Trailing window of the dynamic threshold, in seconds of data: the enter "
-        "threshold is the higher of the calibrated one and baseline_factor x the median smoothed "
-        "score of the stream's normal windows in this window. None: calibrated threshold only.",
+        ge=1,
+        description="Length of the trailing window of the dynamic threshold, in samples: the "
+        "enter threshold is the higher of the calibrated one and what the baseline rule makes "
+        "of the stream's recent smoothed scores. None: the calibrated threshold only.",
     )
     baseline_rule: BaselineRule = Field(
         "median",
@@ -210,14 +210,14 @@ class Detection(_Strict):
     @classmethod
     def legacy(cls) -> Detection:
         """What files without a detection section were calibrated for."""
-        return cls(error="squared", normalise=False, combine="mean", baseline_s=None)
+        return cls(error="squared", normalise=False, combine="mean", baseline_samples=None)
 
     @model_validator(mode="after")
     def _check(self) -> Detection:
         if self.channel_level is not None and any(v <= 0 for v in self.channel_level):
             raise ValueError("channel_level values must be > 0")
-        if self.new_normal_s is not None and self.baseline_s is None:
-            raise ValueError("new_normal_s needs baseline_s: a new normal is a baseline")
+        if self.new_normal_s is not None and self.baseline_samples is None:
+            raise ValueError("new_normal_s needs baseline_samples: a new normal is a baseline")
         return self
 
 

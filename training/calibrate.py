@@ -173,7 +173,7 @@ def calibrate(
         detection = detection.model_copy(
             update={"channel_level": channel_levels(series, detection)}
         )
-    static = detection.model_copy(update={"baseline_s": None, "new_normal_s": None})
+    static = detection.model_copy(update={"baseline_samples": None, "new_normal_s": None})
     plain = Stages(static, period_s, "calibration")
     scores = smoothed_scores(plain, base, series)
     enter = threshold(scores, q)
@@ -236,7 +236,7 @@ def requested(opts: TrainOptions) -> tuple[AlarmPolicy, Detection]:
         error=opts.error,  # type: ignore[arg-type]
         normalise=opts.normalise,
         combine=opts.combine,  # type: ignore[arg-type]
-        baseline_s=opts.baseline_s or None,
+        baseline_samples=opts.baseline_samples or None,
         baseline_rule=opts.baseline_rule,  # type: ignore[arg-type]
         baseline_factor=opts.baseline_factor,
         baseline_in_alarm=opts.baseline_in_alarm,

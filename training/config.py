@@ -146,9 +146,9 @@ class TrainOptions:
         False, "Divide each channel's error by its normal level before combining channels."
     )
     combine: str = _help("mean", "Combine channel errors by their mean or their max.")
-    baseline_s: float = _help(
-        0.0,
-        "Dynamic threshold: trailing window (seconds of data) of the stream's recent scores "
+    baseline_samples: int = _help(
+        0,
+        "Dynamic threshold: trailing window (samples) of the stream's recent scores "
         "(0: the calibrated threshold only).",
     )
     baseline_rule: str = _help(
@@ -179,10 +179,14 @@ class TrainOptions:
             )
         if self.combine not in COMBINATIONS:
             raise ValueError(f"combine must be one of {COMBINATIONS}, not {self.combine!r}")
-        if self.baseline_s < 0 or self.new_normal_s < 0 or self.baseline_factor <= 0:
-            raise ValueError("need baseline_s >= 0, new_normal_s >= 0 and baseline_factor > 0")
-        if self.new_normal_s and not self.baseline_s:
-            raise ValueError("new_normal_s needs baseline_s: a new normal is a baseline level")
+        if self.baseline_samples < 0 or self.new_normal_s < 0 or self.baseline_factor <= 0:
+            raise ValueError(
+                "need baseline_samples >= 0, new_normal_s >= 0 and baseline_factor > 0"
+            )
+        if self.new_normal_s and not self.baseline_samples:
+            raise ValueError(
+                "new_normal_s needs baseline_samples: a new normal is a baseline level"
+            )
 
 
 SETTING_OWNERS = (ModelConfig, FitConfig, TrainOptions)

@@ -50,7 +50,7 @@ DETECTION_SETTINGS = frozenset(
         "sample",
         "normalise",
         "combine",
-        "baseline_s",
+        "baseline_samples",
         "baseline_factor",
         "baseline_rule",
         "new_normal_s",
