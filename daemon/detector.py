@@ -4,9 +4,9 @@ The stages, configured by the manifest's `detection` section and calibrated by t
 1. error: per channel the graph's mean squared error, or its root; optionally divided by the
    channel's normal level; combined by mean or max (`combine_errors`);
 2. smoothing: an EWMA (the alarm policy's `smoothing_alpha`);
-3. threshold: the calibrated enter / exit thresholds, raised to `baseline_factor` x the median of
-   the stream's recent smoothed scores when `baseline_s` is set (daemon/threshold.py); all
-   divided by the stream's sensitivity;
+3. threshold: the calibrated enter / exit thresholds, raised to a threshold that moves with the
+   stream's recent smoothed scores when `baseline_samples` is set (daemon/threshold.py); all divided
+   by the stream's sensitivity;
 4. alarm: k-of-n, hysteresis, clear time, cool-down (daemon/alarm.py);
 5. new normal: an alarm that has lasted `new_normal_s` ends, flagged, and the baseline takes
    its level, so a sustained change is accepted visibly, never silently.
@@ -72,7 +72,7 @@ def combine_errors(
 
     Only `targets` channels count (the others are model inputs only, their error 0)."""
     d = detection
-    if d.error == "squared" and not d.normalise and d.combine == "mean":
+    if d.sample == "window" and d.error == "squared" and not d.normalise and d.combine == "mean":
         return np.asarray(score, dtype=np.float64)  # the graph's own score, bit for bit
     err = np.asarray(channel_score, dtype=np.float64)
     level = None if d.channel_level is None else np.asarray(d.channel_level, dtype=np.float64)
@@ -99,10 +99,12 @@ class Detector:
         d = self.stages.detection
         window_s = self.stages.period_s * policy.hop
         self._baseline: TrailingBaseline | None = None
-        if d.baseline_s is not None:
-            size = max(1, round(d.baseline_s / window_s))
+        if d.baseline_samples is not None:
+            size = max(1, round(d.baseline_samples / policy.hop))
             seed = d.baseline_seed if d.baseline_seed is not None else 0.0
-            self._baseline = TrailingBaseline(size, d.baseline_refresh, seed)
+            self._baseline = TrailingBaseline(
+                size, d.baseline_refresh, seed, d.baseline_rule, d.baseline_factor
+            )
         self._new_normal_windows = (
             None if d.new_normal_s is None else max(1, math.ceil(d.new_normal_s / window_s))
         )
@@ -124,15 +126,21 @@ class Detector:
         p, sens = self.policy, self.sensitivity
         enter, leave = p.enter_threshold / sens, p.exit_threshold / sens
         if self._baseline is not None:
-            moving = self.stages.detection.baseline_factor * self._baseline.level / sens
+            moving = self._baseline.level / sens
             enter, leave = max(enter, moving), max(leave, moving * self._ratio)
         return enter, leave
 
-    def update(self, score: float, channel_score: np.ndarray) -> Decision:
-        """Decide one window from its score [] and channel scores [C]."""
+    def update(
+        self, score: float, channel_score: np.ndarray, newest: np.ndarray | None = None
+    ) -> Decision:
+        """Decide one window from its score, channel scores [C] and, for detection.sample
+        "newest", the squared standardised error of its newest sample per channel [C]."""
         st = self.stages
+        channel = newest if st.detection.sample == "newest" else channel_score
+        if channel is None:
+            raise ValueError("detection.sample is 'newest': pass the newest sample's errors")
         value = combine_errors(
-            st.detection, np.asarray([score]), np.asarray(channel_score)[None, :], st.targets
+            st.detection, np.asarray([score]), np.asarray(channel)[None, :], st.targets
         )
         return self.decide(float(value[0]))
 
@@ -229,11 +237,17 @@ def replay(
     score: np.ndarray,
     channel_score: np.ndarray,
     sensitivity: float = 1.0,
+    newest: np.ndarray | None = None,
 ) -> Replay:
-    """Run one detector window by window over score [T], channel_score [T, C] (NaN score: gap)."""
+    """Run one detector window by window over score [T], channel_score [T, C] (NaN score: gap)
+    and, for detection.sample "newest", the newest samples' errors [T, C]."""
     detector = Detector(manifest, policy, sensitivity)
     score = np.asarray(score, dtype=np.float64)
     gap = np.isnan(score)
+    if detector.stages.detection.sample == "newest":
+        if newest is None:
+            raise ValueError("detection.sample is 'newest': pass the newest samples' errors")
+        channel_score = newest
     channel = np.nan_to_num(np.asarray(channel_score, dtype=np.float64).reshape(len(score), -1))
     # Combining is stateless: done for all rows at once, with the very function `update` calls.
     st = detector.stages

@@ -24,6 +24,8 @@ Noise = Literal["none", "gaussian", "salt_pepper", "masking", "cauchy"]
 ThresholdRule = Literal["quantile", "pot", "max"]
 ErrorTransform = Literal["squared", "root"]
 Combination = Literal["mean", "max"]
+BaselineRule = Literal["median", "nonparametric"]
+ErrorSample = Literal["window", "newest"]
 
 
 class ManifestError(ValueError):
@@ -134,6 +136,12 @@ class Detection(_Strict):
     the behaviour they were calibrated with (the graph's score, a calibrated threshold only).
     """
 
+    sample: ErrorSample = Field(
+        "window",
+        description="Which error each channel contributes: window = the mean over the window "
+        "(the graph's channel_score); newest = the squared standardised error of the window's "
+        "newest sample alone (reacts at once when a fault starts and when it ends).",
+    )
     error: ErrorTransform = Field(
         "squared",
         description="Per-channel window error: squared = the graph's channel_score (mean squared "
@@ -153,17 +161,23 @@ class Detection(_Strict):
     channel_level: list[float] | None = Field(
         None,
         description="Per channel, its normal error level (a quantile of calibration errors, "
-        "after `error`); needed when `normalise` is on.",
+        "after `error`); needed when `normalise` is on (calibration sets it).",
     )
-    baseline_s: float | None = Field(
+    baseline_samples: int | None = Field(
         None,
-        gt=0,
-        description="Trailing window of the dynamic threshold, in seconds of data: the enter "
-        "threshold is the higher of the calibrated one and baseline_factor x the median smoothed "
-        "score of the stream's normal windows in this window. None: calibrated threshold only.",
+        ge=1,
+        description="Length of the trailing window of the dynamic threshold, in samples: the "
+        "enter threshold is the higher of the calibrated one and what the baseline rule makes "
+        "of the stream's recent smoothed scores. None: the calibrated threshold only.",
+    )
+    baseline_rule: BaselineRule = Field(
+        "median",
+        description="The dynamic threshold over the trailing window: median = baseline_factor x "
+        "its median; nonparametric = Hundman et al.'s epsilon (mean + z x std, z searched) with "
+        "its pruning floor (daemon/threshold.py).",
     )
     baseline_factor: float = Field(
-        1.75, gt=0, description="Dynamic enter threshold = this x the trailing median."
+        1.75, gt=0, description="median rule: dynamic enter threshold = this x the median."
     )
     baseline_refresh: int = Field(
         16, ge=1, description="Windows between two recomputations of the trailing median."
@@ -196,16 +210,14 @@ class Detection(_Strict):
     @classmethod
     def legacy(cls) -> Detection:
         """What files without a detection section were calibrated for."""
-        return cls(error="squared", normalise=False, combine="mean", baseline_s=None)
+        return cls(error="squared", normalise=False, combine="mean", baseline_samples=None)
 
     @model_validator(mode="after")
     def _check(self) -> Detection:
-        if self.normalise and not self.channel_level:
-            raise ValueError("normalise needs channel_level (one value per channel)")
         if self.channel_level is not None and any(v <= 0 for v in self.channel_level):
             raise ValueError("channel_level values must be > 0")
-        if self.new_normal_s is not None and self.baseline_s is None:
-            raise ValueError("new_normal_s needs baseline_s: a new normal is a baseline")
+        if self.new_normal_s is not None and self.baseline_samples is None:
+            raise ValueError("new_normal_s needs baseline_samples: a new normal is a baseline")
         return self
 
 
@@ -282,8 +294,10 @@ class Manifest(_Strict):
             raise ValueError("channel_scale values must be > 0")
         if len(self.channel_score_quantiles.values) != n:
             raise ValueError("channel_score_quantiles needs one row per channel")
-        level = self.detection.channel_level if self.detection is not None else None
-        if level is not None and len(level) != n:
+        d = self.detection
+        if d is not None and d.normalise and d.channel_level is None:
+            raise ValueError("detection.normalise needs channel_level (one value per channel)")
+        if d is not None and d.channel_level is not None and len(d.channel_level) != n:
             raise ValueError("detection.channel_level needs one value per channel")
         if self.code_median is not None and len(self.code_median) != self.code_size:
             raise ValueError("code_median needs one value per code unit")

@@ -1,26 +1,64 @@
-"""A stream's trailing baseline: the median of its recent smoothed scores, for a dynamic threshold.
+"""A stream's trailing baseline: a threshold that moves with its recent smoothed scores.
 
+Two rules over the same trailing buffer (recomputed every `refresh` windows, which keeps the cost
+per window small):
+- median: `factor` x the median of the buffer, a threshold relative to the stream's typical level;
+- nonparametric: Hundman et al.'s (KDD 2018) threshold, written from the paper: the epsilon =
+  mean + z x std of the buffer (z searched over 2.5 .. 12) that best separates a few high runs
+  from the rest (the largest relative drop of mean and std per flagged value and run), and never
+  below the largest value under it / (1 - PRUNE), since an excursion that does not stand clear
+  of the stream's normal ones is pruned as noise.
 The buffer starts full of the calibrated normal level (`seed`), so a new stream adapts only once
-it has seen half a buffer of its own windows; the median is recomputed every `refresh` windows,
-which keeps the cost per window a fraction of a microsecond-sized sort.
+it has seen enough of its own windows.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+Rule = Literal["median", "nonparametric"]
+Z_VALUES = np.arange(2.5, 12.0, 0.5)
+MAX_RUNS = 5  # more high runs than this in the buffer: that z is no candidate
+PRUNE = 0.13  # an excursion must stand 13 % above the largest normal value (the paper's p)
+
+
+def nonparametric(values: np.ndarray) -> float:
+    """The paper's epsilon for a buffer of smoothed scores, and its pruning floor."""
+    mean, std = float(values.mean()), float(values.std())
+    if std <= 0 or mean <= 0:
+        return mean / (1 - PRUNE)
+    best, pick = -np.inf, mean + float(Z_VALUES[-1]) * std
+    for z in Z_VALUES:
+        eps = mean + float(z) * std
+        above = values >= eps
+        count = int(above.sum())
+        if count == 0 or count >= len(values) // 2:
+            continue
+        runs = int(np.count_nonzero(np.diff(np.r_[0, above.astype(np.int8)]) == 1))
+        rest = values[~above]
+        gain = (mean - rest.mean()) / mean + (std - rest.std()) / std
+        score = gain / (count + runs**2)
+        if score >= best and runs <= MAX_RUNS:
+            best, pick = score, eps
+    below = values[values < pick]
+    return max(pick, float(below.max()) / (1 - PRUNE)) if len(below) else pick
+
 
 class TrailingBaseline:
-    """Median of the last `size` values added (the seed fills slots not yet written)."""
+    """The moving threshold over the last `size` values added (the seed fills unwritten slots)."""
 
-    def __init__(self, size: int, refresh: int, seed: float) -> None:
+    def __init__(
+        self, size: int, refresh: int, seed: float, rule: Rule = "median", factor: float = 1.0
+    ) -> None:
         if size < 1 or refresh < 1:
             raise ValueError(f"size and refresh must be >= 1, got {size} and {refresh}")
         self.size = size
         self.refresh = refresh
         self.seed = seed
+        self.rule = rule
+        self.factor = factor
         self.fill(seed)
 
     def fill(self, value: float) -> None:
@@ -28,16 +66,23 @@ class TrailingBaseline:
         self._values = np.full(self.size, value, dtype=np.float64)
         self._next = 0
         self._since = 0
-        self.level = float(value)
+        self._update()
+
+    def _update(self) -> None:
+        if self.rule == "median":
+            self.level = self.factor * float(np.median(self._values))
+        else:
+            ordered = np.roll(self._values, -self._next)  # oldest first: runs need time order
+            self.level = nonparametric(ordered)
 
     def add(self, value: float) -> None:
-        """Take one window's smoothed score; the median follows every `refresh` values."""
+        """Take one window's smoothed score; the threshold follows every `refresh` values."""
         self._values[self._next] = value
         self._next = (self._next + 1) % self.size
         self._since += 1
         if self._since >= self.refresh:
             self._since = 0
-            self.level = float(np.median(self._values))
+            self._update()
 
     def snapshot(self) -> dict[str, Any]:
         # Oldest first, so a restored buffer of another size keeps the newest values.

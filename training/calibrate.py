@@ -26,7 +26,7 @@ from scipy import stats
 if TYPE_CHECKING:
     from training.config import TrainOptions
 
-from daemon.detector import Stages, replay
+from daemon.detector import Replay, Stages, replay
 from daemon.manifest import AlarmPolicy, Calibration, ChannelQuantiles, Detection, Quantiles
 
 MIN_EXCEEDANCES = 20
@@ -98,7 +98,21 @@ def channel_quantile_table(channel_scores: np.ndarray) -> ChannelQuantiles:
     return ChannelQuantiles(levels=levels, values=values.tolist())
 
 
-Series = tuple[np.ndarray, np.ndarray]  # one contiguous series: score [N], channel_score [N, C]
+@dataclass(frozen=True)
+class Series:
+    """One contiguous run of hop-spaced calibration windows, as the model scored them."""
+
+    score: np.ndarray  # [n]
+    channel: np.ndarray  # [n, C]
+    newest: np.ndarray | None = None  # [n, C] squared standardised error of each newest sample
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    def replay(self, stages: Stages, policy: AlarmPolicy) -> Replay:
+        """The detector over these windows."""
+        return replay(stages, policy, self.score, self.channel, newest=self.newest)
+
 
 # Each channel's normal error level is this quantile of its calibration errors: the level a
 # normalised channel error of 1 stands for.
@@ -110,7 +124,10 @@ CHANNEL_LEVEL_FLOOR = 0.01
 
 def channel_levels(series: Sequence[Series], detection: Detection) -> list[float]:
     """Each channel's normal error level (after the detection's error transform)."""
-    channel = np.concatenate([c for _, c in series]).astype(np.float64)
+    errors = [s.newest if detection.sample == "newest" else s.channel for s in series]
+    if any(e is None for e in errors):
+        raise ValueError("detection.sample is 'newest' but the calibration has no newest errors")
+    channel = np.concatenate(errors).astype(np.float64)  # type: ignore[arg-type]
     if detection.error == "root":
         channel = np.sqrt(np.maximum(channel, 0.0))
     level = np.quantile(channel, CHANNEL_LEVEL_QUANTILE, axis=0)
@@ -120,7 +137,7 @@ def channel_levels(series: Sequence[Series], detection: Detection) -> list[float
 
 def smoothed_scores(stages: Stages, policy: AlarmPolicy, series: Sequence[Series]) -> np.ndarray:
     """The detection score of every calibration window as the detector computes it."""
-    parts = [replay(stages, policy, s, c).score for s, c in series]
+    parts = [s.replay(stages, policy).score for s in series]
     return np.concatenate(parts) if parts else np.empty(0)
 
 
@@ -128,8 +145,8 @@ def events_per_day(
     series: Sequence[Series], stages: Stages, policy: AlarmPolicy
 ) -> tuple[float, float]:
     """(alarm events per day, hours) when the detector is replayed over each contiguous series."""
-    events = sum(replay(stages, policy, s, c).events for s, c in series)
-    hours = sum(len(s) for s, _ in series) * policy.hop * stages.period_s / 3600
+    events = sum(s.replay(stages, policy).events for s in series)
+    hours = sum(len(s) for s in series) * policy.hop * stages.period_s / 3600
     return (events / (hours / 24) if hours > 0 else 0.0), hours
 
 
@@ -156,7 +173,7 @@ def calibrate(
         detection = detection.model_copy(
             update={"channel_level": channel_levels(series, detection)}
         )
-    static = detection.model_copy(update={"baseline_s": None, "new_normal_s": None})
+    static = detection.model_copy(update={"baseline_samples": None, "new_normal_s": None})
     plain = Stages(static, period_s, "calibration")
     scores = smoothed_scores(plain, base, series)
     enter = threshold(scores, q)
@@ -215,10 +232,12 @@ def requested(opts: TrainOptions) -> tuple[AlarmPolicy, Detection]:
         smoothing_alpha=opts.smoothing_alpha,
     )
     detection = Detection(
+        sample=opts.sample,  # type: ignore[arg-type]
         error=opts.error,  # type: ignore[arg-type]
         normalise=opts.normalise,
         combine=opts.combine,  # type: ignore[arg-type]
-        baseline_s=opts.baseline_s or None,
+        baseline_samples=opts.baseline_samples or None,
+        baseline_rule=opts.baseline_rule,  # type: ignore[arg-type]
         baseline_factor=opts.baseline_factor,
         baseline_in_alarm=opts.baseline_in_alarm,
         new_normal_s=opts.new_normal_s or None,

@@ -18,9 +18,11 @@ import click
 from daemon.cli import EXIT_CONFIG, load_model_or_exit, refuse
 from training.config import (
     ARCHITECTURES,
+    BASELINE_RULES,
     COMBINATIONS,
     ERRORS,
     NOISES,
+    SAMPLES,
     VARIANTS,
     option_fields,
     setting_field,
@@ -81,7 +83,9 @@ def _setting_options(command: Any) -> Any:
             "variant": VARIANTS,
             "noise": NOISES,
             "error": ERRORS,
+            "sample": SAMPLES,
             "combine": COMBINATIONS,
+            "baseline_rule": BASELINE_RULES,
         }
         if f.type in ("bool", bool):
             option = click.option(flag, f.name, is_flag=True, help=f.metadata["help"])

@@ -12,14 +12,24 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_args
 
-from daemon.manifest import Architecture, Combination, ErrorTransform, Noise, Variant
+from daemon.manifest import (
+    Architecture,
+    BaselineRule,
+    Combination,
+    ErrorSample,
+    ErrorTransform,
+    Noise,
+    Variant,
+)
 from training.preset import preset
 
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 NOISES: tuple[str, ...] = get_args(Noise)
 ERRORS: tuple[str, ...] = get_args(ErrorTransform)
+SAMPLES: tuple[str, ...] = get_args(ErrorSample)
 COMBINATIONS: tuple[str, ...] = get_args(Combination)
+BASELINE_RULES: tuple[str, ...] = get_args(BaselineRule)
 
 
 def _help(default: Any, text: str) -> Any:
@@ -128,15 +138,21 @@ class TrainOptions:
     smoothing_alpha: float = 1.0
     # Detection stages after the model (daemon/detector.py). Each default is the setting that
     # did best on all three benchmark sets at once (docs/benchmarks.md has the numbers).
+    sample: str = _help(
+        "window", "Error per channel: window (mean over the window) or newest (its last sample)."
+    )
     error: str = _help("squared", "Per-channel window error: squared (mean square) or root (RMS).")
     normalise: bool = _help(
         False, "Divide each channel's error by its normal level before combining channels."
     )
     combine: str = _help("mean", "Combine channel errors by their mean or their max.")
-    baseline_s: float = _help(
-        0.0,
-        "Dynamic threshold: trailing window (seconds of data) of the stream's recent scores "
+    baseline_samples: int = _help(
+        0,
+        "Dynamic threshold: trailing window (samples) of the stream's recent scores "
         "(0: the calibrated threshold only).",
+    )
+    baseline_rule: str = _help(
+        "median", "Dynamic threshold rule: median (x baseline_factor) or nonparametric."
     )
     baseline_factor: float = _help(1.75, "Dynamic threshold = this x the trailing median score.")
     new_normal_s: float = _help(
@@ -153,14 +169,24 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.scale_floor < 0 or self.margin <= 0:
             raise ValueError("need scale_floor >= 0 and margin > 0")
+        if self.sample not in SAMPLES:
+            raise ValueError(f"sample must be one of {SAMPLES}, not {self.sample!r}")
         if self.error not in ERRORS:
             raise ValueError(f"error must be one of {ERRORS}, not {self.error!r}")
+        if self.baseline_rule not in BASELINE_RULES:
+            raise ValueError(
+                f"baseline_rule must be one of {BASELINE_RULES}, not {self.baseline_rule!r}"
+            )
         if self.combine not in COMBINATIONS:
             raise ValueError(f"combine must be one of {COMBINATIONS}, not {self.combine!r}")
-        if self.baseline_s < 0 or self.new_normal_s < 0 or self.baseline_factor <= 0:
-            raise ValueError("need baseline_s >= 0, new_normal_s >= 0 and baseline_factor > 0")
-        if self.new_normal_s and not self.baseline_s:
-            raise ValueError("new_normal_s needs baseline_s: a new normal is a baseline level")
+        if self.baseline_samples < 0 or self.new_normal_s < 0 or self.baseline_factor <= 0:
+            raise ValueError(
+                "need baseline_samples >= 0, new_normal_s >= 0 and baseline_factor > 0"
+            )
+        if self.new_normal_s and not self.baseline_samples:
+            raise ValueError(
+                "new_normal_s needs baseline_samples: a new normal is a baseline level"
+            )
 
 
 SETTING_OWNERS = (ModelConfig, FitConfig, TrainOptions)

@@ -79,6 +79,8 @@ class WindowOutputs:
     first: np.ndarray  # [N] bool: the window opens a segment (a gap lies before it)
     score: np.ndarray  # [N]
     channel_score: np.ndarray  # [N, C]
+    # [N, C] squared standardised error of each window's newest sample (NaN: not available)
+    newest: np.ndarray | None = None
 
 
 @dataclass
@@ -96,14 +98,17 @@ class RowDecisions:
 
 def window_outputs(model: WindowModel, table: SensorTable, hop: int) -> WindowOutputs:
     """Score every hop-spaced window of every segment (the costly part of a decision)."""
-    ends, stops, first, scores, channels = [], [], [], [], []
+    ends, stops, first, scores, channels, newest = [], [], [], [], [], []
     for seg in table.segments:
         x, seg_ends = windows(table, model.window, hop, segments=[seg])
         if not len(x):
             continue
-        batches = [model.run(x[i : i + 1024]) for i in range(0, len(x), 1024)]
+        starts = range(0, len(x), 1024)
+        batches = [model.run(x[i : i + 1024]) for i in starts]
         scores.append(np.concatenate([b.score for b in batches]).astype(np.float64))
         channels.append(np.concatenate([b.channel_score for b in batches]).astype(np.float64))
+        parts = [_newest(model, x[i : i + 1024], b) for i, b in zip(starts, batches, strict=True)]
+        newest.append(np.concatenate(parts))
         ends.append(seg_ends)
         # Each decision holds until the next window (or the segment's end).
         stops.append(np.append(seg_ends[1:], seg[1]))
@@ -117,7 +122,21 @@ def window_outputs(model: WindowModel, table: SensorTable, hop: int) -> WindowOu
         join(first, np.empty(0, bool)),
         join(scores, np.empty(0)),
         join(channels, np.empty((0, c))),
+        join(newest, np.empty((0, c))),
     )
+
+
+def _newest(model: WindowModel, x: np.ndarray, out: WindowScores) -> np.ndarray:
+    """Squared standardised error of the windows' newest sample [B, C] (NaN if unknown)."""
+    recon = getattr(out, "reconstruction", None)
+    manifest = getattr(model, "manifest", None)
+    if recon is not None and manifest is not None:
+        scale = np.asarray(manifest.channel_scale, dtype=np.float64)
+        return ((x[:, -1].astype(np.float64) - recon[:, -1]) / scale) ** 2
+    given = getattr(out, "newest", None)
+    if given is not None:
+        return np.asarray(given, dtype=np.float64)
+    return np.full((len(x), x.shape[-1]), np.nan)
 
 
 def decide(
@@ -129,7 +148,8 @@ def decide(
     gaps = np.flatnonzero(out.first)[1:]
     score = np.insert(out.score, gaps, np.nan)
     channel = np.insert(out.channel_score, gaps, np.nan, axis=0)
-    found = replay(stages, policy, score, channel, sensitivity)
+    newest = None if out.newest is None else np.insert(out.newest, gaps, np.nan, axis=0)
+    found = replay(stages, policy, score, channel, sensitivity, newest)
     keep = ~np.isnan(score)
     reps = out.stops - out.ends
     rows = np.repeat(out.ends, reps) + _ramp(reps)

@@ -44,6 +44,7 @@ class TrainResult:
     heldback_scores: np.ndarray
     # [N, C] the same windows' per-channel scores (calibration of the detection stages)
     heldback_channel_scores: np.ndarray
+    heldback_newest: np.ndarray  # [N, C] squared standardised error of each newest sample
     sample_windows: np.ndarray  # a few held-back windows, raw units (for the report)
     sample_reconstructions: np.ndarray
     codes: np.ndarray
@@ -75,16 +76,22 @@ def ort_run(session: ort.InferenceSession, x: np.ndarray, batch: int = 2048) -> 
 
 
 @torch.no_grad()
-def graph_scores(
-    graph: ScoringGraph, x: np.ndarray, batch: int = 2048
-) -> tuple[np.ndarray, np.ndarray]:
-    """(`score`, `channel_score`) of the scoring graph in torch, for models never exported."""
+def graph_scores(graph: ScoringGraph, x: np.ndarray, batch: int = 2048) -> cal.Series:
+    """The scoring graph's errors in torch, for windows of models that are never exported."""
     graph.eval()
     outs = [graph(torch.from_numpy(x[i : i + batch])) for i in range(0, len(x), batch)]
-    if not outs:
-        return np.empty(0, np.float32), np.empty((0, x.shape[-1]), np.float32)
-    score = np.concatenate([o[0].numpy() for o in outs])
-    return score, np.concatenate([o[1].numpy() for o in outs])
+    c = x.shape[-1]
+    join = lambda k, empty: np.concatenate([o[k].numpy() for o in outs]) if outs else empty  # noqa: E731
+    recon = join(2, np.empty((0, x.shape[1], c), np.float32))
+    scale = graph.scale.numpy()
+    score, channel = join(0, np.empty(0, np.float32)), join(1, np.empty((0, c), np.float32))
+    return cal.Series(score, channel, newest_errors(x, recon, scale))
+
+
+def newest_errors(x: np.ndarray, recon: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Squared standardised error of each window's newest sample [B, C] (raw-unit inputs)."""
+    last = x[:, -1].astype(np.float64) - recon[:, -1].astype(np.float64)
+    return (last / np.asarray(scale, dtype=np.float64)) ** 2
 
 
 def _export_and_check(result: FitResult, mean: np.ndarray, scale: np.ndarray, probe: np.ndarray):
@@ -147,7 +154,7 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
 
     if cross:
         series, best_epochs = _cross_fit(table, normal, cfg, opts, mean, scale)
-        count = sum(len(s) for s, _ in series)
+        count = sum(len(s) for s in series)
         notes.append(f"cross-fitted thresholds over {CROSS_FOLDS} folds ({count} windows)")
         epochs = max(1, int(np.median(best_epochs)) + 1)
         result = fit(cfg, z(x_train), z(x_train[:0]), opts.fit, epochs=epochs)
@@ -158,13 +165,14 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
     if cross:
         eval_windows = x_train[:: max(1, len(x_train) // 256)]
     else:
-        outs = [ort_run(session, s) for s in held_series]
-        series = [(o[0], o[1]) for o in outs]
+        outs = [(x, ort_run(session, x)) for x in held_series]
+        series = [cal.Series(o[0], o[1], newest_errors(x, o[2], scale)) for x, o in outs]
         eval_windows = held_all
     _, _, recon, code = ort_run(session, eval_windows)
     # Calibration evidence: windows the scoring model never fitted (held back or out of fold).
-    score = np.concatenate([s for s, _ in series])
-    channel_score = np.concatenate([c for _, c in series])
+    score = np.concatenate([s.score for s in series])
+    channel_score = np.concatenate([s.channel for s in series])
+    newest = np.concatenate([s.newest for s in series if s.newest is not None])
 
     policy, detection, calibration = cal.calibrate_options(series, opts, table.period_s, cross)
     for w in calibration.warnings:
@@ -226,6 +234,7 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
         fit=result,
         heldback_scores=score,
         heldback_channel_scores=channel_score,
+        heldback_newest=newest,
         sample_windows=eval_windows[pick],
         sample_reconstructions=recon[pick],
         codes=code,

@@ -55,7 +55,12 @@ def test_every_scorer_meets_the_same_contract(scorer: object, tmp_path: Path) ->
     plan = calibration_plan(table, opts)
     held = [n for _, h in plan.folds for n in count_windows(h, 16, 1) if n]
     assert [len(s) for s in fitted.calibration] == held
-    assert all(np.isfinite(s).all() for s in fitted.calibration)
+    assert all(
+        np.isfinite(s.score).all() and np.isfinite(s.channel).all() for s in fitted.calibration
+    )
+    assert all(
+        s.newest is not None and s.newest.shape == s.channel.shape for s in fitted.calibration
+    )
     x = np.stack([coupled(16, seed=i) for i in range(5)]).astype(np.float32)
     out = fitted.model.run(x)
     assert out.score.shape == (5,) and out.channel_score.shape == (5, 2)

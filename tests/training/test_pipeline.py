@@ -72,10 +72,10 @@ def test_fold_scores_in_torch_match_the_exported_graph(
     m = skab_sized.manifest
     graph = ScoringGraph(skab_sized.fit.model, np.array(m.channel_mean), np.array(m.channel_scale))
     x, _ = windows(tiny_table, m.window, 7)
-    torch_scores, torch_channel = graph_scores(graph, x)
+    torch_scores = graph_scores(graph, x)
     ort = Model.load(skab_sized.path).run(x)
-    np.testing.assert_allclose(torch_scores, ort.score, rtol=PARITY_RTOL)
-    np.testing.assert_allclose(torch_channel, ort.channel_score, rtol=PARITY_RTOL)
+    np.testing.assert_allclose(torch_scores.score, ort.score, rtol=PARITY_RTOL)
+    np.testing.assert_allclose(torch_scores.channel, ort.channel_score, rtol=PARITY_RTOL)
 
 
 def test_little_data_thresholds_are_finite_and_enter_is_not_below_exit(

@@ -66,10 +66,10 @@ def test_random_scores_ignore_the_data_and_repeat_for_a_seed_and_file() -> None:
     a = RandomScore().fit(table, options("a.csv"), Path("."))
     again = RandomScore().fit(other, options("a.csv"), Path("."))
     b = RandomScore().fit(table, options("b.csv"), Path("."))
-    np.testing.assert_array_equal(a.calibration[0], again.calibration[0])
-    assert not np.array_equal(a.calibration[0], b.calibration[0])
+    np.testing.assert_array_equal(a.calibration[0].score, again.calibration[0].score)
+    assert not np.array_equal(a.calibration[0].score, b.calibration[0].score)
     reseeded = RandomScore().fit(table, options("a.csv", seed=1), Path("."))
-    assert not np.array_equal(a.calibration[0], reseeded.calibration[0])
+    assert not np.array_equal(a.calibration[0].score, reseeded.calibration[0].score)
 
 
 def test_random_scores_are_correlated_over_about_one_window() -> None:

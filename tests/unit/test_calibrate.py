@@ -5,7 +5,7 @@ import pytest
 
 from daemon.detector import Stages
 from daemon.manifest import AlarmPolicy, Detection
-from training.calibrate import calibrate, events_per_day, quantile_table, threshold
+from training.calibrate import Series, calibrate, events_per_day, quantile_table, threshold
 
 
 def test_enough_windows_use_the_empirical_quantile():
@@ -54,7 +54,7 @@ def test_event_target_raises_the_threshold_until_replay_meets_it():
     for s in scores:  # bursts of high scores: normal but rare operating transients
         for start in rng.integers(0, 3500, 4):
             s[start : start + 20] += 1.0
-    series = [(s, s[:, None]) for s in scores]
+    series = [Series(s, s[:, None]) for s in scores]
     base = AlarmPolicy(enter_threshold=1, exit_threshold=1)
     plain = Detection.legacy()
     loose, _, cal_loose = calibrate(

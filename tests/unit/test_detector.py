@@ -25,7 +25,7 @@ def stages(period_s: float = 1.0, **kw: Any) -> Stages:
     return Stages(Detection(**kw), period_s, "model-a")
 
 
-ADAPTIVE = dict(baseline_s=200.0, baseline_factor=2.0, baseline_refresh=1, baseline_seed=0.1)
+ADAPTIVE = dict(baseline_samples=200, baseline_factor=2.0, baseline_refresh=1, baseline_seed=0.1)
 
 
 def run(detector: Detector, scores: list[float] | np.ndarray) -> list[Decision]:
@@ -208,6 +208,6 @@ def test_trailing_baseline_keeps_the_newest_values_through_a_snapshot() -> None:
 
 def test_detection_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="channel_level"):
-        Detection(normalise=True)
-    with pytest.raises(ValueError, match="baseline_s"):
+        Detection(channel_level=[0.1, 0.0])
+    with pytest.raises(ValueError, match="baseline_samples"):
         Detection(new_normal_s=60.0)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from training.bench.scorer import Fitted, Segments, calibration_plan, held_series
+from training.calibrate import Series
 from training.data import SensorTable, windows
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Scores:
 
     score: np.ndarray  # [B] float32
     channel_score: np.ndarray  # [B, C] float32
+    newest: np.ndarray | None = None  # [B, C] squared error of each window's newest sample
 
 
 @dataclass
@@ -61,7 +63,8 @@ class PcaModel:
         z = ((x - self.mean) / self.scale).reshape(len(x), -1).astype(np.float64) - self.center
         residual = z - (z @ self.components.T) @ self.components
         err = np.maximum((residual**2).reshape(x.shape), SCORE_FLOOR)
-        return Scores(err.mean(axis=(1, 2)).astype(np.float32), err.mean(axis=1).astype(np.float32))
+        score, channel = err.mean(axis=(1, 2)), err.mean(axis=1)
+        return Scores(score.astype(np.float32), channel.astype(np.float32), err[:, -1])
 
 
 def fit_pca(table: SensorTable, segments: Segments, opts: TrainOptions) -> PcaModel:
@@ -98,8 +101,7 @@ class Pca:
             outs += [model.run(x) for x in held_series(table, held_rows, w, hop)]
         final = model if not plan.cross_fitted else fit_pca(table, plan.final, opts)
         notes = [f"{len(final.components)} principal components"]
-        score, channel = _split(outs)
-        return Fitted(final, score, channel, plan.cross_fitted, table.period_s, notes=notes)
+        return Fitted(final, _series(outs), plan.cross_fitted, table.period_s, notes=notes)
 
 
 @dataclass
@@ -122,7 +124,7 @@ class RandomModel:
         level, _ = lfilter([1.0], [1.0, -phi], noise, zi=[phi * self.state])
         self.state = float(level[-1])
         channel = self.rng.lognormal(size=(len(x), self.channels))
-        return Scores(np.exp(level).astype(np.float32), channel.astype(np.float32))
+        return Scores(np.exp(level).astype(np.float32), channel.astype(np.float32), channel)
 
 
 class RandomScore:
@@ -142,11 +144,10 @@ class RandomScore:
             for _, held_rows in plan.folds
             for x in held_series(table, held_rows, w, hop)
         ]
-        score, channel = _split(outs)
-        return Fitted(model, score, channel, plan.cross_fitted, table.period_s)
+        return Fitted(model, _series(outs), plan.cross_fitted, table.period_s)
 
 
-def _split(outs: list[Scores]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Calibration scores and channel scores, one array per series, as float64."""
-    score = [o.score.astype(np.float64) for o in outs]
-    return score, [o.channel_score.astype(np.float64) for o in outs]
+def _series(outs: list[Scores]) -> list[Series]:
+    """Calibration series, one per held-back run of windows, as float64."""
+    f64 = lambda a: None if a is None else np.asarray(a, dtype=np.float64)  # noqa: E731
+    return [Series(f64(o.score), f64(o.channel_score), f64(o.newest)) for o in outs]

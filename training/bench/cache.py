@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from training.calibrate import Series
 from training.evaluate import WindowOutputs
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 3
 # Settings used only after the window score, and labels: they never change a scorer's outputs.
 DETECTION_SETTINGS = frozenset(
     {
@@ -46,10 +47,12 @@ DETECTION_SETTINGS = frozenset(
         "cooldown_windows",
         "smoothing_alpha",
         "error",
+        "sample",
         "normalise",
         "combine",
-        "baseline_s",
+        "baseline_samples",
         "baseline_factor",
+        "baseline_rule",
         "new_normal_s",
         "baseline_in_alarm",
     }
@@ -145,8 +148,10 @@ class ScoreCache:
 
 def _save(path: Path, e: Evidence) -> None:
     arrays: dict[str, np.ndarray] = {}
-    for i, (score, channel) in enumerate(e.calibration):
-        arrays[f"cal_score_{i}"], arrays[f"cal_channel_{i}"] = score, channel
+    for i, s in enumerate(e.calibration):
+        arrays[f"cal_score_{i}"], arrays[f"cal_channel_{i}"] = s.score, s.channel
+        if s.newest is not None:
+            arrays[f"cal_newest_{i}"] = s.newest
     out = e.outputs
     arrays.update(
         ends=out.ends,
@@ -155,6 +160,8 @@ def _save(path: Path, e: Evidence) -> None:
         score=out.score,
         channel_score=out.channel_score,
     )
+    if out.newest is not None:
+        arrays["newest"] = out.newest
     meta = {
         "series": len(e.calibration),
         "cross_fitted": e.cross_fitted,
@@ -170,11 +177,17 @@ def _load(path: Path) -> Evidence:
 
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
-        calibration: Sequence[tuple[np.ndarray, np.ndarray]] = [
-            (z[f"cal_score_{i}"], z[f"cal_channel_{i}"]) for i in range(meta["series"])
+        calibration = [
+            Series(
+                z[f"cal_score_{i}"],
+                z[f"cal_channel_{i}"],
+                z[f"cal_newest_{i}"] if f"cal_newest_{i}" in z.files else None,
+            )
+            for i in range(meta["series"])
         ]
+        newest = z["newest"] if "newest" in z.files else None
         outputs = WindowOutputs(
-            meta["rows"], z["ends"], z["stops"], z["first"], z["score"], z["channel_score"]
+            meta["rows"], z["ends"], z["stops"], z["first"], z["score"], z["channel_score"], newest
         )
     # No manifest policy: the model file was calibrated with the detection settings of the run
     # that filled the entry, which need not be this run's (that run checked its own).

@@ -15,12 +15,11 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from daemon.detector import Stages
 from daemon.manifest import AlarmPolicy, Calibration, Detection
 from training import calibrate as cal
 from training.bench.scorer import Fitted
+from training.calibrate import Series
 from training.data import SensorTable
 from training.evaluate import RowDecisions, WindowOutputs, decide, window_outputs
 
@@ -34,7 +33,7 @@ log = logging.getLogger(__name__)
 class Evidence:
     """Everything the stages after a scorer need: calibration windows and the table's windows."""
 
-    calibration: list[tuple[np.ndarray, np.ndarray]]  # (score [n], channel_score [n, C]) each
+    calibration: list[Series]  # calibration windows, one entry per contiguous run
     cross_fitted: bool
     period_s: float
     outputs: WindowOutputs
@@ -58,7 +57,7 @@ class Outcome:
 def evidence(fitted: Fitted, table: SensorTable, opts: TrainOptions) -> Evidence:
     """Score every hop-spaced window of `table` with the fitted scorer."""
     return Evidence(
-        list(zip(fitted.calibration, fitted.calibration_channel, strict=True)),
+        list(fitted.calibration),
         fitted.cross_fitted,
         fitted.period_s,
         window_outputs(fitted.model, table, opts.hop),

@@ -227,7 +227,7 @@ def window_scores(
     key = cache.key("nab", f.labelled.name, scorer.name, opts, array_digest(f.values))
     found = cache.get("nab", key, compute, scorer_failures())
     score = detect(found, opts).rows.score
-    return score, np.concatenate([s for s, _ in found.calibration])
+    return score, np.concatenate([s.score for s in found.calibration])
 
 
 def run_file(

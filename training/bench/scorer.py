@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from daemon.manifest import AlarmPolicy, Detection
+from training.calibrate import Series
 from training.data import SensorTable, normal_segments, split_heldback, windows
 from training.evaluate import WindowModel
 
@@ -39,8 +40,7 @@ class Fitted:
     model: WindowModel
     # Scores of normal windows the model (or its fold model) never fitted, hop-spaced, one array
     # per contiguous series: the alarm replay of the calibration must not run across a gap.
-    calibration: list[np.ndarray]
-    calibration_channel: list[np.ndarray]  # the same windows' channel scores [n, C]
+    calibration: list[Series]
     cross_fitted: bool
     period_s: float
     # The product's own policy and stages from its manifest: the shared calibration must
@@ -141,13 +141,16 @@ class Autoencoder:
                 "training/bench/scorer.py no longer splits the rows as training/pipeline.py does"
             )
         cuts = np.cumsum(lengths)[:-1]
-        series = np.split(scores.astype(np.float64), cuts)
-        channel = np.split(result.heldback_channel_scores.astype(np.float64), cuts)
+        parts = zip(
+            np.split(scores.astype(np.float64), cuts),
+            np.split(result.heldback_channel_scores.astype(np.float64), cuts),
+            np.split(result.heldback_newest, cuts),
+            strict=True,
+        )
+        series = [Series(s, c, n) for s, c, n in parts]
         m = result.manifest
         notes = result.notes + m.calibration.warnings
-        return Fitted(
-            model, series, channel, plan.cross_fitted, table.period_s, m.alarm, m.detection, notes
-        )
+        return Fitted(model, series, plan.cross_fitted, table.period_s, m.alarm, m.detection, notes)
 
 
 def scorer_failures() -> tuple[type[Exception], ...]:

@@ -304,7 +304,7 @@ def _fmt(key: str, value: float) -> str:
     "settings",
     multiple=True,
     metavar="NAME=VALUE",
-    help="A training setting over the defaults for every detector (e.g. baseline_s=600), to "
+    help="A training setting over the defaults for every detector (e.g. baseline_samples=2000), to "
     "measure one change; repeatable. The table's title names them.",
 )
 def suite(
