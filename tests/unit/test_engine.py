@@ -296,7 +296,7 @@ def test_a_sustained_change_ends_as_a_visible_new_normal(normal_rows, tmp_path):
     the stream reads normal at the new level), never silently."""
     from daemon.manifest import Detection
 
-    detection = Detection(new_normal_s=120.0, baseline_s=600.0, baseline_seed=1.0)
+    detection = Detection(new_normal_s=120.0, baseline_samples=600, baseline_seed=1.0)
     model = stub_for(normal_rows, [f"ch{i}" for i in range(8)], detection=detection)
     engine, capture, _, _ = make_engine(model, tmp_path)
     rows = normal_rows.copy()
