@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from daemon.cli import EXIT_CONFIG, load_model_or_exit, refuse
-from training.config import ARCHITECTURES, NOISES, VARIANTS, option_fields, setting_field
+from training.config import ARCHITECTURES, NOISES, ROLES, VARIANTS, option_fields, setting_field
 from training.preset import PRESETS
 
 
@@ -63,14 +63,28 @@ def _load(path: Path, time_column, channels, label_columns, period, max_gap):  #
         refuse(DataError(message))
 
 
+def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    return tuple(_csv_list(value) or ())
+
+
 def _setting_options(command: Any) -> Any:
     """One option per training setting with a help text (training/config.py), its default and
     choices taken from there: the settings are defined once."""
     for f in reversed(option_fields()):
         flag = "--" + ("epochs" if f.name == "max_epochs" else f.name).replace("_", "-")
-        choices = {"architecture": ARCHITECTURES, "variant": VARIANTS, "noise": NOISES}
+        choices = {
+            "architecture": ARCHITECTURES,
+            "variant": VARIANTS,
+            "noise": NOISES,
+            "discrete_role": ROLES,
+        }
         if f.type in ("bool", bool):
             option = click.option(flag, f.name, is_flag=True, help=f.metadata["help"])
+        elif isinstance(f.default, tuple):  # a list of names: --targets a,b
+            option = click.option(
+                flag, f.name, default=",".join(f.default), callback=_names,
+                metavar="NAME,...", help=f.metadata["help"],
+            )  # fmt: skip
         else:
             kind: Any = click.Choice(choices[f.name]) if f.name in choices else None
             if kind is None and f.default is not None:
@@ -121,6 +135,7 @@ def train(
 
     from training.config import options_for
     from training.pipeline import train as run_training
+    from training.role import RoleError
 
     table = _load(data, time_column, channels, label_columns, period, max_gap)
     out = out or Path("models") / f"{data.stem}.onnx"
@@ -150,6 +165,8 @@ def train(
     pipeline_log.setLevel(logging.ERROR)
     try:
         result = run_training(table, opts, out)
+    except RoleError as exc:
+        raise click.UsageError(str(exc)) from exc
     finally:
         pipeline_log.setLevel(level)
     report_path = None

@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_args
 
-from daemon.manifest import Architecture, Noise, Variant
+from daemon.manifest import Architecture, Noise, Role, Variant
 from training.preset import preset
 
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 NOISES: tuple[str, ...] = get_args(Noise)
+ROLES: tuple[str, ...] = get_args(Role)
 
 
 def _help(default: Any, text: str) -> Any:
@@ -50,6 +51,13 @@ class ModelConfig:
     contractive_weight: float = 1e-3
     correntropy_sigma: float = 1.0
     kl_weight: float = 1e-3
+    # Where the scored (target) channels sit among the `channels` inputs; empty: all of them.
+    # The decoder rebuilds only these (training/role.py decides them).
+    target_positions: tuple[int, ...] = ()
+    # Newest steps of the target channels hidden from the model (set to their mean), in training
+    # and in the exported graph, and the only steps scored: the model predicts them from history
+    # and context. 0: plain reconstruction of the whole window.
+    predict_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -66,6 +74,22 @@ class ModelConfig:
             raise ValueError(f"conv1d needs a window divisible by 4, not {self.window}")
         if self.window < 2 or self.channels < 1 or self.code_size < 1:
             raise ValueError("window must be >= 2, channels and code_size >= 1")
+        if any(not 0 <= p < self.channels for p in self.target_positions) or len(
+            set(self.target_positions)
+        ) != len(self.target_positions):
+            raise ValueError(f"target_positions must be distinct inputs 0..{self.channels - 1}")
+        if not 0 <= self.predict_steps < self.window:
+            raise ValueError(f"predict_steps must be in 0..{self.window - 1}")
+
+    @property
+    def targets(self) -> tuple[int, ...]:
+        """Positions of the reconstructed channels among the inputs."""
+        return self.target_positions or tuple(range(self.channels))
+
+    @property
+    def outputs(self) -> int:
+        """Channels the decoder rebuilds (the targets)."""
+        return len(self.targets)
 
     @property
     def sigmoid_code(self) -> bool:
@@ -128,10 +152,26 @@ class TrainOptions:
     # Each channel's scale is at least this fraction of its mean magnitude: a near-constant
     # channel would otherwise get a near-zero scale and turn any wiggle into an alarm.
     scale_floor: float = 1e-3
+    # Channel roles (training/role.py): named channels get the role named; the others are
+    # classified from their normal rows.
+    targets: tuple[str, ...] = _help(
+        (), "Channels to score, comma-separated (default: every channel not binary/few-valued)."
+    )
+    context: tuple[str, ...] = _help(
+        (), "Channels the model reads but does not score: commands, set points, modes."
+    )
+    ignore: tuple[str, ...] = _help((), "Channels the model neither reads nor scores.")
+    discrete_role: str = _help(
+        "ignore",
+        "Role of binary, one-hot and few-valued channels not named in --targets, "
+        "--context or --ignore.",
+    )
 
     def __post_init__(self) -> None:
         if self.scale_floor < 0 or self.margin <= 0:
             raise ValueError("need scale_floor >= 0 and margin > 0")
+        if self.discrete_role not in ROLES:
+            raise ValueError(f"discrete_role must be one of {ROLES}, not {self.discrete_role!r}")
 
 
 SETTING_OWNERS = (ModelConfig, FitConfig, TrainOptions)
