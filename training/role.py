@@ -144,10 +144,11 @@ def assign_roles(
             if promoted := [c for c, k in kinds.items() if k == level]:
                 roles.update(dict.fromkeys(promoted, "target"))
                 taken = [c for c in taken if c not in promoted]
-                notes.append(
-                    f"every channel left is binary, one-hot or few-valued: scoring the {level} "
-                    f"one(s) as targets: {_short(promoted)}"
-                )
+                if taken:
+                    notes.append(
+                        f"every channel is binary, one-hot or few-valued: scoring the {level} "
+                        f"one(s) as targets: {_short(promoted)}"
+                    )
                 break
         else:
             raise RoleError("no target channel: name at least one with --targets")
