@@ -108,6 +108,7 @@ def inspect(model_path: Path, as_json: bool, example_request: bool) -> None:
         f"window {m.window} samples x {len(m.channels)} channels, "
         f"sample period {m.sample_period_s:g} s",
         "channels " + ", ".join(m.channels),
+        _roles_line(m.channels, m.channel_roles()),
         f"thresholds enter {alarm.enter_threshold:.4g}  exit {alarm.exit_threshold:.4g}  "
         f"(rule {cal.rule}, q {cal.quantile}, {cal.windows} windows"
         f"{', cross-fitted' if cal.cross_fitted else ''})",
@@ -133,6 +134,20 @@ def inspect(model_path: Path, as_json: bool, example_request: bool) -> None:
         lines.append("near-constant channels " + ", ".join(m.constant_channels))
     lines += [f"warning: {w}" for w in cal.warnings]
     click.echo("\n".join(lines))
+
+
+def _roles_line(channels: list[str], roles: list[str]) -> str:
+    """`roles target a, b; context c; ignore d` (long lists shortened)."""
+    if all(r == "target" for r in roles):
+        return "roles every channel is a target (scored)"
+    parts = []
+    for role in ("target", "context", "ignore"):
+        names = [c for c, r in zip(channels, roles, strict=True) if r == role]
+        if len(names) > 8:
+            names = [*names[:6], "...", f"{names[-1]} ({len(names)})"]
+        if names:
+            parts.append(f"{role} " + ", ".join(names))
+    return "roles " + "; ".join(parts)
 
 
 def _overrides(model: Path | None, broker: str | None, http: str | None) -> dict[str, Any]:

@@ -26,6 +26,9 @@ ErrorTransform = Literal["squared", "root"]
 Combination = Literal["mean", "max"]
 BaselineRule = Literal["median", "nonparametric"]
 ErrorSample = Literal["window", "newest"]
+# target: a model input whose reconstruction error is scored; context: a model input only
+# (commands, set points, binary states, operating mode); ignore: received, not used at all.
+Role = Literal["target", "context", "ignore"]
 
 
 class ManifestError(ValueError):
@@ -280,6 +283,13 @@ class Manifest(_Strict):
     constant_channels: list[str] = Field(
         default_factory=list, description="Channels near-constant in training (reported)."
     )
+    roles: list[Role] = Field(
+        default_factory=list,
+        description="Role of each channel, in channel order: target (model input, scored), "
+        "context (model input only) or ignore (in the input window, dropped by the graph). "
+        "`score` covers target channels only; `channel_score` is 0 and `reconstruction` the "
+        "input for the others. Empty: every channel is a target (files exported before roles).",
+    )
     provenance: Provenance
     validation: Validation
 
@@ -301,7 +311,19 @@ class Manifest(_Strict):
             raise ValueError("detection.channel_level needs one value per channel")
         if self.code_median is not None and len(self.code_median) != self.code_size:
             raise ValueError("code_median needs one value per code unit")
+        if self.roles and len(self.roles) != n:
+            raise ValueError("roles needs one role per channel (or none: all targets)")
+        if self.roles and "target" not in self.roles:
+            raise ValueError("roles needs at least one target channel")
         return self
+
+    def channel_roles(self) -> list[Role]:
+        """The role of every channel, in channel order (all targets for files without roles)."""
+        return list(self.roles) if self.roles else ["target"] * len(self.channels)
+
+    def target_indices(self) -> list[int]:
+        """Indices of the scored channels: the only ones an event may name."""
+        return [i for i, r in enumerate(self.channel_roles()) if r == "target"]
 
     def hash_cut(self) -> np.ndarray | None:
         """Per code unit, the value above which a bit is set; None: the model cannot hash."""

@@ -22,6 +22,7 @@ from training.config import (
     COMBINATIONS,
     ERRORS,
     NOISES,
+    ROLES,
     SAMPLES,
     VARIANTS,
     option_fields,
@@ -73,6 +74,10 @@ def _load(path: Path, time_column, channels, label_columns, period, max_gap):  #
         refuse(DataError(message))
 
 
+def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    return tuple(_csv_list(value) or ())
+
+
 def _setting_options(command: Any) -> Any:
     """One option per training setting with a help text (training/config.py), its default and
     choices taken from there: the settings are defined once."""
@@ -86,9 +91,15 @@ def _setting_options(command: Any) -> Any:
             "sample": SAMPLES,
             "combine": COMBINATIONS,
             "baseline_rule": BASELINE_RULES,
+            "discrete_role": ROLES,
         }
         if f.type in ("bool", bool):
             option = click.option(flag, f.name, is_flag=True, help=f.metadata["help"])
+        elif isinstance(f.default, tuple):  # a list of names: --targets a,b
+            option = click.option(
+                flag, f.name, default=",".join(f.default), callback=_names,
+                metavar="NAME,...", help=f.metadata["help"],
+            )  # fmt: skip
         else:
             kind: Any = click.Choice(choices[f.name]) if f.name in choices else None
             if kind is None and f.default is not None:
@@ -139,6 +150,7 @@ def train(
 
     from training.config import options_for
     from training.pipeline import train as run_training
+    from training.role import RoleError
 
     table = _load(data, time_column, channels, label_columns, period, max_gap)
     out = out or Path("models") / f"{data.stem}.onnx"
@@ -168,6 +180,8 @@ def train(
     pipeline_log.setLevel(logging.ERROR)
     try:
         result = run_training(table, opts, out)
+    except RoleError as exc:
+        raise click.UsageError(str(exc)) from exc
     finally:
         pipeline_log.setLevel(level)
     report_path = None

@@ -19,6 +19,7 @@ from daemon.manifest import (
     ErrorSample,
     ErrorTransform,
     Noise,
+    Role,
     Variant,
 )
 from training.preset import preset
@@ -30,6 +31,7 @@ ERRORS: tuple[str, ...] = get_args(ErrorTransform)
 SAMPLES: tuple[str, ...] = get_args(ErrorSample)
 COMBINATIONS: tuple[str, ...] = get_args(Combination)
 BASELINE_RULES: tuple[str, ...] = get_args(BaselineRule)
+ROLES: tuple[str, ...] = get_args(Role)
 
 
 def _help(default: Any, text: str) -> Any:
@@ -62,6 +64,13 @@ class ModelConfig:
     contractive_weight: float = 1e-3
     correntropy_sigma: float = 1.0
     kl_weight: float = 1e-3
+    # Where the scored (target) channels sit among the `channels` inputs; empty: all of them.
+    # The decoder rebuilds only these (training/role.py decides them).
+    target_positions: tuple[int, ...] = ()
+    # Newest steps of the target channels hidden from the model (set to their mean), in training
+    # and in the exported graph, and the only steps scored: the model predicts them from history
+    # and context. 0: plain reconstruction of the whole window.
+    predict_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -78,6 +87,22 @@ class ModelConfig:
             raise ValueError(f"conv1d needs a window divisible by 4, not {self.window}")
         if self.window < 2 or self.channels < 1 or self.code_size < 1:
             raise ValueError("window must be >= 2, channels and code_size >= 1")
+        if any(not 0 <= p < self.channels for p in self.target_positions) or len(
+            set(self.target_positions)
+        ) != len(self.target_positions):
+            raise ValueError(f"target_positions must be distinct inputs 0..{self.channels - 1}")
+        if not 0 <= self.predict_steps < self.window:
+            raise ValueError(f"predict_steps must be in 0..{self.window - 1}")
+
+    @property
+    def targets(self) -> tuple[int, ...]:
+        """Positions of the reconstructed channels among the inputs."""
+        return self.target_positions or tuple(range(self.channels))
+
+    @property
+    def outputs(self) -> int:
+        """Channels the decoder rebuilds (the targets)."""
+        return len(self.targets)
 
     @property
     def sigmoid_code(self) -> bool:
@@ -165,6 +190,20 @@ class TrainOptions:
     # Each channel's scale is at least this fraction of its mean magnitude: a near-constant
     # channel would otherwise get a near-zero scale and turn any wiggle into an alarm.
     scale_floor: float = 1e-3
+    # Channel roles (training/role.py): named channels get the role named; the others are
+    # classified from their normal rows.
+    targets: tuple[str, ...] = _help(
+        (), "Channels to score, comma-separated (default: every channel not binary/few-valued)."
+    )
+    context: tuple[str, ...] = _help(
+        (), "Channels the model reads but does not score: commands, set points, modes."
+    )
+    ignore: tuple[str, ...] = _help((), "Channels the model neither reads nor scores.")
+    discrete_role: str = _help(
+        "ignore",
+        "Role of binary, one-hot and few-valued channels not named in --targets, "
+        "--context or --ignore.",
+    )
 
     def __post_init__(self) -> None:
         if self.scale_floor < 0 or self.margin <= 0:
@@ -187,6 +226,8 @@ class TrainOptions:
             raise ValueError(
                 "new_normal_s needs baseline_samples: a new normal is a baseline level"
             )
+        if self.discrete_role not in ROLES:
+            raise ValueError(f"discrete_role must be one of {ROLES}, not {self.discrete_role!r}")
 
 
 SETTING_OWNERS = (ModelConfig, FitConfig, TrainOptions)

@@ -36,7 +36,7 @@ def loss_terms(
 ) -> torch.Tensor:
     """Reconstruction loss of the variant plus its penalty, averaged over the batch."""
     cfg: ModelConfig = model.cfg
-    err = out.reconstruction - clean
+    err = out.reconstruction - targets_of(cfg, clean)
     if cfg.variant == "robust":
         # Correntropy: large errors (outliers in "normal" data) saturate instead of dominating.
         s2 = 2.0 * cfg.correntropy_sigma**2
@@ -54,6 +54,11 @@ def loss_terms(
     elif cfg.variant == "contractive":
         loss = loss + cfg.contractive_weight * _jacobian_norm(out.code, noisy)
     return loss
+
+
+def targets_of(cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """The channels of standardised windows the model rebuilds (all, unless roles say less)."""
+    return x[..., list(cfg.target_positions)] if cfg.target_positions else x
 
 
 def _jacobian_norm(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -141,5 +146,6 @@ def evaluate_loss(model: Autoencoder, x: torch.Tensor, batch: int = 1024) -> flo
     total = 0.0
     for i in range(0, len(x), batch):
         chunk = x[i : i + batch]
-        total += float(((model(chunk).reconstruction - chunk) ** 2).mean()) * len(chunk)
+        err = model(chunk).reconstruction - targets_of(model.cfg, chunk)
+        total += float((err**2).mean()) * len(chunk)
     return total / max(1, len(x))

@@ -1,6 +1,7 @@
 """Autoencoders over standardised windows [batch, window, channels]: dense, conv1d, GRU, LSTM.
 
-Every model maps a window to a code and back. The training variant decides what the code is
+Every model maps a window of its input channels to a code and back to the target channels
+(all of them unless roles make some context only). The training variant decides what the code is
 (plain, sigmoid for sparse or hashing, a Gaussian for the VAE) and which penalty the loss adds
 (training/fit.py). In eval mode every model is deterministic, so it exports to ONNX without random
 ops: the VAE uses the mean of its code, the hashing model a sigmoid without its training noise.
@@ -19,7 +20,7 @@ __all__ = ["ARCHITECTURES", "NOISES", "VARIANTS", "Autoencoder", "ModelConfig", 
 
 
 class Output(NamedTuple):
-    reconstruction: torch.Tensor  # [B, W, C]
+    reconstruction: torch.Tensor  # [B, W, T]: the target channels (all C without roles)
     code: torch.Tensor  # [B, K]: what `encode` returns (VAE: the mean; hashing: the sigmoid)
     mu: torch.Tensor | None  # VAE only
     logvar: torch.Tensor | None  # VAE only
@@ -33,6 +34,13 @@ class Autoencoder(nn.Module):
         self.cfg = cfg
         pre_size = cfg.code_size * (2 if cfg.variant == "variational" else 1)
         self.encoder, self.decoder = _build(cfg, pre_size)
+        hide = None
+        if cfg.predict_steps:
+            # 0 where the newest steps of the targets are hidden (their standardised mean).
+            hide = torch.ones(cfg.window, cfg.channels)
+            hide[-cfg.predict_steps :, list(cfg.targets)] = 0.0
+        self.hide: torch.Tensor | None
+        self.register_buffer("hide", hide)
 
     def encode(
         self, x: torch.Tensor
@@ -54,6 +62,8 @@ class Autoencoder(nn.Module):
         return pre, None, None
 
     def forward(self, x: torch.Tensor) -> Output:
+        if self.hide is not None:
+            x = x * self.hide
         code, mu, logvar = self.encode(x)
         recon = self.decoder(code)
         # The VAE's exported code is its mean; elsewhere the code is what the decoder saw.
@@ -65,7 +75,7 @@ class _Dense(nn.Module):
         super().__init__()
         flat = cfg.window * cfg.channels
         h = cfg.hidden
-        self.shape = (cfg.window, cfg.channels)
+        self.shape = (cfg.window, cfg.outputs)
         self.decode = decode
         if decode:
             self.net = nn.Sequential(
@@ -73,7 +83,7 @@ class _Dense(nn.Module):
                 nn.ReLU(),
                 nn.Linear(h // 2, h),
                 nn.ReLU(),
-                nn.Linear(h, flat),
+                nn.Linear(h, cfg.window * cfg.outputs),
             )
         else:
             self.net = nn.Sequential(
@@ -116,7 +126,7 @@ class _ConvDecoder(nn.Module):
             nn.ReLU(),
             nn.ConvTranspose1d(2 * f, f, 4, stride=2, padding=1),
             nn.ReLU(),
-            nn.ConvTranspose1d(f, cfg.channels, 4, stride=2, padding=1),
+            nn.ConvTranspose1d(f, cfg.outputs, 4, stride=2, padding=1),
         )
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
@@ -143,7 +153,7 @@ class _RecurrentDecoder(nn.Module):
         self.window = cfg.window
         self.fc = nn.Linear(cfg.code_size, cfg.hidden // 2)
         self.rnn = rnn(cfg.hidden // 2, cfg.hidden // 2, batch_first=True)
-        self.out = nn.Linear(cfg.hidden // 2, cfg.channels)
+        self.out = nn.Linear(cfg.hidden // 2, cfg.outputs)
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
         # The code, repeated at every step, drives the decoder RNN.

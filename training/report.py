@@ -395,6 +395,10 @@ def _facts(result: TrainResult) -> list[tuple[str, str]]:
         facts.append(("code binariness", share))
     if m.constant_channels:
         facts.append(("near-constant channels", ", ".join(m.constant_channels)))
+    roles = m.channel_roles()
+    for role, meaning in (("context", "model inputs, not scored"), ("ignore", "not used")):
+        if names := [c for c, r in zip(m.channels, roles, strict=True) if r == role]:
+            facts.append((f"{role} channels", f"{', '.join(names)} ({meaning})"))
     return facts
 
 

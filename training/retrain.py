@@ -366,6 +366,10 @@ def retrain(store: Path, model_path: Path, out: Path, opts: RetrainOptions) -> O
     streams = load_streams(store, champion, opts)
     table, tail_share = training_table(streams, opts)
     cal = m.calibration
+    named = {
+        role: tuple(c for c, r in zip(m.channels, m.channel_roles(), strict=True) if r == role)
+        for role in ("target", "context", "ignore")
+    }
     train_opts = TrainOptions(
         model=ModelConfig(
             channels=len(m.channels),
@@ -392,6 +396,10 @@ def retrain(store: Path, model_path: Path, out: Path, opts: RetrainOptions) -> O
         clear_windows=m.alarm.clear_windows,
         cooldown_windows=m.alarm.cooldown_windows,
         smoothing_alpha=m.alarm.smoothing_alpha,
+        # The champion's channel roles, not new ones detected on the recording.
+        targets=named["target"],
+        context=named["context"],
+        ignore=named["ignore"],
     )
     result = train(table, train_opts, out)
     challenger = Model.load(out)
