@@ -59,7 +59,8 @@ class Stages:
     def of(cls, manifest: Manifest) -> Stages:
         detection = manifest.detection or Detection.legacy()
         digest = hashlib.sha256(manifest.to_json().encode()).hexdigest()[:16]
-        return cls(detection, manifest.sample_period_s, digest)
+        targets = tuple(manifest.target_indices()) if manifest.roles else None
+        return cls(detection, manifest.sample_period_s, digest, targets)
 
 
 def combine_errors(

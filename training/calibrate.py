@@ -161,6 +161,7 @@ def calibrate(
     target_per_day: float | None,
     cross_fitted: bool,
     margin: float = 1.0,
+    targets: tuple[int, ...] | None = None,
 ) -> tuple[AlarmPolicy, Detection, Calibration]:
     """Thresholds and detection baselines from held-back windows (hop-spaced, per series).
 
@@ -174,7 +175,7 @@ def calibrate(
             update={"channel_level": channel_levels(series, detection)}
         )
     static = detection.model_copy(update={"baseline_samples": None, "new_normal_s": None})
-    plain = Stages(static, period_s, "calibration")
+    plain = Stages(static, period_s, "calibration", targets)
     scores = smoothed_scores(plain, base, series)
     enter = threshold(scores, q)
     leave = threshold(scores, exit_q)
@@ -186,7 +187,7 @@ def calibrate(
             "score_quantiles": quantile_table(scores),
         }
     )
-    stages = Stages(detection, period_s, "calibration")
+    stages = Stages(detection, period_s, "calibration", targets)
     policy = base.model_copy(update={"enter_threshold": enter_value, "exit_threshold": exit_value})
     rate, hours = events_per_day(series, stages, policy)
     warnings = list(enter.warnings)
@@ -246,7 +247,11 @@ def requested(opts: TrainOptions) -> tuple[AlarmPolicy, Detection]:
 
 
 def calibrate_options(
-    series: Sequence[Series], opts: TrainOptions, period_s: float, cross_fitted: bool
+    series: Sequence[Series],
+    opts: TrainOptions,
+    period_s: float,
+    cross_fitted: bool,
+    targets: tuple[int, ...] | None = None,
 ) -> tuple[AlarmPolicy, Detection, Calibration]:
     """`calibrate` with everything `opts` set: the trainer's and the benchmarks' one call."""
     policy, detection = requested(opts)
@@ -260,6 +265,7 @@ def calibrate_options(
         target_per_day=opts.false_alarms_per_day,
         cross_fitted=cross_fitted,
         margin=opts.margin,
+        targets=targets,
     )
 
 

@@ -188,7 +188,10 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
     channel_score = np.concatenate([s.channel for s in series])
     newest = np.concatenate([s.newest for s in series if s.newest is not None])
 
-    policy, detection, calibration = cal.calibrate_options(series, opts, table.period_s, cross)
+    targets = None if roles.every_channel_a_target else tuple(roles.targets)
+    policy, detection, calibration = cal.calibrate_options(
+        series, opts, table.period_s, cross, targets
+    )
     for w in calibration.warnings:
         log.warning("%s", w)
     binariness = None

@@ -104,6 +104,20 @@ def test_channel_errors_are_normalised_and_one_faulty_channel_is_not_diluted() -
     assert combine_errors(root, np.array([0.0]), channel)[0] == pytest.approx(2.0)
 
 
+def test_only_target_channels_count_and_the_targets_come_from_the_manifest_roles() -> None:
+    from tests.unit.scorer_stub import make_manifest
+
+    channel = np.array([[0.1, 9.0, 0.3]])  # channel 1 is a command: model input only
+    d = Detection(normalise=True, channel_level=[0.1, 0.1, 0.1], combine="max")
+    assert combine_errors(d, np.array([0.0]), channel, (0, 2))[0] == pytest.approx(3.0)
+    assert combine_errors(d, np.array([0.0]), channel)[0] == pytest.approx(90.0)
+    zeros, ones = np.zeros(3), np.ones(3)
+    plain = make_manifest(["a", "cmd", "b"], zeros, ones)
+    assert Stages.of(plain).targets is None
+    with_roles = plain.model_copy(update={"roles": ["target", "context", "target"]})
+    assert Stages.of(with_roles).targets == (0, 2)
+
+
 def test_the_dynamic_threshold_follows_the_trailing_median_of_normal_windows() -> None:
     d = Detector(stages(**ADAPTIVE), policy())
     assert d.threshold == pytest.approx(1.0)  # 2 x seed 0.1 is below the calibrated 1.0

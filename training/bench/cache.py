@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 # Settings used only after the window score, and labels: they never change a scorer's outputs.
 DETECTION_SETTINGS = frozenset(
     {
@@ -168,6 +168,7 @@ def _save(path: Path, e: Evidence) -> None:
         "period_s": e.period_s,
         "rows": out.rows,
         "notes": e.notes,
+        "targets": None if e.targets is None else list(e.targets),
     }
     np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
 
@@ -191,6 +192,12 @@ def _load(path: Path) -> Evidence:
         )
     # No manifest policy: the model file was calibrated with the detection settings of the run
     # that filled the entry, which need not be this run's (that run checked its own).
+    targets = meta.get("targets")
     return Evidence(
-        list(calibration), meta["cross_fitted"], meta["period_s"], outputs, notes=meta["notes"]
+        list(calibration),
+        meta["cross_fitted"],
+        meta["period_s"],
+        outputs,
+        notes=meta["notes"],
+        targets=None if targets is None else tuple(targets),
     )

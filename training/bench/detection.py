@@ -42,6 +42,7 @@ class Evidence:
     manifest_policy: AlarmPolicy | None = None
     manifest_detection: Detection | None = None
     notes: list[str] = field(default_factory=list)
+    targets: tuple[int, ...] | None = None  # the scored channels (None: all)
 
 
 @dataclass
@@ -64,13 +65,16 @@ def evidence(fitted: Fitted, table: SensorTable, opts: TrainOptions) -> Evidence
         fitted.manifest_policy,
         fitted.manifest_detection,
         list(fitted.notes),
+        fitted.targets,
     )
 
 
 def alarm_policy(found: Evidence, opts: TrainOptions) -> tuple[AlarmPolicy, Detection, Calibration]:
     """Calibrated policy and stages from the scorer's calibration windows, as the trainer builds
     them for the manifest (training/pipeline.py)."""
-    return cal.calibrate_options(found.calibration, opts, found.period_s, found.cross_fitted)
+    return cal.calibrate_options(
+        found.calibration, opts, found.period_s, found.cross_fitted, found.targets
+    )
 
 
 def same_policy(a: AlarmPolicy, b: AlarmPolicy, rel: float = 1e-6) -> bool:
@@ -91,5 +95,5 @@ def detect(found: Evidence, opts: TrainOptions) -> Outcome:
             policy,
             found.manifest_policy,
         )
-    stages = Stages(detection, found.period_s, "benchmark")
+    stages = Stages(detection, found.period_s, "benchmark", found.targets)
     return Outcome(decide(found.outputs, stages, policy), policy, detection, calibration)

@@ -48,6 +48,7 @@ class Fitted:
     manifest_policy: AlarmPolicy | None = None
     manifest_detection: Detection | None = None
     notes: list[str] = field(default_factory=list)
+    targets: tuple[int, ...] | None = None  # the scored channels (None: all)
 
 
 class WindowScorer(Protocol):
@@ -150,7 +151,10 @@ class Autoencoder:
         series = [Series(s, c, n) for s, c, n in parts]
         m = result.manifest
         notes = result.notes + m.calibration.warnings
-        return Fitted(model, series, plan.cross_fitted, table.period_s, m.alarm, m.detection, notes)
+        targets = tuple(m.target_indices()) if m.roles else None
+        return Fitted(
+            model, series, plan.cross_fitted, table.period_s, m.alarm, m.detection, notes, targets
+        )
 
 
 def scorer_failures() -> tuple[type[Exception], ...]:
