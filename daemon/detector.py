@@ -106,6 +106,13 @@ class Detector:
             self._baseline = TrailingBaseline(
                 size, d.baseline_refresh, seed, d.baseline_rule, d.baseline_factor
             )
+        self._level: TrailingBaseline | None = None
+        if d.new_level_s is not None:
+            size = max(1, round(d.new_level_s / window_s))
+            seed = d.baseline_seed if d.baseline_seed is not None else 0.0
+            self._level = TrailingBaseline(
+                size, d.baseline_refresh, seed, "median", d.baseline_factor
+            )
         self._new_normal_windows = (
             None if d.new_normal_s is None else max(1, math.ceil(d.new_normal_s / window_s))
         )
@@ -129,6 +136,9 @@ class Detector:
         if self._baseline is not None:
             moving = self._baseline.level / sens
             enter, leave = max(enter, moving), max(leave, moving * self._ratio)
+        if self._level is not None:
+            level = self._level.level / sens
+            enter, leave = max(enter, level), max(leave, level * self._ratio)
         return enter, leave
 
     def update(
@@ -169,13 +179,16 @@ class Detector:
             not self._alarm.active or self.stages.detection.baseline_in_alarm
         ):
             self._baseline.add(s)
+        if self._level is not None:
+            self._level.add(s)
         if transition is Transition.END:
             self._alarm_windows = 0
         return Decision(s, enter, self._alarm.active, transition, new_normal)
 
     def _accept(self, level: float) -> None:
-        if self._baseline is not None:
-            self._baseline.fill(level)
+        for buffer in (self._baseline, self._level):
+            if buffer is not None:
+                buffer.fill(level)
 
     def reset(self) -> None:
         """A gap: smoothing and the alarm restart (the caller emits the end); baselines stay."""
@@ -197,6 +210,7 @@ class Detector:
             "alarm": self._alarm.snapshot(),
             "alarm_windows": self._alarm_windows,
             "baseline": None if self._baseline is None else self._baseline.snapshot(),
+            "new_level": None if self._level is None else self._level.snapshot(),
         }
 
     def restore(self, snapshot: dict[str, Any]) -> None:
@@ -212,6 +226,8 @@ class Detector:
             self._alarm_windows = int(snapshot["alarm_windows"])
             if self._baseline is not None and snapshot["baseline"] is not None:
                 self._baseline.restore(snapshot["baseline"])
+            if self._level is not None and snapshot.get("new_level") is not None:
+                self._level.restore(snapshot["new_level"])
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"detector snapshot is malformed ({exc!r})") from exc
 

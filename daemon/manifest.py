@@ -197,6 +197,14 @@ class Detection(_Strict):
         "raises the threshold by itself (an end caused that way is flagged new_normal). False: "
         "only normal windows; a fault is accepted only through new_normal_s.",
     )
+    new_level_s: float | None = Field(
+        None,
+        gt=0,
+        description="A second trailing window, in seconds of data, that takes every window, in "
+        "alarm too: the enter threshold is at least baseline_factor x its median, so a level "
+        "that persists for about half of it stops being an alarm, and that end says new_normal. "
+        "None: off.",
+    )
     new_normal_s: float | None = Field(
         None,
         gt=0,

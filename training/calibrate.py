@@ -174,7 +174,9 @@ def calibrate(
         detection = detection.model_copy(
             update={"channel_level": channel_levels(series, detection)}
         )
-    static = detection.model_copy(update={"baseline_samples": None, "new_normal_s": None})
+    static = detection.model_copy(
+        update={"baseline_samples": None, "new_level_s": None, "new_normal_s": None}
+    )
     plain = Stages(static, period_s, "calibration", targets)
     scores = smoothed_scores(plain, base, series)
     enter = threshold(scores, q)
@@ -241,6 +243,7 @@ def requested(opts: TrainOptions) -> tuple[AlarmPolicy, Detection]:
         baseline_rule=opts.baseline_rule,  # type: ignore[arg-type]
         baseline_factor=opts.baseline_factor,
         baseline_in_alarm=opts.baseline_in_alarm,
+        new_level_s=opts.new_level_s or None,
         new_normal_s=opts.new_normal_s or None,
     )
     return policy, detection

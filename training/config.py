@@ -180,6 +180,11 @@ class TrainOptions:
         "median", "Dynamic threshold rule: median (x baseline_factor) or nonparametric."
     )
     baseline_factor: float = _help(1.75, "Dynamic threshold = this x the trailing median score.")
+    new_level_s: float = _help(
+        0.0,
+        "A level that persists about half this long (seconds) stops being an alarm, flagged "
+        "as a new normal (0: off).",
+    )
     new_normal_s: float = _help(
         0.0, "An alarm lasting this long (seconds) ends as an accepted new normal (0: never)."
     )
@@ -218,9 +223,12 @@ class TrainOptions:
             )
         if self.combine not in COMBINATIONS:
             raise ValueError(f"combine must be one of {COMBINATIONS}, not {self.combine!r}")
-        if self.baseline_samples < 0 or self.new_normal_s < 0 or self.baseline_factor <= 0:
+        if (
+            min(self.baseline_samples, self.new_normal_s, self.new_level_s) < 0
+            or self.baseline_factor <= 0
+        ):
             raise ValueError(
-                "need baseline_samples >= 0, new_normal_s >= 0 and baseline_factor > 0"
+                "need baseline_samples, new_normal_s, new_level_s >= 0 and baseline_factor > 0"
             )
         if self.new_normal_s and not self.baseline_samples:
             raise ValueError(

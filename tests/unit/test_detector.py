@@ -143,6 +143,32 @@ def test_a_new_normal_is_accepted_after_the_configured_seconds_and_flagged() -> 
     assert sum(x.new_normal for x in decisions) == 1
 
 
+def test_a_persisting_level_ends_as_a_new_normal_after_about_half_the_level_window() -> None:
+    """new_level_s: a median window over every window, in alarm too, in seconds of data."""
+    level = dict(new_level_s=200.0, baseline_factor=3.0, baseline_refresh=1, baseline_seed=0.1)
+    d = Detector(stages(period_s=0.5, **level), policy())
+    decisions = run(d, [0.1] * 1000 + [5.0] * 2000)
+    (start, _), (end, kind) = edges(decisions)
+    assert kind is Transition.END and decisions[end].new_normal
+    # 400 windows of 0.5 s: the median turns to 5.0 once half of them are the new level
+    assert (end - start) * 0.5 == pytest.approx(100.0, abs=2.0)
+    assert not any(x.active for x in decisions[end:])
+    short = Detector(stages(period_s=0.5, **level), policy())
+    brief = run(short, [0.1] * 1000 + [5.0] * 150 + [0.1] * 100)  # 75 s: a fault, not a level
+    (_, _), (end, kind) = edges(brief)
+    assert end > 1150 and not brief[end].new_normal
+
+
+def test_the_level_window_survives_a_snapshot() -> None:
+    level = dict(new_level_s=100.0, baseline_refresh=1, baseline_seed=0.1)
+    d = Detector(stages(**level), policy())
+    run(d, [0.1] * 30 + [5.0] * 60)
+    again = Detector(stages(**level), policy())
+    again.restore(json.loads(json.dumps(d.snapshot())))
+    assert again.threshold == d.threshold > 1.0
+    assert [x.active for x in run(again, [5.0] * 20)] == [x.active for x in run(d, [5.0] * 20)]
+
+
 def test_a_fault_that_clears_by_itself_is_not_flagged_as_new_normal() -> None:
     d = Detector(stages(new_normal_s=300.0, **ADAPTIVE), policy())
     decisions = run(d, [0.1] * 100 + [5.0] * 50 + [0.1] * 50)

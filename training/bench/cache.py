@@ -54,11 +54,22 @@ DETECTION_SETTINGS = frozenset(
         "baseline_factor",
         "baseline_rule",
         "new_normal_s",
+        "new_level_s",
         "baseline_in_alarm",
     }
 )
 # The code that trains and scores: a change to any of these files invalidates every entry.
-_SOURCES = ("model", "fit", "data", "export", "noise", "pipeline", "bench/scorer", "bench/baseline")
+_SOURCES = (
+    "model",
+    "fit",
+    "data",
+    "export",
+    "noise",
+    "role",
+    "pipeline",
+    "bench/scorer",
+    "bench/baseline",
+)
 
 
 def model_settings(opts: TrainOptions) -> dict[str, Any]:
