@@ -66,8 +66,9 @@ def tiny_table() -> SensorTable:
 def train_tiny(tiny_table: SensorTable) -> Trainer:
     """Train and export a tiny model with `training.pipeline.train`; returns its TrainResult.
 
-    Keyword arguments: `table`, `seed`, `epochs`, `cross_fit`, and any ModelConfig field
-    (`architecture`, `variant`, `noise`, `hashing`, ...). Same arguments, same model.
+    Keyword arguments: `table`, `seed`, `epochs`, `cross_fit`, `options` (TrainOptions fields) and
+    any ModelConfig field (`architecture`, `variant`, `noise`, `hashing`, ...). Same arguments,
+    same model.
     """
     from training.config import FitConfig, ModelConfig, TrainOptions
     from training.pipeline import train
@@ -79,6 +80,7 @@ def train_tiny(tiny_table: SensorTable) -> Trainer:
         seed: int = TINY_SEED,
         epochs: int = TINY_EPOCHS,
         cross_fit: bool | None = None,
+        options: dict[str, Any] | None = None,
         **model: Any,
     ) -> TrainResult:
         table = tiny_table if table is None else table
@@ -93,6 +95,7 @@ def train_tiny(tiny_table: SensorTable) -> Trainer:
             fit=FitConfig(max_epochs=epochs, seed=seed, progress=False),
             name=out.stem,
             cross_fit=cross_fit,
+            **(options or {}),
         )
         return train(table, opts, out)
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from daemon.alarm import count_events, replay
+from daemon.alarm import count_events
 from daemon.config import AlarmSection, apply_alarm_overrides
-from daemon.manifest import AlarmPolicy, utc_now
+from daemon.manifest import AlarmPolicy, Detection, utc_now
 from daemon.model import Model
 from daemon.recording import StreamRecording, read
 from training.data import SensorTable, from_array, normal_segments, split_heldback
@@ -253,16 +253,14 @@ def _policy(model: Model, opts: RetrainOptions) -> AlarmPolicy:
     return apply_alarm_overrides(policy, opts.alarm) if opts.alarm is not None else policy
 
 
-def _scores(model: Model, series: np.ndarray, hop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of the hop-spaced windows of one contiguous [T, C] series, and their end rows."""
-    w = model.window
-    ends = np.arange(w - 1, len(series), hop)
-    if not len(ends):
-        return np.empty(0), ends
-    x = np.lib.stride_tricks.sliding_window_view(series, w, axis=0)[ends - (w - 1)]
-    x = np.ascontiguousarray(np.moveaxis(x, -1, 1), dtype=np.float32)
-    scores = [model.run(x[i : i + 1024]).score for i in range(0, len(x), 1024)]
-    return np.concatenate(scores).astype(np.float64), ends
+def _alarm(model: Model, series: np.ndarray, policy: AlarmPolicy) -> np.ndarray:
+    """Per row of one contiguous [T, C] series, in alarm or not: the daemon's detection stages
+    (daemon/detector.py) over its hop-spaced windows, as `oteo evaluate` replays them."""
+    from training.evaluate import decide_rows
+
+    m = model.manifest
+    table = from_array(series, m.sample_period_s, channels=list(m.channels))
+    return decide_rows(model, table, policy).alarm
 
 
 def _eval_series(streams: list[_StreamData], window: int) -> list[np.ndarray]:
@@ -298,8 +296,7 @@ def scorecard(model: Model, series, trials, opts: RetrainOptions) -> Scorecard:
     policy = _policy(model, opts)
     events = rows = in_alarm = windows = 0
     for s in series:
-        scores, _ = _scores(model, s, policy.hop)
-        active = replay(scores, policy)
+        active = _alarm(model, s, policy)
         events += count_events(active)
         in_alarm += int(active.sum())
         windows += len(active)
@@ -307,10 +304,8 @@ def scorecard(model: Model, series, trials, opts: RetrainOptions) -> Scorecard:
     days = rows * model.manifest.sample_period_s / 86400
     hits: dict[str, list[bool]] = {kind: [] for kind in FAULT_KINDS}
     for kind, faulty, start, stop in trials:
-        scores, ends = _scores(model, faulty, policy.hop)
-        active = replay(scores, policy)
-        before = active[ends < start]
-        during = active[(ends >= start) & (ends < stop + model.window)]
+        active = _alarm(model, faulty, policy)
+        before, during = active[:start], active[start : stop + model.window]
         hits[kind].append(bool((not before.size or not before[-1]) and during.any()))
     return Scorecard(
         path=str(model.path),
@@ -400,6 +395,7 @@ def retrain(store: Path, model_path: Path, out: Path, opts: RetrainOptions) -> O
         targets=named["target"],
         context=named["context"],
         ignore=named["ignore"],
+        **detection_options(m.detection or Detection.legacy()),
     )
     result = train(table, train_opts, out)
     challenger = Model.load(out)
@@ -472,6 +468,22 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def detection_options(d: Detection) -> dict[str, Any]:
+    """The TrainOptions that reproduce a manifest's detection stages (calibrated values aside)."""
+    return {
+        "sample": d.sample,
+        "error": d.error,
+        "normalise": d.normalise,
+        "combine": d.combine,
+        "baseline_samples": d.baseline_samples or 0,
+        "baseline_rule": d.baseline_rule,
+        "baseline_factor": d.baseline_factor,
+        "baseline_in_alarm": d.baseline_in_alarm,
+        "new_level_s": d.new_level_s or 0.0,
+        "new_normal_s": d.new_normal_s or 0.0,
+    }
 
 
 def _next_version(version: str) -> str:

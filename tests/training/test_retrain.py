@@ -124,7 +124,9 @@ def champion(train_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     table = from_array(simulate_runs(6000, seed=1, runs=2).values, 1.0, channels=CHANNELS)
     out = tmp_path_factory.mktemp("champion") / "pump.onnx"
-    train_tiny(out, table=table, epochs=EPOCHS, hidden=HIDDEN)
+    # A champion that never takes a lasting level for normal by itself (new_level_s 0): the
+    # replaced sensor stays in alarm until a retrained model knows it.
+    train_tiny(out, table=table, epochs=EPOCHS, hidden=HIDDEN, options={"new_level_s": 0.0})
     return out
 
 
@@ -199,6 +201,23 @@ def test_alarm_periods_are_left_out_so_a_permanent_shift_needs_normal_since(
     )  # fmt: skip
     assert "no normal data left after leaving out alarm, muted and stale periods" in str(out)
     assert "--normal-since" in str(out)
+
+
+def test_with_the_default_new_level_a_replaced_sensor_ends_its_alarm_as_a_new_normal(
+    train_tiny, tmp_path: Path
+) -> None:
+    from training.data import from_array
+    from training.simulator import simulate_runs
+
+    table = from_array(simulate_runs(6000, seed=1, runs=2).values, 1.0, channels=CHANNELS)
+    model = train_tiny(tmp_path / "pump.onnx", table=table, epochs=EPOCHS, hidden=HIDDEN).path
+    series = [simulate(4000, seed=11).values + shift()]
+    played = play(Model.load(model), series, None, time.time() - 4000 - 60)
+    kinds = [(e["kind"], e.get("reason")) for e in played.events if e["kind"] != "update"]
+    assert kinds[0] == ("start", None)
+    assert ("end", "new_normal") in kinds, kinds
+    end = next(e for e in played.events if e.get("reason") == "new_normal")
+    assert end["duration_s"] < 800  # about half of new_level_s (800 s) of the new level
 
 
 def test_promote_refuses_when_the_config_pins_sha256(

@@ -60,6 +60,18 @@ def test_pca_scores_a_broken_coupling_far_above_normal_windows() -> None:
     assert scores.channel_score[1, 1] > scores.channel_score[0, 1]
 
 
+def test_pca_reads_and_scores_the_channels_the_trainers_roles_give_the_model() -> None:
+    values = coupled(2000)
+    command = (np.arange(2000) % 97 == 0).astype(float)[:, None]  # a rare 0/1 command
+    table = from_array(np.hstack([values, command]), 1.0)
+    model = fit_pca(table, [(0, 1500)], options(window=8))
+    assert model.roles.roles == ("target", "target", "ignore")  # binary: out of the score
+    window = np.hstack([values[1500:1508], np.ones((8, 1)) * 5.0])[None]  # unseen command value
+    scores = model.run(window.astype(np.float32))
+    assert scores.channel_score[0, 2] == 0.0
+    np.testing.assert_allclose(scores.score, scores.channel_score[:, :2].mean(axis=1), rtol=1e-5)
+
+
 def test_random_scores_ignore_the_data_and_repeat_for_a_seed_and_file() -> None:
     table = from_array(coupled(3000), 1.0)
     other = from_array(coupled(3000, seed=5) * 10, 1.0)

@@ -7,11 +7,13 @@ product, so the difference in the tables is the window score alone.
 PCA: windows are standardised per channel exactly as the trainer does (mean, std with the
 trainer's scale floor), flattened to window x channels values, centred, and projected on the
 principal components that explain VARIANCE (90 %) of the training windows' variance; the score is
-the mean squared reconstruction error, as the autoencoder's (at least 1e-12: a window rebuilt
-exactly, as in a constant series, must not make a zero threshold). 90 % is a common rule of
-thumb (SKAB's published T-squared+Q baseline selects components by explained variance too, at
-85 %); it keeps the large shared movements of the channels and leaves sensor noise to the
-residual. Chosen before any result was seen; not tuned.
+the mean squared reconstruction error of the target channels, as the autoencoder's (at least 1e-12:
+a window rebuilt exactly, as in a constant series, must not make a zero threshold). 90 % is a
+common rule of thumb (SKAB's published T-squared+Q baseline selects components by explained
+variance too, at 85 %); it keeps the large shared movements of the channels and leaves sensor noise
+to the residual. Chosen before any result was seen; not tuned. It reads the channels the trainer's
+roles give the model (targets and context, training/role.py) and scores the targets, so on
+spacecraft data it sees the telemetry channel as the product does, not the one-hot commands.
 
 Random: no information about the data. Independent scores per window would never pass a k-of-n
 rule at a 0.999 quantile x margin, so it would only ever show "no alarms"; instead the score is a
@@ -31,6 +33,7 @@ import numpy as np
 from training.bench.scorer import Fitted, Segments, calibration_plan, held_series
 from training.calibrate import Series
 from training.data import SensorTable, windows
+from training.role import ChannelRoles
 
 if TYPE_CHECKING:
     from training.config import TrainOptions
@@ -53,29 +56,37 @@ class PcaModel:
     """Standardise, project on the kept components, score the squared residual."""
 
     window: int
-    mean: np.ndarray  # [C]
-    scale: np.ndarray  # [C]
-    center: np.ndarray  # [window * C]
-    components: np.ndarray  # [k, window * C], orthonormal rows
+    roles: ChannelRoles
+    mean: np.ndarray  # [inputs]
+    scale: np.ndarray  # [inputs]
+    center: np.ndarray  # [window * inputs]
+    components: np.ndarray  # [k, window * inputs], orthonormal rows
 
     def run(self, x: np.ndarray) -> Scores:
-        """Scores of windows [B, window, C] in raw units."""
+        """Scores of windows [B, window, C] in raw units (other roles' channel scores 0)."""
+        x = x[..., self.roles.inputs]
         z = ((x - self.mean) / self.scale).reshape(len(x), -1).astype(np.float64) - self.center
         residual = z - (z @ self.components.T) @ self.components
         err = np.maximum((residual**2).reshape(x.shape), SCORE_FLOOR)
-        score, channel = err.mean(axis=(1, 2)), err.mean(axis=1)
-        return Scores(score.astype(np.float32), channel.astype(np.float32), err[:, -1])
+        err = err[..., list(self.roles.target_positions)]
+        channel = np.zeros((len(x), len(self.roles.roles)))
+        newest = np.zeros_like(channel)
+        channel[:, self.roles.targets], newest[:, self.roles.targets] = err.mean(axis=1), err[:, -1]
+        score = err.mean(axis=(1, 2))
+        return Scores(score.astype(np.float32), channel.astype(np.float32), newest)
 
 
 def fit_pca(table: SensorTable, segments: Segments, opts: TrainOptions) -> PcaModel:
     """PCA of the standardised training windows (stride 1, as the trainer's)."""
-    from training.pipeline import standardisation
+    from training.pipeline import channel_roles, standardisation
 
-    mean, scale = standardisation(table, segments, opts.scale_floor)
+    roles, _ = channel_roles(table, segments, opts)
+    mean, scale = standardisation(table, segments, opts.scale_floor, roles)
+    mean, scale = mean[roles.inputs], scale[roles.inputs]
     x, _ = windows(table, opts.model.window, 1, segments=segments)
     if len(x) < 2:
         raise ValueError(f"only {len(x)} training windows of {opts.model.window} samples")
-    z = ((x - mean) / scale).reshape(len(x), -1).astype(np.float64)
+    z = ((x[..., roles.inputs] - mean) / scale).reshape(len(x), -1).astype(np.float64)
     center = z.mean(axis=0)
     zc = z - center
     # Eigenvectors of the covariance: the right singular vectors of the centred windows, at the
@@ -84,7 +95,7 @@ def fit_pca(table: SensorTable, segments: Segments, opts: TrainOptions) -> PcaMo
     var, vectors = np.maximum(var[::-1], 0.0), vectors[:, ::-1].T
     share = np.cumsum(var) / var.sum() if var.sum() > 0 else np.ones(len(var))
     k = min(int(np.searchsorted(share, VARIANCE - 1e-12)) + 1, len(x) - 1, len(var))
-    return PcaModel(opts.model.window, mean, scale, center, vectors[: max(k, 1)])
+    return PcaModel(opts.model.window, roles, mean, scale, center, vectors[: max(k, 1)])
 
 
 class Pca:
@@ -101,7 +112,11 @@ class Pca:
             outs += [model.run(x) for x in held_series(table, held_rows, w, hop)]
         final = model if not plan.cross_fitted else fit_pca(table, plan.final, opts)
         notes = [f"{len(final.components)} principal components"]
-        return Fitted(final, _series(outs), plan.cross_fitted, table.period_s, notes=notes)
+        roles = final.roles
+        targets = None if roles.every_channel_a_target else tuple(roles.targets)
+        return Fitted(
+            final, _series(outs), plan.cross_fitted, table.period_s, notes=notes, targets=targets
+        )
 
 
 @dataclass
