@@ -141,9 +141,13 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
         raise ConfigError(_one_line(exc)) from exc
 
 
+# Overrides of the detection stages (daemon.detector.Stages.overridden), not of the policy.
+MOVING = ("baseline_samples", "new_level_s")
+
+
 def apply_alarm_overrides(policy: AlarmPolicy, alarm: AlarmSection) -> AlarmPolicy:
     """The manifest's alarm policy with the config's overrides applied and checked again."""
-    changes = alarm.model_dump(exclude={"sensitivity"}, exclude_none=True)
+    changes = alarm.model_dump(exclude={"sensitivity", *MOVING}, exclude_none=True)
     try:
         return AlarmPolicy.model_validate({**policy.model_dump(), **changes})
     except ValidationError as exc:

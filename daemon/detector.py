@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,16 @@ class Stages:
         digest = hashlib.sha256(manifest.to_json().encode()).hexdigest()[:16]
         targets = tuple(manifest.target_indices()) if manifest.roles else None
         return cls(detection, manifest.sample_period_s, digest, targets)
+
+    def overridden(self, baseline_samples: int | None, new_level_s: float | None) -> Stages:
+        """These stages with a config's overrides of the moving thresholds (None: the model's
+        own setting; 0: off)."""
+        update: dict[str, Any] = {}
+        if baseline_samples is not None:
+            update["baseline_samples"] = baseline_samples or None
+        if new_level_s is not None:
+            update["new_level_s"] = new_level_s or None
+        return replace(self, detection=self.detection.model_copy(update=update)) if update else self
 
 
 def combine_errors(

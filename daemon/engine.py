@@ -19,7 +19,7 @@ import numpy as np
 
 from daemon.aligner import ChannelAligner
 from daemon.config import Config, apply_alarm_overrides
-from daemon.detector import Detector
+from daemon.detector import Detector, Stages
 from daemon.drift import DriftMeter
 from daemon.episode import Episodes, Serving
 from daemon.intake import Work
@@ -99,6 +99,8 @@ class Engine:
         """
         m = model.manifest
         policy = apply_alarm_overrides(m.alarm, self.cfg.alarm)
+        alarm = self.cfg.alarm
+        self._stages = Stages.of(m).overridden(alarm.baseline_samples, alarm.new_level_s)
         old = self.serving
         if old is not None:
             # Windows already queued were cut for the old model: score them with it first, so
@@ -140,7 +142,7 @@ class Engine:
     def _new_detector(self, stream_id: str) -> Detector:
         assert self.serving is not None
         sensitivity = self._sensitivity.get(stream_id, 1.0)
-        return Detector(self.model.manifest, self.serving.policy, sensitivity)
+        return Detector(self._stages, self.serving.policy, sensitivity)
 
     def _new_buffer(self) -> StreamBuffer:
         assert self.serving is not None

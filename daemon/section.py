@@ -223,6 +223,18 @@ class AlarmSection(Section):
     smoothing_alpha: float | None = Field(
         None, gt=0, le=1, description="EWMA weight of the newest score; 1 = no smoothing."
     )
+    baseline_samples: int | None = Field(
+        None,
+        ge=0,
+        description="Trailing window (samples) of the dynamic threshold that moves with each "
+        "stream's recent normal scores; 0: off (the calibrated thresholds only).",
+    )
+    new_level_s: float | None = Field(
+        None,
+        ge=0,
+        description="A level that lasts about half this long (seconds) ends its alarm as a new "
+        "normal, flagged; 0: never (an alarm lasts as long as the level).",
+    )
     sensitivity: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
         description="Per-stream factor dividing both thresholds: > 1 alarms sooner.",

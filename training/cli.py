@@ -256,14 +256,18 @@ def evaluate(
     if not channels:
         channels = ",".join(m.channels)
     table = _load(data, time_column, channels, label_columns, period or m.sample_period_s, max_gap)
-    policy = m.alarm
+    from daemon.detector import Stages
+
+    policy, stages = m.alarm, Stages.of(m)
     if config_path is not None:
         from daemon.config import ConfigError, apply_alarm_overrides, load_config
 
         try:
-            policy = apply_alarm_overrides(policy, load_config(config_path).alarm)
+            alarm = load_config(config_path).alarm
+            policy = apply_alarm_overrides(policy, alarm)
         except ConfigError as exc:
             refuse(exc)
+        stages = stages.overridden(alarm.baseline_samples, alarm.new_level_s)
     label = label_columns[0] if label_columns else "anomaly"
     if label not in table.labels:
         click.echo(
@@ -272,7 +276,7 @@ def evaluate(
             err=True,
         )
         sys.exit(EXIT_CONFIG)
-    result = evaluate_table(model, table, policy, label)
+    result = evaluate_table(model, table, policy, label, stages)
     if out_dir is not None:
         write_outputs(result, table, out_dir, policy)
     if as_json:

@@ -160,7 +160,9 @@ class TrainOptions:
     n: int = 5
     # An alarm clears after this many windows below the exit threshold: brief dips inside one
     # episode do not split it (30 vs 3: SKAB F1 +0.02..0.03, SMAP/MSL unchanged).
-    clear_windows: int = 30
+    clear_windows: int = _help(
+        30, "An alarm ends after this many windows below the exit threshold."
+    )
     cooldown_windows: int | None = None  # default: one window length
     smoothing_alpha: float = 1.0
     # Detection stages after the model (daemon/detector.py). Each default is the setting that

@@ -171,19 +171,27 @@ def decide(
 
 
 def decide_rows(
-    model: Model, table: SensorTable, policy: AlarmPolicy | None = None, sensitivity: float = 1.0
+    model: Model,
+    table: SensorTable,
+    policy: AlarmPolicy | None = None,
+    sensitivity: float = 1.0,
+    stages: Stages | None = None,
 ) -> RowDecisions:
-    """A model file's causal decisions on every row (its own policy unless one is given)."""
+    """A model file's causal decisions on every row (its own policy and stages unless given)."""
     policy = policy or model.manifest.alarm
     out = window_outputs(model, table, policy.hop)
-    return decide(out, Stages.of(model.manifest), policy, sensitivity)
+    return decide(out, stages or Stages.of(model.manifest), policy, sensitivity)
 
 
 def causal_decisions(
-    model: Model, table: SensorTable, policy: AlarmPolicy | None = None, sensitivity: float = 1.0
+    model: Model,
+    table: SensorTable,
+    policy: AlarmPolicy | None = None,
+    sensitivity: float = 1.0,
+    stages: Stages | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-row (detection score, alarm): `decide_rows` without the rest."""
-    rows = decide_rows(model, table, policy, sensitivity)
+    rows = decide_rows(model, table, policy, sensitivity, stages)
     return rows.detection, rows.alarm
 
 
@@ -253,12 +261,16 @@ def metrics(
 
 
 def evaluate_table(
-    model: Model, table: SensorTable, policy: AlarmPolicy, label_column: str = "anomaly"
+    model: Model,
+    table: SensorTable,
+    policy: AlarmPolicy,
+    label_column: str = "anomaly",
+    stages: Stages | None = None,
 ) -> Evaluation:
     if label_column not in table.labels:
         raise ValueError(f"no label column {label_column!r} (found {sorted(table.labels)})")
     label = table.labels[label_column].astype(bool)
-    score, alarm = causal_decisions(model, table, policy)
+    score, alarm = causal_decisions(model, table, policy, stages=stages)
     found = metrics(alarm, label, table.period_s, model.window, table.filled)
     return Evaluation(score, alarm, label, found)
 

@@ -253,14 +253,20 @@ def _policy(model: Model, opts: RetrainOptions) -> AlarmPolicy:
     return apply_alarm_overrides(policy, opts.alarm) if opts.alarm is not None else policy
 
 
-def _alarm(model: Model, series: np.ndarray, policy: AlarmPolicy) -> np.ndarray:
+def _alarm(
+    model: Model, series: np.ndarray, policy: AlarmPolicy, alarm: AlarmSection | None
+) -> np.ndarray:
     """Per row of one contiguous [T, C] series, in alarm or not: the daemon's detection stages
-    (daemon/detector.py) over its hop-spaced windows, as `oteo evaluate` replays them."""
+    (daemon/detector.py, with the config's overrides) over its windows, as `oteo evaluate`."""
+    from daemon.detector import Stages
     from training.evaluate import decide_rows
 
     m = model.manifest
+    stages = Stages.of(m)
+    if alarm is not None:
+        stages = stages.overridden(alarm.baseline_samples, alarm.new_level_s)
     table = from_array(series, m.sample_period_s, channels=list(m.channels))
-    return decide_rows(model, table, policy).alarm
+    return decide_rows(model, table, policy, stages=stages).alarm
 
 
 def _eval_series(streams: list[_StreamData], window: int) -> list[np.ndarray]:
@@ -296,7 +302,7 @@ def scorecard(model: Model, series, trials, opts: RetrainOptions) -> Scorecard:
     policy = _policy(model, opts)
     events = rows = in_alarm = windows = 0
     for s in series:
-        active = _alarm(model, s, policy)
+        active = _alarm(model, s, policy, opts.alarm)
         events += count_events(active)
         in_alarm += int(active.sum())
         windows += len(active)
@@ -304,7 +310,7 @@ def scorecard(model: Model, series, trials, opts: RetrainOptions) -> Scorecard:
     days = rows * model.manifest.sample_period_s / 86400
     hits: dict[str, list[bool]] = {kind: [] for kind in FAULT_KINDS}
     for kind, faulty, start, stop in trials:
-        active = _alarm(model, faulty, policy)
+        active = _alarm(model, faulty, policy, opts.alarm)
         before, during = active[:start], active[start : stop + model.window]
         hits[kind].append(bool((not before.size or not before[-1]) and during.any()))
     return Scorecard(

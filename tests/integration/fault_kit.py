@@ -47,7 +47,14 @@ from daemon.model import Model
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO / "models" / "demo.onnx"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: data time of a stream's first reading
-EVENTFUL = {"enter_threshold": 1e-6, "exit_threshold": 1e-7}
+# Thresholds that do not move with the stream (baseline_samples, new_level_s 0): every window
+# exceeds, for as long as the stream runs.
+EVENTFUL = {
+    "enter_threshold": 1e-6,
+    "exit_threshold": 1e-7,
+    "baseline_samples": 0,
+    "new_level_s": 0,
+}
 EVENT_UPDATE_S = 60  # daemon/engine.py: an alarm repeats an update event every 60 s of data
 
 

@@ -1049,7 +1049,7 @@ def test_a_restart_keeps_each_streams_learnt_state_and_its_alarm(
     the fault's end after the restart has the event id of its start before it."""
     watcher = watch()
     daemon = oteo()
-    values = shifted(normal_series(1200, seed=31), FAULT_CHANNEL, 300, 500, seed=5)
+    values = shifted(normal_series(1200, seed=31), FAULT_CHANNEL, 300, 300, seed=5)
     pub = publisher()
     pub.send_all(readings_for("kept", values[:500]))  # the fault is on when the daemon stops
     start = watcher.wait_for(

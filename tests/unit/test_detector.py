@@ -169,6 +169,22 @@ def test_the_level_window_survives_a_snapshot() -> None:
     assert [x.active for x in run(again, [5.0] * 20)] == [x.active for x in run(d, [5.0] * 20)]
 
 
+def test_a_config_can_turn_the_moving_thresholds_off_or_change_them() -> None:
+    from daemon.config import apply_alarm_overrides, load_config
+
+    shipped = stages(baseline_samples=2100, new_level_s=800.0, baseline_rule="nonparametric")
+    overrides = {"model.path": "m.onnx", "alarm.new_level_s": 0, "alarm.baseline_samples": 50}
+    alarm = load_config(None, overrides).alarm
+    changed = shipped.overridden(alarm.baseline_samples, alarm.new_level_s)
+    assert changed.detection.new_level_s is None and changed.detection.baseline_samples == 50
+    assert changed.detection.baseline_rule == "nonparametric" and changed.model_id == "model-a"
+    assert shipped.overridden(None, None) is shipped
+    assert apply_alarm_overrides(policy(), alarm) == policy()  # not policy fields
+    d = Detector(changed, policy())
+    decisions = run(d, [0.1] * 100 + [5.0] * 3000)  # with new_level_s 0 a level stays in alarm
+    assert decisions[-1].active and not any(x.new_normal for x in decisions)
+
+
 def test_a_fault_that_clears_by_itself_is_not_flagged_as_new_normal() -> None:
     d = Detector(stages(new_normal_s=300.0, **ADAPTIVE), policy())
     decisions = run(d, [0.1] * 100 + [5.0] * 50 + [0.1] * 50)
