@@ -233,8 +233,11 @@ class MqttLink:
         # instead of our memory. Writes (acks) go on, and paho's keep-alive only ends the
         # connection if nothing at all was read for a whole keepalive_s. Only while connected:
         # held QoS 1 messages of a lost connection wait for the next CONNACK, which must be
-        # read (a full link that stopped reading then never delivered again).
-        reading = sock is not None and (not self._conn.up or not self._inbox.full)
+        # read (a full link that stopped reading then never delivered again). While stopping,
+        # reads go on whatever the inbox holds: the offline status's PUBACK must come in, and
+        # what arrives is never acknowledged, so the broker keeps it for the next start.
+        stopping = self._stop_requested.is_set()
+        reading = sock is not None and (not self._conn.up or not self._inbox.full or stopping)
         readers: list[Any] = [self._wake_r, sock] if reading else [self._wake_r]
         writers: list[Any] = [sock] if sock is not None and client.want_write() else []
         try:
