@@ -25,25 +25,35 @@ PRUNE = 0.13  # an excursion must stand 13 % above the largest normal value (the
 
 
 def nonparametric(values: np.ndarray) -> float:
-    """The paper's epsilon for a buffer of smoothed scores, and its pruning floor."""
-    mean, std = float(values.mean()), float(values.std())
+    """The paper's epsilon for a buffer of smoothed scores, and its pruning floor.
+
+    Every candidate z at once: the rest's mean and std from prefix sums of the sorted buffer, the
+    runs from the time-ordered buffer (one pass of len(Z_VALUES) x len(values) comparisons)."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    mean, std = float(x.mean()), float(x.std())
     if std <= 0 or mean <= 0:
         return mean / (1 - PRUNE)
-    best, pick = -np.inf, mean + float(Z_VALUES[-1]) * std
-    for z in Z_VALUES:
-        eps = mean + float(z) * std
-        above = values >= eps
-        count = int(above.sum())
-        if count == 0 or count >= len(values) // 2:
-            continue
-        runs = int(np.count_nonzero(np.diff(np.r_[0, above.astype(np.int8)]) == 1))
-        rest = values[~above]
-        gain = (mean - rest.mean()) / mean + (std - rest.std()) / std
-        score = gain / (count + runs**2)
-        if score >= best and runs <= MAX_RUNS:
-            best, pick = score, eps
-    below = values[values < pick]
-    return max(pick, float(below.max()) / (1 - PRUNE)) if len(below) else pick
+    eps = mean + Z_VALUES * std
+    ordered = np.sort(x)
+    below = np.searchsorted(ordered, eps, side="left")  # values < eps
+    count = n - below
+    s1, s2 = np.r_[0.0, np.cumsum(ordered)], np.r_[0.0, np.cumsum(ordered**2)]
+    rest_n = np.maximum(below, 1)
+    rest_mean = s1[below] / rest_n
+    rest_std = np.sqrt(np.maximum(s2[below] / rest_n - rest_mean**2, 0.0))
+    above = x[None, :] >= eps[:, None]
+    runs = above[:, 0] + np.count_nonzero(above[:, 1:] & ~above[:, :-1], axis=1)
+    gain = (mean - rest_mean) / mean + (std - rest_std) / std
+    score = gain / np.maximum(count + runs**2, 1)  # count 0: not a candidate (valid below)
+    valid = (count > 0) & (count < n // 2) & (runs <= MAX_RUNS)
+    if valid.any():
+        best = np.flatnonzero(valid & (score >= score[valid].max()))[-1]  # ties: the higher z
+        pick = float(eps[best])
+    else:
+        pick = float(eps[-1])
+    under = int(np.searchsorted(ordered, pick, side="left"))
+    return max(pick, float(ordered[under - 1]) / (1 - PRUNE)) if under else pick
 
 
 class TrailingBaseline:
