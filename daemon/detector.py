@@ -20,13 +20,16 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from daemon.alarm import AlarmState, Transition
 from daemon.manifest import AlarmPolicy, Detection, Manifest
 from daemon.threshold import TrailingBaseline
+
+if TYPE_CHECKING:
+    from daemon.section import AlarmSection
 
 SNAPSHOT_VERSION = 1
 
@@ -62,14 +65,14 @@ class Stages:
         targets = tuple(manifest.target_indices()) if manifest.roles else None
         return cls(detection, manifest.sample_period_s, digest, targets)
 
-    def overridden(self, baseline_samples: int | None, new_level_s: float | None) -> Stages:
-        """These stages with a config's overrides of the moving thresholds (None: the model's
-        own setting; 0: off)."""
+    def overridden(self, alarm: AlarmSection | None) -> Stages:
+        """These stages with a config's `[alarm]` overrides of the moving thresholds (unset: the
+        model's own setting; 0: off)."""
         update: dict[str, Any] = {}
-        if baseline_samples is not None:
-            update["baseline_samples"] = baseline_samples or None
-        if new_level_s is not None:
-            update["new_level_s"] = new_level_s or None
+        if alarm is not None and alarm.baseline_samples is not None:
+            update["baseline_samples"] = alarm.baseline_samples or None
+        if alarm is not None and alarm.new_level_s is not None:
+            update["new_level_s"] = alarm.new_level_s or None
         return replace(self, detection=self.detection.model_copy(update=update)) if update else self
 
 

@@ -99,8 +99,7 @@ class Engine:
         """
         m = model.manifest
         policy = apply_alarm_overrides(m.alarm, self.cfg.alarm)
-        alarm = self.cfg.alarm
-        self._stages = Stages.of(m).overridden(alarm.baseline_samples, alarm.new_level_s)
+        self._stages = Stages.of(m).overridden(self.cfg.alarm)
         old = self.serving
         if old is not None:
             # Windows already queued were cut for the old model: score them with it first, so

@@ -267,7 +267,7 @@ def evaluate(
             policy = apply_alarm_overrides(policy, alarm)
         except ConfigError as exc:
             refuse(exc)
-        stages = stages.overridden(alarm.baseline_samples, alarm.new_level_s)
+        stages = stages.overridden(alarm)
     label = label_columns[0] if label_columns else "anomaly"
     if label not in table.labels:
         click.echo(

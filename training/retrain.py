@@ -34,6 +34,7 @@ import numpy as np
 
 from daemon.alarm import count_events
 from daemon.config import AlarmSection, apply_alarm_overrides
+from daemon.detector import Stages
 from daemon.manifest import AlarmPolicy, Detection, utc_now
 from daemon.model import Model
 from daemon.recording import StreamRecording, read
@@ -253,18 +254,12 @@ def _policy(model: Model, opts: RetrainOptions) -> AlarmPolicy:
     return apply_alarm_overrides(policy, opts.alarm) if opts.alarm is not None else policy
 
 
-def _alarm(
-    model: Model, series: np.ndarray, policy: AlarmPolicy, alarm: AlarmSection | None
-) -> np.ndarray:
+def _alarm(model: Model, series: np.ndarray, policy: AlarmPolicy, stages: Stages) -> np.ndarray:
     """Per row of one contiguous [T, C] series, in alarm or not: the daemon's detection stages
-    (daemon/detector.py, with the config's overrides) over its windows, as `oteo evaluate`."""
-    from daemon.detector import Stages
+    over its windows, as `oteo evaluate` replays them."""
     from training.evaluate import decide_rows
 
     m = model.manifest
-    stages = Stages.of(m)
-    if alarm is not None:
-        stages = stages.overridden(alarm.baseline_samples, alarm.new_level_s)
     table = from_array(series, m.sample_period_s, channels=list(m.channels))
     return decide_rows(model, table, policy, stages=stages).alarm
 
@@ -300,9 +295,10 @@ def _fault_trials(
 def scorecard(model: Model, series, trials, opts: RetrainOptions) -> Scorecard:
     """False alarms per day on the evaluation series and detection rate per fault kind."""
     policy = _policy(model, opts)
+    stages = Stages.of(model.manifest).overridden(opts.alarm)  # with the config's overrides
     events = rows = in_alarm = windows = 0
     for s in series:
-        active = _alarm(model, s, policy, opts.alarm)
+        active = _alarm(model, s, policy, stages)
         events += count_events(active)
         in_alarm += int(active.sum())
         windows += len(active)
@@ -310,7 +306,7 @@ def scorecard(model: Model, series, trials, opts: RetrainOptions) -> Scorecard:
     days = rows * model.manifest.sample_period_s / 86400
     hits: dict[str, list[bool]] = {kind: [] for kind in FAULT_KINDS}
     for kind, faulty, start, stop in trials:
-        active = _alarm(model, faulty, policy, opts.alarm)
+        active = _alarm(model, faulty, policy, stages)
         before, during = active[:start], active[start : stop + model.window]
         hits[kind].append(bool((not before.size or not before[-1]) and during.any()))
     return Scorecard(

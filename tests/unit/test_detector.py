@@ -175,10 +175,10 @@ def test_a_config_can_turn_the_moving_thresholds_off_or_change_them() -> None:
     shipped = stages(baseline_samples=2100, new_level_s=800.0, baseline_rule="nonparametric")
     overrides = {"model.path": "m.onnx", "alarm.new_level_s": 0, "alarm.baseline_samples": 50}
     alarm = load_config(None, overrides).alarm
-    changed = shipped.overridden(alarm.baseline_samples, alarm.new_level_s)
+    changed = shipped.overridden(alarm)
     assert changed.detection.new_level_s is None and changed.detection.baseline_samples == 50
     assert changed.detection.baseline_rule == "nonparametric" and changed.model_id == "model-a"
-    assert shipped.overridden(None, None) is shipped
+    assert shipped.overridden(None) is shipped
     assert apply_alarm_overrides(policy(), alarm) == policy()  # not policy fields
     d = Detector(changed, policy())
     decisions = run(d, [0.1] * 100 + [5.0] * 3000)  # with new_level_s 0 a level stays in alarm
