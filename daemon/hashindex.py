@@ -1,26 +1,20 @@
 """Similar-window search: the hash code of every recorded window, searched by Hamming distance.
 
-Rows (stream, time, score, alarm, event, code word) sit in columns of a growable ring: a row's
-global id only grows, its slot is `id & mask`, so dropping the oldest rows only moves `first`.
-Beside the rows, every distinct key (the word when `bits` <= 16, else its low 16 bits) lists the
-ids of its rows in insertion order. Codes of normal operation fill few keys, so a search computes
-the distance to every used key (at most 65,536, one vectorised popcount), then walks the keys
-radius by radius and stops once k rows are nearer than the next radius. Within a key, the
-newest rows are found from the end of its list; `_lag` (the most that a row's time fell behind
-an earlier row's) bounds how much older rows may be newer, so a long list is rarely read whole.
-Alarm windows also sit in their own id list, searched by brute force (`alarm_only`, events).
+The rows live in `daemon.hashstore.RowStore` (one id list per key: the word when it has <= 16
+bits, else its low 16 bits; memory per row and thread safety are described there). Codes of
+normal operation fill few keys, so a search computes the distance to every used key (at most
+65,536, one vectorised popcount), then walks the keys radius by radius and stops once k rows
+are nearer than the next radius. Within a long list the newest rows are read from its end: the
+store's `lag` bounds how much newer an earlier row can be, so such a list is rarely read whole.
+Alarm windows (a few per cent of rows) are searched by brute force: `alarm_only`, events.
+Wider words add the popcount of their high bits to the key's distance, row by row.
 
-Threads: one writer calls `add` / `add_many`; searches run in other threads. `add` holds
-`_write` for a few microseconds; a search holds it only to copy references and lengths (a
-snapshot, ~0.1 ms for 65,536 keys), then reads arrays that the writer only appends to beyond
-the snapshot (a growth swaps in new arrays, leaving the old ones intact). Retention
-(`drop_before`, `drop_oldest`) holds `_search` as well, so no search sees rows vanish under it;
-it may wait behind a search, `add` never does.
+Threads: one writer calls `add` / `add_many`, searches run in other threads; `add` never waits
+behind a search (see hashstore).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import inf
@@ -29,11 +23,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-Ids = npt.NDArray[np.int64]
-KEY_BITS = 16
-DEAD = 0xFFFF  # stream index of a row dropped out of insertion order (drop_before)
+from daemon.hashstore import DEAD, KEY_BITS, NO_IDS, Columns, Ids, RowStore, Snapshot
+
 _SMALL = 256  # a key's list up to this length is read whole, longer ones from the end
-_NO_IDS: Ids = np.zeros(0, dtype=np.int64)
 _POP16 = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)
 
 
@@ -63,14 +55,6 @@ def hash_bits(code: np.ndarray, cut: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed).view("<u8").reshape(-1).astype(np.uint64)
 
 
-def word_dtype(bits: int) -> type[np.unsignedinteger[Any]]:
-    """The narrowest unsigned dtype that holds a word of `bits` bits."""
-    for dtype, width in ((np.uint8, 8), (np.uint16, 16), (np.uint32, 32), (np.uint64, 64)):
-        if bits <= width:
-            return dtype
-    raise ValueError(f"bits must be 1 to 64, got {bits}")
-
-
 @dataclass(frozen=True, slots=True)
 class Hit:
     """A past window near the query."""
@@ -93,49 +77,13 @@ class EventHit:
     distance: int  # min over that event's windows
 
 
-class _Column:
-    """The row columns of a ring whose capacity is a power of two."""
-
-    def __init__(self, capacity: int, word: type[np.unsignedinteger[Any]]) -> None:
-        self.mask = capacity - 1
-        self.stream = np.zeros(capacity, dtype=np.uint16)
-        self.ts = np.zeros(capacity, dtype=np.float64)
-        self.score = np.zeros(capacity, dtype=np.float32)
-        self.alarm = np.zeros(capacity, dtype=np.bool_)
-        self.event = np.full(capacity, -1, dtype=np.int32)
-        self.word = np.zeros(capacity, dtype=word)
-
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        return (self.stream, self.ts, self.score, self.alarm, self.event, self.word)
-
-    def regrow(self, first: int, end: int, capacity: int) -> _Column:
-        """A copy with `capacity` slots holding rows first..end-1 (a new object: readers of
-        this one keep a consistent view)."""
-        grown = _Column(capacity, self.word.dtype.type)
-        ids = np.arange(first, end, dtype=np.int64)
-        for new, old in zip(grown.arrays(), self.arrays(), strict=True):
-            new[ids & grown.mask] = old[ids & self.mask]
-        return grown
-
-
-@dataclass(frozen=True, slots=True)
-class _Snapshot:
-    col: _Column
-    first: int
-    end: int
-    lag: float
-    lists: list[Ids | None]
-    fill: Ids
-    alarms: Ids
-
-
 @dataclass(frozen=True, slots=True)
 class _Filter:
     stream: int  # -1: no exclusion
     from_ts: float
     to_ts: float
 
-    def keep(self, col: _Column, pos: Ids) -> npt.NDArray[np.bool_]:
+    def keep(self, col: Columns, pos: Ids) -> npt.NDArray[np.bool_]:
         stream = col.stream[pos]
         keep: npt.NDArray[np.bool_] = stream != DEAD
         if self.stream >= 0:
@@ -149,26 +97,7 @@ class CodeIndex:
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
-        self._word = word_dtype(bits)
-        self._key_mask = (1 << min(bits, KEY_BITS)) - 1
-        self._col = _Column(1024, self._word)
-        self._first = 0  # id of the oldest row kept
-        self._end = 0  # id of the next row
-        self._dead = 0  # rows dropped out of order (stream DEAD) with id >= first
-        self._max_ts = -inf
-        self._lag = 0.0
-        self._lists: list[Ids | None] = [None] * (self._key_mask + 1)
-        self._fill = np.zeros(self._key_mask + 1, dtype=np.int64)
-        self._alarms: Ids = np.zeros(64, dtype=np.int64)
-        self._alarm_fill = 0
-        self._streams: list[str] = []
-        self._stream_index: dict[str, int] = {}
-        self._events: list[str] = []
-        self._event_index: dict[str, int] = {}
-        self._write = threading.Lock()
-        self._search = threading.Lock()
-
-    # -- writing ---------------------------------------------------------------------------------
+        self._rows = RowStore(bits)
 
     def add(
         self, stream: str, ts: float, score: float, alarm: bool, event_id: str | None, word: int
@@ -176,26 +105,7 @@ class CodeIndex:
         """Hot path, called for every scored window of recorded streams: amortised O(1), no
         per-call numpy allocation (append into preallocated chunks / growable arrays)."""
         self._check_word(word)
-        with self._write:
-            row = self._end
-            if row - self._first > self._col.mask:
-                self._col = self._col.regrow(self._first, row, 2 * (self._col.mask + 1))
-            col, pos = self._col, row & self._col.mask
-            col.stream[pos] = self._stream_id(stream)
-            col.ts[pos] = ts
-            col.score[pos] = score
-            col.alarm[pos] = alarm
-            col.event[pos] = -1 if event_id is None else self._event_id(event_id)
-            col.word[pos] = word
-            self._lag = max(self._lag, self._max_ts - ts)
-            self._max_ts = max(self._max_ts, ts)
-            self._push(word & self._key_mask, row)
-            if alarm:
-                if self._alarm_fill == len(self._alarms):
-                    self._append_alarms(_NO_IDS)  # makes room
-                self._alarms[self._alarm_fill] = row
-                self._alarm_fill += 1
-            self._end = row + 1
+        self._rows.add(stream, ts, score, alarm, event_id, word)
 
     def add_many(
         self,
@@ -215,146 +125,34 @@ class CodeIndex:
         words = np.asarray(words, dtype=np.uint64)
         if count and int(words.max()) >> self.bits:
             raise ValueError(f"add_many: a word has more than {self.bits} bits")
-        ts = np.asarray(ts, dtype=np.float64)
-        alarm = np.asarray(alarm, dtype=bool)
-        with self._write:
-            first_new, end = self._end, self._end + count
-            capacity = self._col.mask + 1
-            while end - self._first > capacity:
-                capacity *= 2
-            if capacity > self._col.mask + 1:
-                self._col = self._col.regrow(self._first, first_new, capacity)
-            col, ids = self._col, np.arange(first_new, end, dtype=np.int64)
-            pos = ids & col.mask
-            col.stream[pos] = _codes(streams, self._stream_id)
-            col.ts[pos], col.score[pos], col.alarm[pos] = ts, score, alarm
-            col.event[pos] = _codes(event_ids, self._event_id)
-            col.word[pos] = words
-            if count:
-                running = np.maximum.accumulate(np.concatenate([[self._max_ts], ts]))
-                self._lag = max(self._lag, float(np.max(running[:-1] - ts)))
-                self._max_ts = float(running[-1])
-            keys = (words & np.uint64(self._key_mask)).astype(np.int64)
-            order = np.argsort(keys, kind="stable")
-            bounds = np.flatnonzero(np.diff(keys[order])) + 1
-            for chunk in np.split(order, bounds) if count else []:
-                self._append(int(keys[chunk[0]]), ids[chunk])
-            self._append_alarms(ids[alarm])
-            self._end = end
+        self._rows.add_many(
+            streams,
+            np.asarray(ts, dtype=np.float64),
+            np.asarray(score, dtype=np.float32),
+            np.asarray(alarm, dtype=bool),
+            event_ids,
+            words,
+        )
 
-    def _push(self, key: int, row: int) -> None:
-        ids, fill = self._lists[key], int(self._fill[key])
-        if ids is None or fill == len(ids):
-            self._append(key, _NO_IDS)  # makes room
-            ids, fill = self._lists[key], int(self._fill[key])
-        assert ids is not None
-        ids[fill] = row
-        self._fill[key] = fill + 1
+    def drop_before(self, ts: float) -> int:
+        """Drop windows older than `ts` (retention by age); returns rows dropped."""
+        return self._rows.drop_before(ts)
 
-    def _append(self, key: int, ids: Ids) -> None:
-        """Append ids to a key's list, first dropping its dead head when it is full."""
-        old, fill = self._lists[key], int(self._fill[key])
-        if old is None or fill + len(ids) >= len(old):
-            live = (
-                old[np.searchsorted(old[:fill], self._first) : fill] if old is not None else ids[:0]
-            )
-            new = np.empty(max(8, 2 * (len(live) + len(ids))), dtype=np.int64)
-            new[: len(live)] = live
-            self._lists[key], old, fill = new, new, len(live)
-        old[fill : fill + len(ids)] = ids
-        self._fill[key] = fill + len(ids)
+    def drop_oldest(self, n: int) -> int:
+        """Drop the n oldest windows in order added (retention by size); returns rows dropped."""
+        return self._rows.drop_oldest(n)
 
-    def _append_alarms(self, ids: Ids) -> None:
-        fill = self._alarm_fill
-        if fill + len(ids) >= len(self._alarms):
-            live = self._alarms[np.searchsorted(self._alarms[:fill], self._first) : fill]
-            grown = np.empty(max(64, 2 * (len(live) + len(ids))), dtype=np.int64)
-            grown[: len(live)] = live
-            self._alarms, fill = grown, len(live)
-        self._alarms[fill : fill + len(ids)] = ids
-        self._alarm_fill = fill + len(ids)
+    def __len__(self) -> int:
+        return len(self._rows)
 
-    def _stream_id(self, name: str) -> int:
-        index = self._stream_index.get(name)
-        if index is None:
-            if len(self._streams) >= DEAD:
-                raise ValueError(f"more than {DEAD} streams in one index")
-            index = self._stream_index[name] = len(self._streams)
-            self._streams.append(name)
-        return index
-
-    def _event_id(self, name: str | None) -> int:
-        if name is None:
-            return -1
-        index = self._event_index.get(name)
-        if index is None:
-            index = self._event_index[name] = len(self._events)
-            self._events.append(name)
-        return index
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the index's arrays."""
+        return self._rows.nbytes
 
     def _check_word(self, word: int) -> None:
         if not 0 <= word < (1 << self.bits):
             raise ValueError(f"word {word} does not fit in {self.bits} bits")
-
-    # -- retention -------------------------------------------------------------------------------
-
-    def drop_before(self, ts: float) -> int:
-        """Drop rows older than `ts` (retention by age); returns rows dropped."""
-        with self._search, self._write:
-            col, dropped, start = self._col, 0, self._first
-            while start < self._end:
-                pos = np.arange(start, min(self._end, start + (1 << 20)), dtype=np.int64) & col.mask
-                old = (col.ts[pos] < ts) & (col.stream[pos] != DEAD)
-                col.stream[pos[old]] = DEAD
-                dropped += int(old.sum())
-                self._dead += int(old.sum())
-                # Rows after this chunk are at most _lag older than its newest row.
-                if float(col.ts[pos].max()) - self._lag >= ts:
-                    break
-                start += len(pos)
-            self._advance_past_dead()
-            return dropped
-
-    def drop_oldest(self, n: int) -> int:
-        """Drop the n oldest rows in insertion order (retention by size); returns rows dropped."""
-        with self._search, self._write:
-            dropped = 0
-            while dropped < n and self._first < self._end:
-                step = min(n - dropped, self._end - self._first)
-                pos = np.arange(self._first, self._first + step, dtype=np.int64) & self._col.mask
-                dead = int((self._col.stream[pos] == DEAD).sum())
-                self._dead -= dead
-                dropped += step - dead
-                self._first += step
-            self._advance_past_dead()
-            return dropped
-
-    def _advance_past_dead(self) -> None:
-        col = self._col
-        while self._first < self._end and col.stream[self._first & col.mask] == DEAD:
-            self._first += 1
-            self._dead -= 1
-
-    def __len__(self) -> int:
-        return self._end - self._first - self._dead
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held by the index's arrays (row columns, key lists, alarm list)."""
-        lists = sum(a.nbytes for a in self._lists if a is not None)
-        pointers = 8 * len(self._lists)
-        columns = sum(a.nbytes for a in self._col.arrays())
-        return columns + lists + pointers + self._fill.nbytes + self._alarms.nbytes
-
-    # -- searching -------------------------------------------------------------------------------
-
-    def _snapshot(self) -> _Snapshot:
-        with self._write:
-            alarms = self._alarms[: self._alarm_fill]
-            return _Snapshot(
-                self._col, self._first, self._end, self._lag, list(self._lists),
-                self._fill.copy(), alarms,
-            )  # fmt: skip
 
     def nearest(
         self,
@@ -370,45 +168,51 @@ class CodeIndex:
         """k nearest by Hamming distance, ties broken newest first; windows of `exclude_stream`
         with exclude_from_ts <= ts <= exclude_to_ts are skipped (the query's own neighbourhood)."""
         self._check_word(word)
-        snap = self._snapshot()
         limit = self.bits if max_distance is None else max_distance
-        stream = -1 if exclude_stream is None else self._stream_index.get(exclude_stream, -1)
+        stream = self._rows.streams.find(exclude_stream)
         rule = _Filter(stream, exclude_from_ts, exclude_to_ts)
         if k <= 0 or limit < 0:
             return []
-        if alarm_only:
-            ids = _live(snap.alarms, snap.first)
-            ids = ids[rule.keep(snap.col, ids & snap.col.mask)]
-            dist = popcount(snap.col.word[ids & snap.col.mask] ^ snap.col.word.dtype.type(word))
-            ids, dist = ids[dist <= limit], dist[dist <= limit]
-            best = _top(snap.col, ids, dist, k)
-            ids, dist = ids[best], dist[best]
-        else:
-            ids, dist = self._walk(snap, word, k, rule, limit)
-        col, pos = snap.col, ids & snap.col.mask
-        return [
-            Hit(
-                stream=self._streams[col.stream[p]],
-                ts=float(col.ts[p]),
-                distance=int(d),
-                score=float(col.score[p]),
-                alarm=bool(col.alarm[p]),
-                event_id=self._events[col.event[p]] if col.event[p] >= 0 else None,
-            )
-            for p, d in zip(pos, dist, strict=True)
-        ]
+        with self._rows.reading() as snap:
+            if alarm_only:
+                ids, dist = self._scan(snap, snap.ids(-1), word, rule, limit)
+                best = _top(snap.col, ids, dist, k)
+                ids, dist = ids[best], dist[best]
+            else:
+                ids, dist = self._walk(snap, word, k, rule, limit)
+            col, pos = snap.col, ids & snap.col.mask
+            streams, events = self._rows.streams.names, self._rows.events.names
+            return [
+                Hit(
+                    stream=streams[col.stream[p]],
+                    ts=float(col.ts[p]),
+                    distance=int(d),
+                    score=float(col.score[p]),
+                    alarm=bool(col.alarm[p]),
+                    event_id=events[col.event[p]] if col.event[p] >= 0 else None,
+                )
+                for p, d in zip(pos, dist, strict=True)
+            ]
+
+    @staticmethod
+    def _scan(snap: Snapshot, ids: Ids, word: int, rule: _Filter, limit: int) -> tuple[Ids, Ids]:
+        """Brute force: the ids passing `rule` within `limit` of `word`, and their distances."""
+        col = snap.col
+        ids = ids[rule.keep(col, ids & col.mask)]
+        dist = popcount(col.word[ids & col.mask] ^ col.word.dtype.type(word))
+        return ids[dist <= limit], dist[dist <= limit]
 
     def _walk(
-        self, snap: _Snapshot, word: int, k: int, rule: _Filter, limit: int
+        self, snap: Snapshot, word: int, k: int, rule: _Filter, limit: int
     ) -> tuple[Ids, Ids]:
         """Keys radius by radius (nearest first) until k rows are nearer than the next radius."""
         col, exact = snap.col, self.bits <= KEY_BITS
-        used = np.flatnonzero(snap.fill)
-        key_dist = popcount(used ^ (word & self._key_mask))
+        used = np.flatnonzero(snap.fill[:-1])  # the last list holds the alarm windows
+        key_dist = popcount(used ^ (word & self._rows.key_mask))
         order = np.argsort(key_dist, kind="stable")
         used, key_dist = used[order], key_dist[order]
         starts = np.flatnonzero(np.diff(key_dist, prepend=-1))
-        best_ids, best_dist = _NO_IDS, _NO_IDS
+        best_ids, best_dist = NO_IDS, NO_IDS
         high = word >> KEY_BITS
         for start, stop in zip(starts, [*starts[1:], len(used)], strict=False):
             radius = int(key_dist[start])
@@ -416,7 +220,7 @@ class CodeIndex:
                 break
             found = []
             for key in used[start:stop]:
-                ids = _live(snap.lists[key][: snap.fill[key]], snap.first)
+                ids = snap.ids(key)
                 if exact and len(ids) > _SMALL:
                     ids = _newest(snap, ids, k, rule)
                 found.append(ids)
@@ -439,38 +243,28 @@ class CodeIndex:
         """The n past alarm episodes nearest to `word` (distance = min over each event's
         windows), within max_distance, nearest first."""
         self._check_word(word)
-        snap = self._snapshot()
-        col = snap.col
-        ids = _live(snap.alarms, snap.first)
-        pos = ids & col.mask
-        event = col.event[pos]
-        dist = popcount(col.word[pos] ^ col.word.dtype.type(word))
-        keep = (event >= 0) & (col.stream[pos] != DEAD) & (dist <= max_distance)
-        if exclude_event is not None and exclude_event in self._event_index:
-            keep &= event != self._event_index[exclude_event]
-        ids, pos, event, dist = ids[keep], pos[keep], event[keep], dist[keep]
-        ts = col.ts[pos]
+        with self._rows.reading() as snap:
+            col, ids = snap.col, snap.ids(-1)
+            pos = ids & col.mask
+            event = col.event[pos]
+            dist = popcount(col.word[pos] ^ col.word.dtype.type(word))
+            keep = (event >= 0) & (col.stream[pos] != DEAD) & (dist <= max_distance)
+            if exclude_event is not None:
+                keep &= event != self._rows.events.find(exclude_event)
+            ids, pos, event, dist = ids[keep], pos[keep], event[keep], dist[keep]
+            ts, stream = col.ts[pos], col.stream[pos]
         # Each event's nearest window (newest among equals), then events nearest first.
         order = np.lexsort((-ids, -ts, dist, event))
         firsts = order[np.flatnonzero(np.diff(event[order], prepend=-2))]
         firsts = firsts[np.lexsort((-ids[firsts], -ts[firsts], dist[firsts]))][: max(n, 0)]
+        events, streams = self._rows.events.names, self._rows.streams.names
         return [
-            EventHit(
-                event_id=self._events[event[i]],
-                stream=self._streams[col.stream[pos[i]]],
-                ts=float(ts[i]),
-                distance=int(dist[i]),
-            )
+            EventHit(events[event[i]], streams[stream[i]], float(ts[i]), int(dist[i]))
             for i in firsts
         ]
 
 
-def _live(ids: Ids, first: int) -> Ids:
-    """The ids not yet dropped from an ascending id list."""
-    return ids[np.searchsorted(ids, first) :]
-
-
-def _newest(snap: _Snapshot, ids: Ids, k: int, rule: _Filter) -> Ids:
+def _newest(snap: Snapshot, ids: Ids, k: int, rule: _Filter) -> Ids:
     """The ids passing `rule` that may be among the k newest, read from the end of `ids`."""
     col, take = snap.col, min(len(ids), 4 * k + 64)
     while True:
@@ -487,7 +281,7 @@ def _newest(snap: _Snapshot, ids: Ids, k: int, rule: _Filter) -> Ids:
         take = min(len(ids), 8 * take)
 
 
-def _top(col: _Column, ids: Ids, dist: Ids, k: int) -> Ids:
+def _top(col: Columns, ids: Ids, dist: Ids, k: int) -> Ids:
     """Indices of the k best rows: nearest, then newest, then last added, in that order."""
     chosen = np.arange(len(ids))
     if len(ids) > 4 * k + 64:
@@ -502,15 +296,3 @@ def _top(col: _Column, ids: Ids, dist: Ids, k: int) -> Ids:
             chosen = np.concatenate([nearer, tied])
     ts = col.ts[ids[chosen] & col.mask]
     return chosen[np.lexsort((-ids[chosen], -ts, dist[chosen]))[:k]]
-
-
-def _codes(names: Sequence[str | None], index_of: Any) -> npt.NDArray[np.int64]:
-    """Name -> index per row (None -> -1), one dictionary look-up per distinct name."""
-    table: dict[str | None, int] = {None: -1}
-    out = np.empty(len(names), dtype=np.int64)
-    for row, name in enumerate(names):
-        code = table.get(name)
-        if code is None:
-            code = table[name] = int(index_of(name))
-        out[row] = code
-    return out
