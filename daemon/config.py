@@ -31,6 +31,7 @@ from daemon.section import (
     RecordSection,
     ScoringSection,
     Section,
+    SimilarSection,
     TopicsSection,
 )
 from daemon.setting import ConfigError, FilePath, TopicId, default_state_dir, read_secret
@@ -49,6 +50,7 @@ __all__ = [
     "OutboxSection",
     "RecordSection",
     "ScoringSection",
+    "SimilarSection",
     "TopicsSection",
     "apply_alarm_overrides",
     "load_config",
@@ -87,6 +89,9 @@ class Config(Section):
     log: LogSection = Field(default_factory=LogSection, description="What is logged at INFO.")
     record: RecordSection = Field(
         default_factory=RecordSection, description="Recording of readings for retraining."
+    )
+    similar: SimilarSection = Field(
+        default_factory=SimilarSection, description="Similar windows and seen-before episodes."
     )
 
     @field_validator("state_dir", mode="before")

@@ -28,6 +28,7 @@ from daemon.messages import STATES
 from daemon.metrics import Metrics
 from daemon.model import Scorer
 from daemon.publisher import Output, StreamGone
+from daemon.recall import Recall
 from daemon.stream import Stream, new_buffer
 from daemon.window import PushOutcome, PushResult, StreamBuffer
 
@@ -137,6 +138,8 @@ class Engine:
             )
         if self.memory is not None:
             self.memory.use_model(model.sha256)
+        if self.episodes.recall is not None:
+            self.episodes.recall.use_model(m, model.sha256)
 
     def _new_detector(self, stream_id: str) -> Detector:
         assert self.serving is not None
@@ -295,6 +298,8 @@ class Engine:
         self.metrics.windows_scored_total.inc(n)
         self.windows_scored += n
         p99 = self.serving.p99  # type: ignore[union-attr]
+        recall = self.episodes.recall
+        words = recall.words(out.code) if recall is not None else None
         for i, item in enumerate(pending):
             score = float(out.score[i])
             if not math.isfinite(score):
@@ -312,6 +317,7 @@ class Engine:
                 out.channel_score[i],
                 self._batch[i, -1],
                 out.reconstruction[i, -1],
+                _word(words, i, recall, item.stream.id),
             )
         return n
 
@@ -364,6 +370,13 @@ class Engine:
         return [
             self.episodes.state_message(s, s.last_ts or time.time()) for s in self.streams.values()
         ]
+
+
+def _word(words: np.ndarray | None, i: int, recall: Recall | None, stream: str) -> int | None:
+    """Window i's hash bits if its stream is remembered (recorded, model hashes)."""
+    if words is None or recall is None or not recall.remembers(stream):
+        return None
+    return int(words[i])
 
 
 def _windows_only(out: PushOutcome) -> PushOutcome:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import numpy as np
 
 from daemon.alarm import Transition
 from daemon.detector import Decision
+from daemon.journal import Journal
 from daemon.manifest import AlarmPolicy, Quantiles
 from daemon.messages import (
     ChannelContribution,
@@ -35,6 +37,7 @@ from daemon.messages import (
 from daemon.metrics import Metrics
 from daemon.model import Scorer
 from daemon.publisher import Output
+from daemon.recall import Recall
 from daemon.stream import Alarm, Peak, Stream, top_contributions
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,8 @@ class Episodes:
         self.publish_scores = publish_scores
         self.clock = clock
         self.serving: Serving | None = None
+        self.recall: Recall | None = None
+        self.journal: Journal | None = None
         self._logged: dict[str, tuple[float, int, bool]] = {}  # stream: last, suppressed, open
         self._events = {k: metrics.events_total.labels(kind=k) for k in ("start", "update", "end")}
 
@@ -97,8 +102,11 @@ class Episodes:
         channel_score: np.ndarray,
         observed: np.ndarray,
         expected: np.ndarray,
+        word: int | None = None,
     ) -> None:
-        """One scored window of `stream`; the arrays are views of a batch (copied if kept)."""
+        """One scored window of `stream`; the arrays are views of a batch (copied if kept).
+
+        `word`: the window's hash bits, for streams the recall remembers."""
         decision = stream.detector.update(score, channel_score)
         s = stream.last_score = decision.score
         stream.score_metric.set(s)
@@ -112,7 +120,9 @@ class Episodes:
         # While muted the alarm logic keeps running; only its messages are held back, so a
         # fault that starts during a maintenance window is reported when the window closes.
         if decision.transition is Transition.START:
-            stream.alarm = Alarm.begin(_peak(s, ts, channel_score, observed, expected))
+            stream.alarm = Alarm.begin(_peak(s, ts, channel_score, observed, expected, word))
+            if word is not None and self.recall is not None:
+                stream.alarm.seen_before = self.recall.seen_before(word, stream.alarm.event_id)
             if not muted:
                 self._announce(stream, ts, s, arrival)
         elif decision.transition is Transition.END and alarm is not None:
@@ -125,7 +135,7 @@ class Episodes:
                 self.set_state(stream, "normal", ts)
         elif alarm is not None:
             if s > alarm.peak.score:
-                alarm.observe(_peak(s, ts, channel_score, observed, expected))
+                alarm.observe(_peak(s, ts, channel_score, observed, expected, word))
             if not muted and not alarm.published:
                 self._announce(stream, ts, s, arrival)
             elif not muted and ts - alarm.last_update_ts >= EVENT_UPDATE_S:
@@ -135,6 +145,9 @@ class Episodes:
             self.set_state(stream, "normal", ts)
         if muted and stream.state != "muted":
             self.set_state(stream, "muted", ts)
+        if word is not None and self.recall is not None:
+            event_id = stream.alarm.event_id if stream.alarm is not None else None
+            self.recall.observe(stream.id, ts, s, event_id, word)
 
     def interrupt(self, stream: Stream, ts: float, why: str) -> None:
         """The stream's data broke off (gap or silence): end its alarm; it warms up again."""
@@ -217,8 +230,15 @@ class Episodes:
             p_value=serving.p_values.p_value(score),
             top_channels=top,
             model=serving.ref,
+            seen_before=alarm.seen_before if kind == "start" else None,
         )
         self.sink(event)
+        if self.journal is not None and kind != "update":
+            try:
+                self.journal.record(event, start_word=alarm.start_word, peak_word=alarm.peak.word)
+            except sqlite3.Error as exc:  # the event is out; only its journal entry is lost
+                self.metrics.errors_total.labels(stage="journal").inc()
+                log.error("event journal: cannot write %s: %s", event.event_id, exc)
         self._events[kind].inc()
         if kind != "update":
             self._log(stream, event)
@@ -306,10 +326,15 @@ class Episodes:
 
 
 def _peak(
-    score: float, ts: float, channel_score: np.ndarray, observed: np.ndarray, expected: np.ndarray
+    score: float,
+    ts: float,
+    channel_score: np.ndarray,
+    observed: np.ndarray,
+    expected: np.ndarray,
+    word: int | None,
 ) -> Peak:
     """A window kept as an alarm's peak: copies (the arrays are views of a reused batch)."""
-    return Peak(score, ts, channel_score.copy(), observed.copy(), expected.copy())
+    return Peak(score, ts, channel_score.copy(), observed.copy(), expected.copy(), word)
 
 
 def _top_text(event: Event) -> str:

@@ -263,6 +263,28 @@ class CodeIndex:
             for i in firsts
         ]
 
+    def word_at(self, stream: str, ts: float) -> int | None:
+        """The word of `stream`'s window nearest in time to `ts`; None if it has none.
+
+        A scan of the stream column in chunks (no per-stream time index): ~0.1 s per 10 M rows,
+        for `similar` queries that name a stream and a time."""
+        sid = self._rows.streams.find(stream)
+        if sid < 0:
+            return None
+        best, best_gap = None, inf
+        with self._rows.reading() as snap:
+            col = snap.col
+            for start in range(snap.first, snap.end, 1 << 20):
+                pos = np.arange(start, min(snap.end, start + (1 << 20))) & col.mask
+                mine = pos[col.stream[pos] == sid]
+                if not len(mine):
+                    continue
+                gaps = np.abs(col.ts[mine] - ts)
+                i = int(np.argmin(gaps))
+                if gaps[i] < best_gap:
+                    best, best_gap = int(col.word[mine[i]]), float(gaps[i])
+        return best
+
 
 def _newest(snap: Snapshot, ids: Ids, k: int, rule: _Filter) -> Ids:
     """The ids passing `rule` that may be among the k newest, read from the end of `ids`."""

@@ -20,21 +20,17 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from pydantic import ValidationError
 
 from daemon import __version__
 from daemon.messages import HealthReply
 from daemon.openapi import JSON, OPS_PREFIX, openapi_document
-from daemon.ops import (
-    CONTROL_OPS,
-    STATELESS_OPS,
-    OpsHandler,
-    error_reply,
-)
-from daemon.request import ErrorCode
+from daemon.ops import ALL_OPS, OpsHandler, error_reply
+from daemon.request import EpisodeSummary, ErrorCode, EventsQuery
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +43,7 @@ PATH_LABELS = (
     "/openapi.json",
     "/v1/ops/{op}",
     "/v1/streams",
+    "/v1/events",
     "other",
 )
 # A body must arrive within this, whatever the pace of the client: bounds how long a
@@ -63,8 +60,10 @@ ROUTES = {
     "GET /healthz": "liveness: 200 when the daemon works, 503 with what failed",
     "GET /readyz": "readiness: 200 when the model is loaded and MQTT is connected",
     "GET /openapi.json": "OpenAPI 3.1 description of this API",
-    "POST /v1/ops/{op}": "operations: " + ", ".join(STATELESS_OPS + CONTROL_OPS),
+    "POST /v1/ops/{op}": "operations: " + ", ".join(ALL_OPS),
     "GET /v1/streams": "the streams the daemon tracks",
+    "GET /v1/events": "alarm episodes and their labels (?label=false_alarm|confirmed|none"
+    "&stream=…&limit=…)",
 }
 
 
@@ -81,6 +80,7 @@ class HttpServer:
         health: Check,
         ready: Check,
         streams: Callable[[], list[dict[str, Any]]] | None = None,
+        events: Callable[[EventsQuery], list[EpisodeSummary]] | None = None,
         token: str | None = None,
         on_request: Callable[[str, int], None] | None = None,
         max_connections: int = 64,
@@ -93,11 +93,14 @@ class HttpServer:
         self.health = health
         self.ready = ready
         self.streams = streams
+        self.events = events
         self.token = token
         self.on_request = on_request
         self.max_connections = max_connections
         self.timeout_s = timeout_s
-        self.openapi = json.dumps(openapi_document(token is not None, streams is not None)).encode()
+        self.openapi = json.dumps(
+            openapi_document(token is not None, streams is not None, events is not None)
+        ).encode()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -283,13 +286,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, app.openapi)
         elif path == "/":
             self._label = path
-            routes = {k: v for k, v in ROUTES.items() if "streams" not in k or app.streams}
+            routes = {
+                k: v
+                for k, v in ROUTES.items()
+                if ("streams" not in k or app.streams) and ("events" not in k or app.events)
+            }
             index = {"service": "oteo", "version": __version__, "routes": routes}
             self._reply(200, json.dumps(index).encode())
         elif path == "/v1/streams" and app.streams is not None:
             self._label = path
             if self._authorized():
                 self._reply(200, json.dumps(app.streams(), default=str).encode())
+        elif path == "/v1/events" and app.events is not None:
+            self._label = path
+            if self._authorized():
+                self._list_events(app.events)
         elif path.startswith(OPS_PREFIX):
             self._label = "/v1/ops/{op}"
             if self._authorized():
@@ -317,6 +328,24 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body(length)
         if body is not None:
             self._reply(*self.app.ops.handle(op, body))
+
+    def _list_events(self, events: Callable[[EventsQuery], list[EpisodeSummary]]) -> None:
+        params = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
+        if any(len(values) > 1 for values in params.values()):
+            self._error(400, "bad_request", "give each query parameter once")
+            return
+        raw: dict[str, Any] = {k: v[0] for k, v in params.items()}
+        if "limit" in raw:
+            raw["limit"] = int(raw["limit"]) if raw["limit"].isdigit() else raw["limit"]
+        try:
+            query = EventsQuery.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            self._error(400, "bad_request", f"{where}: {first['msg']}"[:300])
+            return
+        body = json.dumps([e.model_dump(mode="json") for e in events(query)]).encode()
+        self._reply(200, body)
 
     def _not_found(self, path: str) -> None:
         if path.startswith("/v1/") and not self._authorized():

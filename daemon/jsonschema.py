@@ -39,6 +39,10 @@ CONTRACTS: dict[str, tuple[type[BaseModel], Mode]] = {
     "unmute_request": (request.UnmuteRequest, "validation"),
     "sensitivity_request": (request.SensitivityRequest, "validation"),
     "control_reply": (request.ControlReply, "serialization"),
+    "similar_request": (request.SimilarRequest, "validation"),
+    "similar_reply": (request.SimilarReply, "serialization"),
+    "label_request": (request.LabelRequest, "validation"),
+    "label_reply": (request.LabelReply, "serialization"),
     "health_reply": (messages.HealthReply, "serialization"),
 }
 

@@ -119,6 +119,8 @@ def _stream_doc(stream: Stream) -> dict[str, Any]:
             "published": alarm.published,
             "peak": [p.score, p.ts, p.channel_score.tolist(), p.observed.tolist(),
                      p.expected.tolist()],
+            "peak_word": p.word,
+            "start_word": alarm.start_word,
         }  # fmt: skip
     return doc
 
@@ -127,10 +129,18 @@ def _alarm_from(doc: Any) -> Alarm | None:
     if doc is None:
         return None
     score, ts, channel_score, observed, expected = doc["peak"]
-    arrays = [np.asarray(a, dtype=np.float64) for a in (channel_score, observed, expected)]
-    peak = Peak(float(score), float(ts), *arrays)
+    cs, obs, exp = (np.asarray(a, dtype=np.float64) for a in (channel_score, observed, expected))
+    peak = Peak(float(score), float(ts), cs, obs, exp, _word(doc.get("peak_word")))
     alarm = Alarm(
-        str(doc["event_id"]), float(doc["started_ts"]), peak, float(doc["last_update_ts"])
+        str(doc["event_id"]),
+        float(doc["started_ts"]),
+        peak,
+        float(doc["last_update_ts"]),
+        start_word=_word(doc.get("start_word")),
     )
     alarm.published = bool(doc["published"])
     return alarm
+
+
+def _word(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and value >= 0 else None

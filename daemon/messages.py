@@ -22,6 +22,8 @@ STATES: tuple[StateName, ...] = get_args(StateName)
 EventKind = Literal["start", "update", "end"]
 EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
 EndReason = Literal["cleared", "new_normal", "interrupted"]
+Label = Literal["false_alarm", "confirmed"]
+LABELS: tuple[Label, ...] = get_args(Label)
 
 _UTC_Z = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$"
 
@@ -90,6 +92,21 @@ class ChannelContribution(BaseModel):
     direction: Literal["high", "low"] = Field(description="observed above or below expected.")
 
 
+class SeenBefore(BaseModel):
+    """A past alarm episode whose windows hash close to this alarm's start window."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: str
+    stream: str
+    started: UtcTimestamp = Field(description="When that episode started.")
+    distance: int = Field(
+        ge=0, description="Hamming distance between the hash bits (0: the same signature)."
+    )
+    label: Label | None = Field(None, description="The operator's label of that episode.")
+    cause: str | None = Field(None, description="The label's cause (confirmed episodes).")
+
+
 class Event(OutputMessage):
     """An alarm on `oteo/{stream}/event`: start, updates while it lasts, end; one event_id."""
 
@@ -118,6 +135,12 @@ class Event(OutputMessage):
         "start), largest contribution first: the same cause on start, update and end."
     )
     model: ModelRef
+    seen_before: list[SeenBefore] | None = Field(
+        None,
+        description="Set on kind=start for recorded streams of a model that hashes: the nearest "
+        "past alarm episodes within the configured distance, nearest first; [] means new. "
+        "null: not searched (the stream is not recorded, or the model has no hash rule).",
+    )
 
 
 class StreamState(OutputMessage):

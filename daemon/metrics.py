@@ -14,10 +14,10 @@ from typing import get_args
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from daemon import __version__
-from daemon.messages import EVENT_KINDS, STATES
+from daemon.messages import EVENT_KINDS, LABELS, STATES
 from daemon.mqtt import CONNECT_FAILURE_KINDS
 from daemon.reading import DROP_REASONS
-from daemon.request import OPS, ErrorCode
+from daemon.request import OPS, ErrorCode, MemoryOp
 
 OTHER = "_other"
 
@@ -31,7 +31,7 @@ MESSAGE_RESULTS = (
     "internal_error",  # raised an unexpected error in the main loop (logged)
 )
 """`messages_total` results besides the payload drop reasons."""
-ERROR_STAGES = ("intake", "engine", "scoring", "control")
+ERROR_STAGES = ("intake", "engine", "scoring", "control", "journal")
 
 PUBLISH_KINDS = ("event", "state", "score", "status", "reply")
 RELOAD_RESULTS = ("ok", "failed")
@@ -241,6 +241,28 @@ class Metrics:
         self.recorder_bytes = self._gauge(
             "oteo_recorder_bytes", "Bytes in use in the recording store."
         )
+        self.similar_windows = self._gauge(
+            "oteo_similar_windows", "Recorded windows whose hash bits can be searched (similar)."
+        )
+        self.similar_index_bytes = self._gauge(
+            "oteo_similar_index_bytes", "Memory held by the index of those windows' hash bits."
+        )
+        self.alarm_starts_total = self._counter(
+            "oteo_alarm_starts_total",
+            "Alarm starts of recorded streams, by whether an earlier episode hashed within "
+            "[similar] max_distance (seen=before) or none did (seen=new).",
+            ["seen"],
+        )
+        _touch(self.alarm_starts_total, ("before", "new"))
+        self.event_labels = self._gauge(
+            "oteo_event_labels", "Alarm episodes in the event journal with this label.", ["label"]
+        )
+        _touch(self.event_labels, LABELS)
+        self.labels_total = self._counter(
+            "oteo_labels_total",
+            "Labels given to alarm episodes, by stream (capped like the stream series) and label.",
+            ["stream", "label"],
+        )
 
     def _add_ops(self) -> None:
         self.ops_total = self._counter(
@@ -249,7 +271,7 @@ class Metrics:
         self.ops_duration_seconds = self._histogram(
             "oteo_ops_duration_seconds", "Duration of an operation request.", OP_BUCKETS_S, ["op"]
         )
-        for op in OPS:
+        for op in (*OPS, *get_args(MemoryOp)):
             self.ops_duration_seconds.labels(op)
             for result in OP_RESULTS:
                 self.ops_total.labels(op, result)

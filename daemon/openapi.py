@@ -9,8 +9,15 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from daemon import __version__
 from daemon.messages import HealthReply
-from daemon.ops import CONTROL_OPS, CONTROL_REQUESTS, REPLY_MODELS, STATELESS_OPS
-from daemon.request import ControlReply, ErrorReply, OpRequest
+from daemon.ops import (
+    CONTROL_OPS,
+    CONTROL_REQUESTS,
+    MEMORY_OPS,
+    MEMORY_REQUESTS,
+    REPLY_MODELS,
+    STATELESS_OPS,
+)
+from daemon.request import ControlReply, EpisodeSummary, ErrorReply, EventsQuery, OpRequest
 
 JSON = "application/json"
 OPS_PREFIX = "/v1/ops/"
@@ -19,11 +26,14 @@ OPS_PREFIX = "/v1/ops/"
 Ref = Any  # a JSON Schema `$ref` object
 
 
-def openapi_document(token_required: bool, with_streams: bool = True) -> dict[str, Any]:
+def openapi_document(
+    token_required: bool, with_streams: bool = True, with_events: bool = True
+) -> dict[str, Any]:
     """The OpenAPI 3.1 description of the HTTP API, its schemas generated from the models."""
     ops: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
         **{op: (OpRequest, REPLY_MODELS[op]) for op in STATELESS_OPS},
         **{op: (CONTROL_REQUESTS[op], ControlReply) for op in CONTROL_OPS},
+        **{op: (MEMORY_REQUESTS[op], REPLY_MODELS[op]) for op in MEMORY_OPS},
     }
     schemas = _Schemas(ops)
     security: list[dict[str, list[str]]] = [{"bearer": []}] if token_required else []
@@ -32,6 +42,8 @@ def openapi_document(token_required: bool, with_streams: bool = True) -> dict[st
         for op, (request, reply) in ops.items()
     }
     paths.update(_plain_paths(schemas, security, with_streams))
+    if with_events:
+        paths["/v1/events"] = _events_path(schemas, security)
     return {
         "openapi": "3.1.0",
         "info": {"title": "oteo", "version": __version__},
@@ -49,7 +61,7 @@ class _Schemas:
     def __init__(self, ops: dict[str, tuple[type[BaseModel], type[BaseModel]]]) -> None:
         requests: dict[type[BaseModel], None] = dict.fromkeys(r for r, _ in ops.values())
         replies: dict[type[BaseModel], None] = dict.fromkeys(
-            [*(r for _, r in ops.values()), ErrorReply, HealthReply]
+            [*(r for _, r in ops.values()), ErrorReply, HealthReply, EpisodeSummary]
         )
         self._keys, top = models_json_schema(
             [(m, "validation") for m in requests] + [(m, "serialization") for m in replies],
@@ -87,6 +99,11 @@ def _op_path(
     responses = {"200": schemas.body(reply, f"{op} reply"), **errors}
     if op == "hash":
         responses["409"] = schemas.body(ErrorReply, "the model is not trained for hashing")
+    if op in MEMORY_OPS:
+        responses["404"] = schemas.body(ErrorReply, "unknown op, event id, or recorded window")
+        responses["503"] = schemas.body(
+            ErrorReply, "busy, or no memory of windows (no recorded stream, model cannot hash)"
+        )
     summary = (reply if op in STATELESS_OPS else request).__doc__ or op
     return {
         "post": {
@@ -122,3 +139,33 @@ def _plain_paths(
             "get": {"summary": "the tracked streams", "responses": streams, "security": security}
         }
     return paths
+
+
+def _events_path(schemas: _Schemas, security: list[dict[str, list[str]]]) -> dict[str, Any]:
+    fields = EventsQuery.model_json_schema()["properties"]
+    parameters = [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": spec.get("description", ""),
+            "schema": {k: v for k, v in spec.items() if k not in ("description", "title")},
+        }
+        for name, spec in fields.items()
+    ]
+    listing = {"type": "array", "items": schemas.ref(EpisodeSummary, "serialization")}
+    responses = {
+        "200": {
+            "description": "alarm episodes, newest first",
+            "content": {JSON: {"schema": listing}},
+        },
+        "400": schemas.body(ErrorReply, "a query parameter is not valid"),
+    }
+    return {
+        "get": {
+            "summary": "alarm episodes from the event journal, with their labels",
+            "parameters": parameters,
+            "responses": responses,
+            "security": security,
+        }
+    }

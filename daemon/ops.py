@@ -1,9 +1,11 @@
-"""Operations on request: denoise / encode / hash / score windows, and stream control.
+"""Operations on request: denoise / encode / hash / score windows, stream control, memory.
 
 One handler serves both transports (HTTP and MQTT request/response): it takes the op name and
 the raw request body and returns an HTTP status with the JSON reply, and never raises. Stateless
 ops run in the caller's thread (onnxruntime sessions are thread-safe); control ops (mute, unmute,
-sensitivity) are validated here and handed to the daemon's main loop, which owns stream state.
+sensitivity) are validated here and handed to the daemon's main loop, which owns stream state;
+memory ops (similar, label) run in the caller's thread against the `Recall`, which is
+thread-safe.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 
 from daemon.model import Model, ScoreBatch
+from daemon.recall import QueryError, Recall
 from daemon.request import (
     OPS,
     ControlOp,
@@ -27,11 +30,16 @@ from daemon.request import (
     ErrorCode,
     ErrorReply,
     HashReply,
+    LabelReply,
+    LabelRequest,
+    MemoryOp,
     MuteRequest,
     Op,
     OpRequest,
     ScoreReply,
     SensitivityRequest,
+    SimilarReply,
+    SimilarRequest,
     UnmuteRequest,
     bits_to_hex,
 )
@@ -40,18 +48,25 @@ log = logging.getLogger(__name__)
 
 STATELESS_OPS: tuple[Op, ...] = OPS  # ("denoise", "encode", "hash", "score")
 CONTROL_OPS: tuple[ControlOp, ...] = get_args(ControlOp)  # ("mute", "unmute", "sensitivity")
-_KNOWN_OPS: dict[str, Op | ControlOp] = {name: name for name in (*STATELESS_OPS, *CONTROL_OPS)}
+MEMORY_OPS: tuple[MemoryOp, ...] = get_args(MemoryOp)  # ("similar", "label")
+ALL_OPS: tuple[str, ...] = (*STATELESS_OPS, *CONTROL_OPS, *MEMORY_OPS)
+_KNOWN_OPS: dict[str, Op | ControlOp | MemoryOp] = {
+    name: name for name in (*STATELESS_OPS, *CONTROL_OPS, *MEMORY_OPS)
+}
 CONTROL_REQUESTS: dict[str, type[BaseModel]] = {
     "mute": MuteRequest,
     "unmute": UnmuteRequest,
     "sensitivity": SensitivityRequest,
 }
+MEMORY_REQUESTS: dict[str, type[BaseModel]] = {"similar": SimilarRequest, "label": LabelRequest}
 # What each stateless op answers (the replies are built in `_reply`; this names them for docs).
 REPLY_MODELS: dict[str, type[BaseModel]] = {
     "denoise": DenoiseReply,
     "encode": EncodeReply,
     "hash": HashReply,
     "score": ScoreReply,
+    "similar": SimilarReply,
+    "label": LabelReply,
 }
 # The `op` label of `observe` for names that are not ops: metric labels stay bounded.
 UNKNOWN_OP = "unknown"
@@ -101,6 +116,7 @@ class OpsHandler:
         model: Callable[[], Model],
         *,
         control: Control | None = None,
+        recall: Recall | None = None,
         max_concurrent: int = 4,
         max_request_bytes: int = 1 << 20,
         max_windows: int = 256,
@@ -110,6 +126,7 @@ class OpsHandler:
             raise ValueError("max_concurrent, max_request_bytes and max_windows must be >= 1")
         self._model = model
         self._control = control
+        self._recall = recall
         # Non-blocking acquire: over the cap a request is refused at once instead of queueing
         # behind slow ones (a client retries; a queue would only grow under overload).
         self._slots = threading.BoundedSemaphore(max_concurrent)
@@ -145,7 +162,7 @@ class OpsHandler:
 
     def _handle(self, op: str, body: bytes) -> tuple[int, bytes]:
         if op not in _KNOWN_OPS:
-            known = ", ".join(STATELESS_OPS + CONTROL_OPS)
+            known = ", ".join(ALL_OPS)
             raise OpError("unknown_op", f"unknown op {op[:40]!r}; known ops: {known}")
         if len(body) > self.max_request_bytes:
             raise OpError(
@@ -154,15 +171,29 @@ class OpsHandler:
         control = self._control
         if op in CONTROL_REQUESTS and control is None:
             raise OpError("unavailable", f"{op} is not available: no stream control here")
+        if op in MEMORY_REQUESTS and self._recall is None:
+            raise OpError("unavailable", f"{op} is not available: no event journal here")
         if not self._slots.acquire(blocking=False):
             raise OpError("busy", "too many requests in flight; retry shortly")
         try:
             if control is not None and op in CONTROL_REQUESTS:
                 # The main loop owns stream state and answers; this thread only validates.
                 return control(op, _parse(CONTROL_REQUESTS[op], body).model_dump())
+            if op in MEMORY_REQUESTS:
+                return 200, self._run_memory(op, body)
             return 200, self._run_stateless(op, body)
         finally:
             self._slots.release()
+
+    def _run_memory(self, op: str, body: bytes) -> bytes:
+        recall = self._recall
+        assert recall is not None
+        try:
+            if op == "label":
+                return recall.label(_parse(LabelRequest, body)).to_json()
+            return recall.similar(_parse(SimilarRequest, body), self._model()).to_json()
+        except QueryError as exc:
+            raise OpError(exc.code, str(exc)) from exc
 
     def _run_stateless(self, op: str, body: bytes) -> bytes:
         model = self._model()  # once: a hot reload mid-request does not mix two models

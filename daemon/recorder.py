@@ -47,6 +47,8 @@ AGE_CHECK_S = 60.0
 _MATCH_CACHE = 10_000
 
 Row = tuple[str, float, str, int, bytes]  # stream, ts, layout key, channel (-1: all), values
+# stream, ts, codebook sha256, score, alarm, event id, word (signed 64-bit)
+CodeRow = tuple[str, float, str, float, int, str | None, int]
 
 
 @dataclass(slots=True)
@@ -71,6 +73,8 @@ class _Batch:
     rows: list[Row]
     marks: list[_MarkOp]
     layouts: dict[str, tuple[str, float]] = field(default_factory=dict)
+    codes: list[CodeRow] = field(default_factory=list)
+    codebooks: dict[str, int] = field(default_factory=dict)  # sha256: nbits
 
 
 class Recorder:
@@ -94,6 +98,12 @@ class Recorder:
         self._close_dangling_marks()
         self._rows: list[Row] = []
         self._marks: list[_MarkOp] = []
+        self._codes: list[CodeRow] = []
+        self._codebook = ""
+        self._codebooks: dict[str, int] = {}
+        # Data time of the oldest reading kept, after the writer's last prune (read by the
+        # main loop to prune the in-memory code index alike).
+        self.oldest_ts = -math.inf
         self._open: dict[str, _Open] = {}
         self._wanted: dict[str, bool] = {}
         self._layout = ""
@@ -113,6 +123,21 @@ class Recorder:
         key = json.dumps([list(channels), period_s])
         self._layouts[key] = (json.dumps(list(channels)), period_s)
         self._layout = key
+
+    def use_codebook(self, sha256: str, nbits: int) -> None:
+        """The model whose hash bits `record_code` gets from now on."""
+        self._codebooks[sha256] = nbits
+        self._codebook = sha256
+
+    def record_code(
+        self, stream: str, ts: float, score: float, alarm: bool, event_id: str | None, word: int
+    ) -> None:
+        """Keep one scored window's hash bits for the next flush (the stream is recorded)."""
+        if len(self._codes) >= MAX_BUFFERED_ROWS:
+            self.metrics.recorder_dropped_total.inc()
+            return
+        signed = word - (1 << 64) if word >= 1 << 63 else word
+        self._codes.append((stream, ts, self._codebook, score, int(alarm), event_id, signed))
 
     def wants(self, stream: str) -> bool:
         wanted = self._wanted.get(stream)
@@ -141,16 +166,22 @@ class Recorder:
     def flush(self, streams: Mapping[str, Stream]) -> None:
         """Hand the readings since the last flush and any mark changes to the writer."""
         self._update_marks(streams)
-        if not self._rows and not self._marks:
+        if not self._rows and not self._marks and not self._codes:
             return
-        batch = _Batch(self._rows, self._marks, dict(self._layouts))
-        self._rows, self._marks = [], []
+        batch = self._take()
         try:
             self._queue.put_nowait(batch)
         except queue.Full:
-            self.metrics.recorder_dropped_total.inc(len(batch.rows))
+            self.metrics.recorder_dropped_total.inc(len(batch.rows) + len(batch.codes))
             # Mark changes matter more than readings: keep them for the next batch.
             self._marks = batch.marks
+
+    def _take(self) -> _Batch:
+        batch = _Batch(
+            self._rows, self._marks, dict(self._layouts), self._codes, dict(self._codebooks)
+        )
+        self._rows, self._marks, self._codes = [], [], []
+        return batch
 
     @property
     def backlog(self) -> int:
@@ -161,8 +192,7 @@ class Recorder:
         """Close every open mark, write what is pending and stop the writer."""
         for name, open_mark in list(self._open.items()):
             self._close_mark(name, open_mark, open_mark.last_ts)
-        batch = _Batch(self._rows, self._marks, dict(self._layouts))
-        self._rows, self._marks = [], []
+        batch = self._take()
         try:
             self._queue.put(batch, timeout=timeout_s)
             self._queue.put(None, timeout=timeout_s)
@@ -227,6 +257,11 @@ class Recorder:
         if table == "stream":
             c.execute("INSERT OR IGNORE INTO stream (name) VALUES (?)", (value,))
             row = c.execute("SELECT id FROM stream WHERE name = ?", (value,)).fetchone()
+        elif table == "codebook":
+            c.execute(
+                "INSERT OR IGNORE INTO codebook (sha256, nbits) VALUES (?, ?)", (value, extra)
+            )
+            row = c.execute("SELECT id FROM codebook WHERE sha256 = ?", (value,)).fetchone()
         else:
             c.execute(
                 "INSERT OR IGNORE INTO layout (channels, period_s) VALUES (?, ?)", (value, extra)
@@ -251,6 +286,18 @@ class Recorder:
                 for s, ts, lay, ch, v in batch.rows
             ],
         )
+        if batch.codes:
+            books = {
+                sha: self._id("codebook", sha, nbits) for sha, nbits in batch.codebooks.items()
+            }
+            c.executemany(
+                "INSERT INTO code (stream, ts, codebook, score, alarm, event, word) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (self._id("stream", s), ts, books[sha], score, alarm, event, word)
+                    for s, ts, sha, score, alarm, event, word in batch.codes
+                ],
+            )
         for m in batch.marks:
             c.execute(
                 "INSERT INTO mark (key, stream, state, start_ts, end_ts) VALUES (?, ?, ?, ?, ?) "
@@ -275,6 +322,8 @@ class Recorder:
             cutoff = now - self.cfg.max_age_h * 3600.0
             n = c.execute("DELETE FROM reading WHERE ts < ?", (cutoff,)).rowcount
             c.execute("DELETE FROM mark WHERE end_ts IS NOT NULL AND end_ts < ?", (cutoff,))
+            _delete_codes_before(c, cutoff)
+            self.oldest_ts = max(self.oldest_ts, cutoff)
             if n > 0:
                 self.metrics.recorder_deleted_total.labels(reason="age").inc(n)
                 deleted = True
@@ -296,6 +345,10 @@ class Recorder:
             _vacuum(c)
             used = self.used_bytes()
         if deleted:
+            oldest = c.execute("SELECT MIN(ts) FROM reading").fetchone()[0]
+            if oldest is not None:
+                _delete_codes_before(c, oldest)
+                self.oldest_ts = max(self.oldest_ts, oldest)
             _vacuum(c)
             c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         self.metrics.recorder_bytes.set(self.used_bytes())
@@ -307,6 +360,16 @@ class Recorder:
             "WHERE r.stream = mark.stream AND r.ts >= mark.start_ts), mark.start_ts) "
             "WHERE end_ts IS NULL"
         )
+
+
+def _delete_codes_before(conn: sqlite3.Connection, ts: float) -> None:
+    """Codes are written in time order: delete by id up to the first one at or after `ts`
+    (a short scan from the oldest, no index on ts needed)."""
+    conn.execute(
+        "DELETE FROM code WHERE id < COALESCE((SELECT id FROM code WHERE ts >= ? ORDER BY id "
+        "LIMIT 1), (SELECT MAX(id) + 1 FROM code))",
+        (ts,),
+    )
 
 
 def _vacuum(conn: sqlite3.Connection) -> None:

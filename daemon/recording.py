@@ -8,6 +8,9 @@ Tables:
 - `reading`: one row per reading, data time `ts` (unix s), `channel` -1 and the float32 values of
   every channel, or a channel index and that channel's one value (per-channel topics).
 - `mark`: a period a stream was in alarm, muted or stale (`end_ts` NULL while it lasts).
+- `codebook` and `code`: the hash bits of every scored window of a recorded stream, with its
+  score, whether it was in an alarm and that alarm's event id; bits belong to one model file
+  (`codebook.sha256`): another model's codes are not comparable. Same retention as readings.
 
 Copy a live store with `sqlite3 recording.sqlite3 ".backup copy.sqlite3"` (or copy the file
 while the daemon is stopped): the WAL file next to it holds the last seconds of a running store.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +49,21 @@ CREATE TABLE IF NOT EXISTS reading (
     value BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reading_ts ON reading (ts);
+CREATE TABLE IF NOT EXISTS codebook (
+    id INTEGER PRIMARY KEY,
+    sha256 TEXT NOT NULL UNIQUE,
+    nbits INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS code (
+    id INTEGER PRIMARY KEY,
+    stream INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    codebook INTEGER NOT NULL,
+    score REAL NOT NULL,
+    alarm INTEGER NOT NULL,
+    event TEXT,   -- the alarm's event id while in an alarm
+    word INTEGER NOT NULL  -- hash bits, bit 0 of the code most significant; signed 64-bit
+);
 CREATE TABLE IF NOT EXISTS mark (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,
@@ -173,3 +192,35 @@ def _arrays(
                 values[i, channel] = data[0]
             i += 1
     return ts, values
+
+
+WindowRows = tuple[list[str], np.ndarray, np.ndarray, np.ndarray, list[str | None], np.ndarray]
+
+
+def read_windows(path: Path, sha256: str, chunk: int = 200_000) -> Iterator[WindowRows]:
+    """The recorded windows of one model, oldest first, in chunks: streams, ts, score, alarm,
+    event ids and words (uint64). Nothing if the file or the model has none."""
+    if not path.is_file():
+        return
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+    try:
+        found = conn.execute("SELECT id FROM codebook WHERE sha256 = ?", (sha256,)).fetchone()
+        if found is None:
+            return
+        names = dict(conn.execute("SELECT id, name FROM stream").fetchall())
+        cursor = conn.execute(
+            "SELECT stream, ts, score, alarm, event, word FROM code WHERE codebook = ? ORDER BY id",
+            (found[0],),
+        )
+        while rows := cursor.fetchmany(chunk):
+            streams, ts, score, alarm, events, words = zip(*rows, strict=True)
+            yield (
+                [names[s] for s in streams],
+                np.asarray(ts, dtype=np.float64),
+                np.asarray(score, dtype=np.float32),
+                np.asarray(alarm, dtype=bool),
+                list(events),
+                np.asarray(words, dtype=np.int64).view(np.uint64),
+            )
+    finally:
+        conn.close()

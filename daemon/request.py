@@ -10,14 +10,15 @@ from typing import Annotated, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from daemon.messages import OutputMessage, Share, UtcTimestamp
-from daemon.reading import FiniteNumber, StrictInput
+from daemon.messages import Label, OutputMessage, Share, UtcTimestamp
+from daemon.reading import FiniteNumber, InputTimestamp, StrictInput
 
 Op = Literal["denoise", "encode", "hash", "score"]
 OPS: tuple[Op, ...] = get_args(Op)
 ControlOp = Literal["mute", "unmute", "sensitivity"]
+MemoryOp = Literal["similar", "label"]
 ErrorCode = Literal[
     "bad_request",
     "too_large",
@@ -112,7 +113,9 @@ class ScoreReply(_Reply):
 class ErrorReply(_Reply):
     """A refused or failed operation."""
 
-    op: Op | ControlOp | None = Field(None, description="None when the requested op is not known.")
+    op: Op | ControlOp | MemoryOp | None = Field(
+        None, description="None when the requested op is not known."
+    )
     error: ErrorCode
     message: str
 
@@ -187,3 +190,135 @@ def hex_to_bits(text: str, nbits: int) -> npt.NDArray[np.bool_]:
     nbytes = -(-nbits // 8)
     raw = (value << (8 * nbytes - nbits)).to_bytes(nbytes, "big")
     return np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:nbits].astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory operations: similar windows of the past, and labels of alarm episodes.
+
+ReplyTo = Annotated[
+    str,
+    Field(
+        min_length=1,
+        pattern=r"^[^+#]+$",
+        description="Reply topic on MQTT 3.1.1 brokers (v5 uses the response topic).",
+    ),
+]
+EventId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z_-]+$")]
+
+
+class SimilarRequest(StrictInput):
+    """The k past windows whose hash bits are nearest to a query window's.
+
+    Give exactly one query: `window` (raw units, [window][channels]), `bits` (hex, as the hash
+    op writes them), `stream` with `ts` (the recorded window of that stream nearest that time),
+    or `event_id` (the peak window of a journalled alarm episode).
+    """
+
+    window: (
+        Annotated[list[Annotated[list[FiniteNumber], Field(min_length=1)]], Field(min_length=1)]
+        | None
+    ) = None
+    bits: Annotated[str, Field(pattern=r"^[0-9a-f]+$", max_length=16)] | None = None
+    stream: StreamId | None = None
+    ts: InputTimestamp | None = None
+    event_id: EventId | None = None
+    k: int = Field(10, ge=1, le=100, description="How many windows.")
+    exclude_s: float | None = Field(
+        None,
+        ge=0,
+        le=366 * 86400,
+        description="Windows of the query's stream this close in time to the query are left "
+        "out (its own neighbourhood); default: the daemon's [similar] exclude_s.",
+    )
+    alarm_only: bool = Field(False, description="Only windows that were in an alarm.")
+    reply_to: ReplyTo | None = None
+    id: str | None = Field(None, max_length=200, description="Echoed in the reply.")
+
+    @model_validator(mode="after")
+    def _check_one_query(self) -> SimilarRequest:
+        given = [
+            self.window is not None,
+            self.bits is not None,
+            self.stream is not None or self.ts is not None,
+            self.event_id is not None,
+        ]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of window, bits, stream with ts, event_id")
+        if (self.stream is None) != (self.ts is None):
+            raise ValueError("stream and ts go together")
+        return self
+
+
+class SimilarHit(BaseModel):
+    """One past window near the query."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stream: str
+    ts: UtcTimestamp = Field(description="Time of the window's newest sample.")
+    distance: int = Field(ge=0, description="Hamming distance to the query's bits.")
+    score: float = Field(description="The window's score when it was scored.")
+    alarm: bool = Field(description="The window was in an alarm.")
+    event_id: str | None = Field(None, description="That alarm's event id.")
+    label: Label | None = Field(None, description="That alarm's label, if labelled.")
+    cause: str | None = None
+
+
+class SimilarReply(_Reply):
+    """The nearest past windows, nearest first (ties: newest first)."""
+
+    op: Literal["similar"] = "similar"
+    bits: str = Field(description="The query's hash bits (hex).")
+    nbits: int = Field(ge=1)
+    windows: int = Field(ge=0, description="Windows in the memory that was searched.")
+    hits: list[SimilarHit]
+
+
+class LabelRequest(StrictInput):
+    """Label an alarm episode: a false alarm, or confirmed with its cause."""
+
+    event_id: EventId
+    label: Label
+    cause: str | None = Field(None, max_length=500, description='E.g. "bearing wear".')
+    by: str | None = Field(None, max_length=200, description="Who labels it.")
+    at: InputTimestamp | None = Field(None, description="When; default now.")
+    reply_to: ReplyTo | None = None
+    id: str | None = Field(None, max_length=200, description="Echoed in the reply.")
+
+
+class EpisodeSummary(BaseModel):
+    """An alarm episode from the event journal, with its label."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: str
+    stream: str
+    started: UtcTimestamp
+    ended: UtcTimestamp | None = Field(None, description="null while it lasts.")
+    reason: str | None = Field(None, description="How it ended (the end event's reason).")
+    peak_score: float
+    top_channels: list[str] = Field(description="The channels behind its peak, largest first.")
+    model_sha256: str
+    label: Label | None
+    cause: str | None
+    labelled_by: str | None
+    labelled: UtcTimestamp | None
+
+
+class LabelReply(_Reply):
+    """The episode as labelled."""
+
+    op: Literal["label"] = "label"
+    episode: EpisodeSummary
+
+
+class EventsQuery(StrictInput):
+    """`GET /v1/events` query parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # query values are strings
+
+    label: Literal["false_alarm", "confirmed", "none"] | None = Field(
+        None, description="Only episodes with this label (none: unlabelled); default all."
+    )
+    stream: StreamId | None = None
+    limit: int = Field(100, ge=1, le=1000, description="At most this many, newest first.")

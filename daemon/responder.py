@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from daemon.metrics import Metrics
 from daemon.mqtt import Incoming, Outgoing
-from daemon.ops import CONTROL_OPS, STATELESS_OPS, UNKNOWN_OP, OpsHandler, mqtt_reply_target
+from daemon.ops import ALL_OPS, UNKNOWN_OP, OpsHandler, mqtt_reply_target
 
 MAX_PENDING_OPS = 256  # MQTT ops requests queued for the two ops workers
-_KNOWN = frozenset((*STATELESS_OPS, *CONTROL_OPS))
+_KNOWN = frozenset(ALL_OPS)
 
 
 class Responder:

@@ -319,3 +319,27 @@ class RecordSection(Section):
     flush_s: float = Field(
         1.0, gt=0, le=60, description="Readings are written in one transaction this often."
     )
+
+
+class SimilarSection(Section):
+    """The memory of hash codes of recorded streams' windows: `similar` and `seen_before`."""
+
+    seen_before: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="A start event names at most this many past alarm episodes whose windows "
+        "hash within max_distance of its start window; 0: not searched.",
+    )
+    max_distance: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Hamming distance (bits) within which a past episode counts as seen before.",
+    )
+    exclude_s: float = Field(
+        3600.0,
+        ge=0,
+        description="A `similar` query leaves out its own stream's windows this close in time "
+        "(requests may set their own).",
+    )

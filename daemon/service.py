@@ -28,6 +28,8 @@ from daemon.drain import Drain
 from daemon.engine import Engine
 from daemon.http import HttpServer
 from daemon.intake import Intake
+from daemon.journal import FILE_NAME as JOURNAL_FILE
+from daemon.journal import Journal, JournalError
 from daemon.memory import StreamMemory
 from daemon.messages import Status, format_ts
 from daemon.metrics import Metrics
@@ -36,6 +38,7 @@ from daemon.notify import Notifier
 from daemon.ops import OpsHandler
 from daemon.outbox import Outbox, OutboxError
 from daemon.publisher import Publisher, Topics
+from daemon.recall import Recall
 from daemon.recorder import Recorder
 from daemon.responder import Responder
 from daemon.startup import REFUSALS, check_startup
@@ -83,8 +86,16 @@ class Daemon:
         self.outbox = self._open_outbox()  # makes state_dir
         self.engine.memory.load()
         self.recorder = self._open_recorder()
+        self.journal = self._open_journal()
+        self.recall = Recall(cfg.similar, self.journal, self.recorder, self.metrics)
+        self.recall.use_model(self.model.manifest, self.model.sha256)
+        self.engine.episodes.recall = self.recall
+        self.engine.episodes.journal = self.journal
         self.ops = OpsHandler(
-            lambda: self.model, control=self.controls.call, observe=self._observe_op
+            lambda: self.model,
+            control=self.controls.call,
+            recall=self.recall,
+            observe=self._observe_op,
         )
         self.responder = Responder(self.ops, self.topics.ops, self._send, self.metrics)
         self.intake = Intake(
@@ -133,6 +144,12 @@ class Daemon:
         recorder.use_layout(self.model.manifest.channels, self.model.manifest.sample_period_s)
         return recorder
 
+    def _open_journal(self) -> Journal:
+        try:
+            return Journal(self.cfg.state_dir / JOURNAL_FILE)
+        except JournalError as exc:
+            raise StartupError(f"state_dir: {exc}") from exc
+
     def _make_http(self) -> HttpServer:
         cfg = self.cfg
         token = _startup(cfg.http.token)
@@ -144,6 +161,7 @@ class Daemon:
             health=self._health,
             ready=self._ready,
             streams=self.controls.snapshot,
+            events=self.recall.episodes,
             token=token,
             on_request=lambda path, code: self.metrics.http_requests_total.labels(
                 path=path, code=str(code)
@@ -216,6 +234,7 @@ class Daemon:
             if self.recorder is not None and now >= next_record:
                 next_record = now + self.cfg.record.flush_s
                 self.recorder.flush(self.engine.streams)
+                self.recall.retain()
             if now >= next_poll:
                 next_poll = now + MODEL_POLL_S
                 self._check_model_file()
@@ -241,6 +260,7 @@ class Daemon:
             )
         self.http.stop()
         self.responder.close()
+        self.journal.close()
         self.outbox.close()
         log.info("stopped")
         return 0

@@ -10,7 +10,7 @@ import numpy as np
 
 from daemon.aligner import ChannelAligner
 from daemon.detector import Detector
-from daemon.messages import StateName
+from daemon.messages import SeenBefore, StateName
 from daemon.window import StreamBuffer
 
 
@@ -23,6 +23,7 @@ class Peak:
     channel_score: np.ndarray  # [C]
     observed: np.ndarray  # [C] newest sample of the window, raw units
     expected: np.ndarray  # [C] its reconstruction
+    word: int | None = None  # its hash bits (recorded streams of a model that hashes)
 
 
 @dataclass
@@ -34,10 +35,13 @@ class Alarm:
     peak: Peak
     last_update_ts: float
     published: bool = False  # its start event went out (not while the stream was muted)
+    start_word: int | None = None  # hash bits of the window that started it
+    # The earlier episodes its start window resembles (None: not searched).
+    seen_before: list[SeenBefore] | None = None
 
     @classmethod
     def begin(cls, peak: Peak) -> Alarm:
-        return cls(uuid.uuid4().hex, peak.ts, peak, peak.ts)
+        return cls(uuid.uuid4().hex, peak.ts, peak, peak.ts, start_word=peak.word)
 
     def observe(self, peak: Peak) -> None:
         """Keep the window if it is the highest of the alarm so far."""

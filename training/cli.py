@@ -409,6 +409,15 @@ def _timestamp(value: str | None) -> float | None:
     "(a new set point you have checked). Unix seconds or RFC 3339.",
 )
 @click.option(
+    "--labels",
+    "labels_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The daemon's event journal with operators' labels (default: events.sqlite3 beside "
+    "--store, if there is one). false_alarm periods are kept as normal data, confirmed ones "
+    "left out; the report shows both models on them.",
+)
+@click.option("--no-labels", is_flag=True, help="Ignore the labels.")
+@click.option(
     "--exclude-margin",
     type=float,
     help="Seconds left out around alarm, muted and stale periods (default 2 windows + 60 s).",
@@ -441,6 +450,8 @@ def retrain(
     streams,
     days,  # type: ignore[no-untyped-def]
     normal_since,
+    labels_path,
+    no_labels,
     exclude_margin,
     eval_fraction,
     hidden,
@@ -456,6 +467,7 @@ def retrain(
     alarms per day and detection rate per fault kind).
     """
     from daemon.config import ConfigError, load_config
+    from daemon.journal import JournalError
     from daemon.model import ModelFileError
     from daemon.recording import RecordingError
     from training.data import DataError
@@ -488,10 +500,12 @@ def retrain(
         fault_trials=fault_trials,
         tolerance=tolerance,
         alarm=cfg.alarm if cfg is not None else None,
+        labels=labels_path,
+        use_labels=not no_labels,
     )
     try:
         outcome = run_retrain(store, model_path, out, opts)
-    except (RetrainError, RecordingError, DataError, ModelFileError) as exc:
+    except (RetrainError, RecordingError, DataError, ModelFileError, JournalError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     if promote:
@@ -515,6 +529,18 @@ def retrain(
     for kind, rate in champ.detection_rate.items():
         new = chall.detection_rate[kind]
         click.echo(f"detected {kind}: champion {rate:.2f}, challenger {new:.2f}")
+    a, b = champ.labelled, chall.labelled
+    if a.false_alarm_periods:
+        click.echo(
+            f"alarms on the {a.false_alarm_periods} periods labelled false_alarm: champion "
+            f"{a.false_alarm_events} ({a.false_alarm_share:.0%} of the time), challenger "
+            f"{b.false_alarm_events} ({b.false_alarm_share:.0%})"
+        )
+    if a.confirmed_periods:
+        click.echo(
+            f"confirmed episodes detected (of {a.confirmed_periods}): champion "
+            f"{a.confirmed_detected}, challenger {b.confirmed_detected}"
+        )
     click.echo(f"promotion: {outcome.promotion}")
     click.echo(f"report: {report}")
     if promote and outcome.promotion and outcome.promotion.startswith("failed"):

@@ -18,6 +18,10 @@
    no more than the champion's or within the champion's calibration target, or it spends less
    time in alarm: a champion stuck in alarm raises a single event) and its detection rate of
    every kind is at most `tolerance` below the champion's.
+5. Labels (`training.labelled`): episodes operators labelled in the daemon's event journal.
+   A `false_alarm` period is kept as training data; a `confirmed` one is left out. Both models
+   are replayed on them: the challenger must raise fewer alarms on the false alarms and detect
+   no fewer confirmed episodes.
 """
 
 from __future__ import annotations
@@ -35,11 +39,21 @@ import numpy as np
 from daemon.alarm import count_events
 from daemon.config import AlarmSection, apply_alarm_overrides
 from daemon.detector import Stages
+from daemon.journal import LabelledPeriod
 from daemon.manifest import AlarmPolicy, Detection, utc_now
 from daemon.model import Model
 from daemon.recording import StreamRecording, read
 from training.data import SensorTable, from_array, normal_segments, split_heldback
 from training.fault import FAULT_KINDS, channel_scales, inject
+from training.labelled import (
+    LabelledSlice,
+    LabelScore,
+    is_false_alarm,
+    label_reasons,
+    label_score,
+    read_labels,
+    slices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +85,8 @@ class RetrainOptions:
     fault_trials: int = 20  # per fault kind
     tolerance: float = 0.1  # allowed drop of a detection rate
     alarm: AlarmSection | None = None  # the daemon config's overrides, if it has any
+    labels: Path | None = None  # the event journal; None: events.sqlite3 beside the recording
+    use_labels: bool = True
 
 
 @dataclass
@@ -84,9 +100,11 @@ class Scorecard:
     alarm_share: float  # share of evaluation windows in alarm (a permanent alarm is one event)
     detection_rate: dict[str, float]
     enter_threshold: float
+    labelled: LabelScore = field(default_factory=LabelScore)
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "labelled": self.labelled.as_dict(),
             "path": self.path,
             "sha256": self.sha256,
             "false_alarm_events": self.false_alarm_events,
@@ -133,6 +151,7 @@ class _StreamData:
     train: list[tuple[int, int]]
     evaluation: list[tuple[int, int]]
     excluded_rows: int
+    labelled: list[LabelledSlice] = field(default_factory=list)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -151,21 +170,37 @@ def _grid(rec: StreamRecording, since: float) -> tuple[np.ndarray, float]:
     return grid, t0
 
 
-def _excluded(rec: StreamRecording, t0: float, rows: int, margin_s: float, opts: RetrainOptions):
-    """Rows of the grid inside a marked period, widened by the margin on both sides."""
+def _excluded(
+    rec: StreamRecording,
+    t0: float,
+    rows: int,
+    margin_s: float,
+    opts: RetrainOptions,
+    labels: list[LabelledPeriod],
+) -> np.ndarray:
+    """Rows of the grid inside a marked period, widened by the margin on both sides: alarm,
+    muted and stale marks but labelled false alarms, and every confirmed episode."""
     times = t0 + rec.period_s * np.arange(rows)
     out = np.zeros(rows, dtype=bool)
     for mark in rec.marks:
+        if mark.state == "alarm" and is_false_alarm(labels, mark.start_ts, mark.end_ts):
+            continue  # the operator's word: it was normal operation
         start = mark.start_ts - margin_s
         end = np.inf if mark.end_ts is None else mark.end_ts + margin_s
         if mark.state == "alarm" and opts.normal_since is not None:
             end = min(end, opts.normal_since)
         if end >= start:
             out |= (times >= start) & (times <= end)
+    for p in labels:
+        if p.label == "confirmed":
+            end = np.inf if p.end_ts is None else p.end_ts + margin_s
+            out |= (times >= p.start_ts - margin_s) & (times <= end)
     return out
 
 
-def load_streams(store: Path, champion: Model, opts: RetrainOptions) -> list[_StreamData]:
+def load_streams(
+    store: Path, champion: Model, opts: RetrainOptions, labels: list[LabelledPeriod] | None = None
+) -> list[_StreamData]:
     """The recording, per stream: a table on the model's grid and its train / evaluation rows."""
     m = champion.manifest
     recs = [
@@ -189,7 +224,8 @@ def load_streams(store: Path, champion: Model, opts: RetrainOptions) -> list[_St
         if not np.any(rec.ts >= since):
             continue
         grid, t0 = _grid(rec, since)
-        excluded = _excluded(rec, t0, len(grid), margin, opts)
+        own = [p for p in labels or [] if p.stream == rec.stream]
+        excluded = _excluded(rec, t0, len(grid), margin, opts, own)
         table = from_array(
             grid,
             m.sample_period_s,
@@ -203,7 +239,8 @@ def load_streams(store: Path, champion: Model, opts: RetrainOptions) -> list[_St
             train, evaluation = split_heldback(table, opts.eval_fraction)
         except ValueError:
             continue
-        out.append(_StreamData(rec.stream, table, train, evaluation, int(excluded.sum())))
+        labelled = slices(own, grid, t0, m.sample_period_s, m.window)
+        out.append(_StreamData(rec.stream, table, train, evaluation, int(excluded.sum()), labelled))
     if not out:
         raise RetrainError(
             f"{store}: no normal data left after leaving out alarm, muted and stale periods; "
@@ -292,7 +329,9 @@ def _fault_trials(
     return trials
 
 
-def scorecard(model: Model, series, trials, opts: RetrainOptions) -> Scorecard:
+def scorecard(
+    model: Model, series, trials, opts: RetrainOptions, streams: list[_StreamData] | None = None
+) -> Scorecard:
     """False alarms per day on the evaluation series and detection rate per fault kind."""
     policy = _policy(model, opts)
     stages = Stages.of(model.manifest).overridden(opts.alarm)  # with the config's overrides
@@ -309,6 +348,11 @@ def scorecard(model: Model, series, trials, opts: RetrainOptions) -> Scorecard:
         active = _alarm(model, faulty, policy, stages)
         before, during = active[:start], active[start : stop + model.window]
         hits[kind].append(bool((not before.size or not before[-1]) and during.any()))
+    labelled = label_score(
+        [s for stream in streams or [] for s in stream.labelled],
+        lambda values: _alarm(model, values, policy, stages),
+        model.window,
+    )
     return Scorecard(
         path=str(model.path),
         sha256=model.sha256,
@@ -317,6 +361,7 @@ def scorecard(model: Model, series, trials, opts: RetrainOptions) -> Scorecard:
         alarm_share=in_alarm / windows if windows else 0.0,
         detection_rate={k: float(np.mean(v)) if v else 0.0 for k, v in hits.items()},
         enter_threshold=policy.enter_threshold,
+        labelled=labelled,
     )
 
 
@@ -338,6 +383,7 @@ def decide(champion: Scorecard, challenger: Scorecard, target: float, tolerance:
             reasons.append(
                 f"detection of {kind} fell from {rate:.2f} to {new:.2f} (tolerance {tolerance:.2f})"
             )
+    reasons += label_reasons(champion.labelled, challenger.labelled)
     if reasons:
         return "keep", reasons
     return "promote", [
@@ -360,7 +406,8 @@ def retrain(store: Path, model_path: Path, out: Path, opts: RetrainOptions) -> O
         raise RetrainError(f"--out {out} is the champion's file; write the challenger elsewhere")
     champion = Model.load(model_path)
     m = champion.manifest
-    streams = load_streams(store, champion, opts)
+    labels, labels_path = read_labels(store, opts.labels) if opts.use_labels else ([], None)
+    streams = load_streams(store, champion, opts, labels)
     table, tail_share = training_table(streams, opts)
     cal = m.calibration
     named = {
@@ -404,8 +451,8 @@ def retrain(store: Path, model_path: Path, out: Path, opts: RetrainOptions) -> O
     series = _eval_series(streams, m.window)
     train_values = np.concatenate([s.table.values[a:b] for s in streams for a, b in s.train])
     trials = _fault_trials(series, channel_scales(train_values), m.window, opts)
-    champ_card = scorecard(champion, series, trials, opts)
-    chall_card = scorecard(challenger, series, trials, opts)
+    champ_card = scorecard(champion, series, trials, opts, streams)
+    chall_card = scorecard(challenger, series, trials, opts, streams)
     target = cal.target_false_alarms_per_day or 0.0
     decision, reasons = decide(champ_card, chall_card, target, opts.tolerance)
     eval_rows = sum(len(s) for s in series)
@@ -418,6 +465,9 @@ def retrain(store: Path, model_path: Path, out: Path, opts: RetrainOptions) -> O
         "eval_hours": round(eval_rows * m.sample_period_s / 3600, 3),
         "fault_trials_per_kind": opts.fault_trials,
         "normal_since": opts.normal_since,
+        "labels": str(labels_path) if labels_path is not None else None,
+        "labelled_false_alarms": sum(p.label == "false_alarm" for p in labels),
+        "labelled_confirmed": sum(p.label == "confirmed" for p in labels),
     }
     outcome = Outcome(decision, reasons, champ_card, chall_card, data)
     outcome.notes = [*result.notes, *result.manifest.calibration.warnings]

@@ -12,23 +12,21 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from engine_kit import Played, play
 
 from daemon.cli import EXIT_CONFIG, main
 from daemon.config import load_config
-from daemon.engine import Engine
 from daemon.intake import Work, new_layout
-from daemon.messages import Event
 from daemon.metrics import Metrics
 from daemon.model import Model
 from daemon.reading import ParsedReading
-from daemon.recorder import MAX_PENDING_BATCHES, Recorder
+from daemon.recorder import Recorder
 from daemon.recording import FILE_NAME
 from training.fault import FAULT_KINDS, FaultSpec, inject
 from training.simulator import CHANNELS, reference_scales, simulate
@@ -44,67 +42,6 @@ def shift() -> np.ndarray:
     out = np.zeros(len(CHANNELS))
     out[SHIFTED] = 4.0 * reference_scales()[0][SHIFTED]
     return out
-
-
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
-class Played:
-    events: list[dict[str, Any]]
-    t0: float
-    store: Path | None
-
-
-def play(model: Model, series: list[np.ndarray], state_dir: Path | None, t0: float) -> Played:
-    """Feed streams pump-1.. (1 s apart from t0) to a real Engine; record them if `state_dir`."""
-    cfg = load_config(
-        None,
-        {
-            "model.path": str(model.path),
-            "state_dir": str(state_dir or "."),
-            "instance": "t",
-            "record.streams": ["pump-*"],
-        },
-    )
-    metrics, clock = Metrics(), Clock()
-    events: list[dict[str, Any]] = []
-
-    def publish(out: Any) -> None:
-        if isinstance(out, Event):
-            events.append(json.loads(out.to_json()))
-
-    engine = Engine(model, cfg, publish, metrics, clock=clock)
-    layout = new_layout(model.manifest.channels)
-    recorder = Recorder(cfg.record, state_dir, metrics) if state_dir else None
-    if recorder:
-        recorder.use_layout(model.manifest.channels, model.manifest.sample_period_s)
-    for i in range(0, len(series[0]), 50):
-        for k, values in enumerate(series, start=1):
-            rows = values[i : i + 50]
-            readings = [ParsedReading(t0 + i + j, None, v) for j, v in enumerate(rows)]
-            work = Work(f"pump-{k}", readings, layout, size=len(readings))
-            if recorder:
-                recorder.record(work)
-            engine.handle(work)
-        engine.score_pending()
-        clock.now += 1.0  # a message a second of monotonic time: never stale
-        engine.tick()
-        if recorder:
-            recorder.flush(engine.streams)
-            # Played far faster than real time: give the writer time, as a second between
-            # flushes would (it drops and counts readings when it falls behind).
-            deadline = time.monotonic() + 30.0
-            while recorder.backlog > MAX_PENDING_BATCHES // 2 and time.monotonic() < deadline:
-                time.sleep(0.005)
-    if recorder:
-        recorder.close()
-        assert metrics.recorder_dropped_total._value.get() == 0, "the recording lost readings"
-    return Played(events, t0, state_dir / FILE_NAME if state_dir else None)
 
 
 def oteo(*args: str | Path, code: int = 0) -> dict[str, Any] | str:

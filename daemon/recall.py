@@ -1,0 +1,285 @@
+"""The memory of recorded streams' windows as hash bits: `similar` search and `seen_before`.
+
+For every scored window of a recorded stream (`[record] streams`) the engine hands over the
+window's hash bits — code > 0.5 for models trained with --hashing, code > its training median
+for the others (`Manifest.hash_cut`), bit 0 of the code the most significant — with its score and
+alarm. They go into an in-memory `CodeIndex` (searched by Hamming distance) and into the
+recording (`code` table), so a restart loads them back; both follow the recording's retention.
+Bits belong to one model file: after a model change the memory holds that model's windows only.
+
+`seen_before` runs on the main loop when an alarm starts: the nearest earlier alarm episodes
+within `[similar] max_distance` bits of the start window. `similar` runs in op threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from daemon.hashindex import CodeIndex
+from daemon.journal import Journal
+from daemon.manifest import Manifest
+from daemon.messages import SeenBefore, format_ts
+from daemon.metrics import Metrics
+from daemon.model import Model
+from daemon.recorder import Recorder
+from daemon.recording import read_windows
+from daemon.request import (
+    EpisodeSummary,
+    ErrorCode,
+    EventsQuery,
+    LabelReply,
+    LabelRequest,
+    SimilarHit,
+    SimilarReply,
+    SimilarRequest,
+    bits_to_hex,
+    hex_to_bits,
+)
+from daemon.section import SimilarSection
+
+log = logging.getLogger(__name__)
+
+MAX_BITS = 64
+
+
+class QueryError(ValueError):
+    """A `similar` query that cannot be answered; `code` is the op error code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+
+
+class Recall:
+    """Hash bits of recorded windows, for one model at a time; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: SimilarSection,
+        journal: Journal,
+        recorder: Recorder | None,
+        metrics: Metrics,
+    ) -> None:
+        self.cfg = cfg
+        self.journal = journal
+        self.recorder = recorder
+        self.metrics = metrics
+        self.index: CodeIndex | None = None
+        self.nbits = 0
+        self._cut: np.ndarray | None = None
+        self._weights: np.ndarray | None = None
+        for name, count in journal.label_counts().items():
+            metrics.event_labels.labels(name).set(count)
+
+    @property
+    def active(self) -> bool:
+        return self.index is not None
+
+    def use_model(self, manifest: Manifest, sha256: str) -> None:
+        """Hold the windows of this model (loaded from the recording); off if it cannot hash."""
+        self.index, self._cut = None, None
+        cut = manifest.hash_cut()
+        why = None
+        if self.recorder is None:
+            why = "no stream is recorded ([record] streams)"
+        elif cut is None:
+            why = "the model has no hash rule (re-export it, or train with --hashing)"
+        elif manifest.code_size > MAX_BITS:
+            why = f"its code has {manifest.code_size} units, more than {MAX_BITS} bits"
+        if why is not None:
+            log.info("similar windows and seen_before are off: %s", why)
+            return
+        assert self.recorder is not None and cut is not None
+        self.nbits = manifest.code_size
+        self._cut = np.asarray(cut, dtype=np.float32)
+        self._weights = np.left_shift(
+            np.uint64(1), np.arange(self.nbits - 1, -1, -1, dtype=np.uint64)
+        )
+        self.index = self._load(self.recorder.path, sha256)
+        self.recorder.use_codebook(sha256, self.nbits)
+        self._update_gauges()
+
+    def _load(self, path: Path, sha256: str) -> CodeIndex:
+        index = CodeIndex(self.nbits)
+        t0 = time.perf_counter()
+        for streams, ts, score, alarm, events, words in read_windows(path, sha256):
+            index.add_many(streams, ts, score, alarm, events, words)
+        if len(index):
+            log.info(
+                "similar: %d recorded windows of this model loaded in %.1f s (%d MB)",
+                len(index),
+                time.perf_counter() - t0,
+                index.nbytes >> 20,
+            )
+        return index
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    def words(self, code: np.ndarray) -> np.ndarray | None:
+        """Hash bits of a batch of codes [B, K] as uint64 words; None when off."""
+        if self._cut is None or self._weights is None:
+            return None
+        bits = code > self._cut
+        words: np.ndarray = (bits.astype(np.uint64) * self._weights).sum(axis=1, dtype=np.uint64)
+        return words
+
+    def observe(
+        self, stream: str, ts: float, score: float, event_id: str | None, word: int
+    ) -> None:
+        """One scored window of a stream (kept only if the stream is recorded)."""
+        index, recorder = self.index, self.recorder
+        if index is None or recorder is None or not recorder.wants(stream):
+            return
+        alarm = event_id is not None
+        index.add(stream, ts, score, alarm, event_id, word)
+        recorder.record_code(stream, ts, score, alarm, event_id, word)
+
+    def remembers(self, stream: str) -> bool:
+        return self.index is not None and self.recorder is not None and self.recorder.wants(stream)
+
+    def seen_before(self, word: int, event_id: str) -> list[SeenBefore]:
+        """The nearest earlier alarm episodes within max_distance bits, nearest first."""
+        index = self.index
+        if index is None or self.cfg.seen_before == 0:
+            return []
+        hits = index.nearest_events(
+            word, self.cfg.seen_before, max_distance=self.cfg.max_distance, exclude_event=event_id
+        )
+        labels = self.journal.labels_of([h.event_id for h in hits])
+        out = []
+        for hit in hits:
+            episode = self.journal.get(hit.event_id)
+            label, cause = labels.get(hit.event_id, (None, None))
+            started = episode.started_ts if episode is not None else hit.ts
+            out.append(
+                SeenBefore(
+                    event_id=hit.event_id,
+                    stream=hit.stream,
+                    started=format_ts(started),
+                    distance=hit.distance,
+                    label=label,
+                    cause=cause,
+                )
+            )
+        self.metrics.alarm_starts_total.labels(seen="before" if out else "new").inc()
+        return out
+
+    def retain(self) -> None:
+        """Drop what the recording no longer holds (age and size caps); call once a second."""
+        if self.index is not None and self.recorder is not None:
+            self.index.drop_before(self.recorder.oldest_ts)
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        index = self.index
+        self.metrics.similar_windows.set(len(index) if index is not None else 0)
+        self.metrics.similar_index_bytes.set(index.nbytes if index is not None else 0)
+
+    # -- op threads --------------------------------------------------------------------------
+
+    def label(self, request: LabelRequest) -> LabelReply:
+        """Label a journalled episode; QueryError not_found for an unknown event id."""
+        at = float(request.at) if request.at is not None else None
+        episode = self.journal.label(
+            request.event_id, request.label, cause=request.cause, by=request.by, at_ts=at
+        )
+        if episode is None:
+            raise QueryError("not_found", f"no alarm episode {request.event_id!r} is known")
+        log.info(
+            "event %s of %s labelled %s%s%s",
+            episode.event_id,
+            episode.stream,
+            request.label,
+            f" ({request.cause})" if request.cause else "",
+            f" by {request.by}" if request.by else "",
+        )
+        m = self.metrics
+        m.labels_total.labels(m.stream_label(episode.stream), request.label).inc()
+        for name, count in self.journal.label_counts().items():
+            m.event_labels.labels(name).set(count)
+        return LabelReply(episode=EpisodeSummary(**episode.to_dict()), id=request.id)
+
+    def episodes(self, query: EventsQuery) -> list[EpisodeSummary]:
+        """Journalled episodes, newest first (`GET /v1/events`)."""
+        found = self.journal.episodes(label=query.label, stream=query.stream, limit=query.limit)
+        return [EpisodeSummary(**e.to_dict()) for e in found]
+
+    def similar(self, request: SimilarRequest, model: Model) -> SimilarReply:
+        """Answer a `similar` request; QueryError when it cannot be."""
+        index = self.index
+        if index is None:
+            raise QueryError(
+                "unavailable",
+                "no memory of windows: record streams ([record] streams) with a model that hashes",
+            )
+        word, stream, lo, hi = self._query(request, model, index)
+        exclude_s = self.cfg.exclude_s if request.exclude_s is None else request.exclude_s
+        hits = index.nearest(
+            word,
+            request.k,
+            exclude_stream=stream,
+            exclude_from_ts=lo - exclude_s,
+            exclude_to_ts=hi + exclude_s,
+            alarm_only=request.alarm_only,
+        )
+        labels = self.journal.labels_of([h.event_id for h in hits if h.event_id is not None])
+        return SimilarReply(
+            bits=format(word, f"0{-(-self.nbits // 4)}x"),
+            nbits=self.nbits,
+            windows=len(index),
+            hits=[
+                SimilarHit(
+                    stream=h.stream,
+                    ts=format_ts(h.ts),
+                    distance=h.distance,
+                    score=h.score,
+                    alarm=h.alarm,
+                    event_id=h.event_id,
+                    label=labels.get(h.event_id, (None, None))[0] if h.event_id else None,
+                    cause=labels.get(h.event_id, (None, None))[1] if h.event_id else None,
+                )
+                for h in hits
+            ],
+            id=request.id,
+        )
+
+    def _query(
+        self, request: SimilarRequest, model: Model, index: CodeIndex
+    ) -> tuple[int, str | None, float, float]:
+        """The query's word, and the stream and time span whose neighbourhood is left out."""
+        never = (None, -np.inf, -np.inf)
+        if request.window is not None:
+            windows = np.asarray([request.window], dtype=np.float32)
+            try:
+                model.check_windows(windows)
+            except ValueError as exc:
+                raise QueryError("bad_request", str(exc)) from exc
+            words = self.words(model.run(windows).code)
+            assert words is not None
+            return (int(words[0]), *never)
+        if request.bits is not None:
+            try:
+                bits = hex_to_bits(request.bits, self.nbits)
+            except ValueError as exc:
+                raise QueryError("bad_request", f"bits: {exc}") from exc
+            return (int(bits_to_hex(bits), 16), *never)
+        if request.event_id is not None:
+            episode = self.journal.get(request.event_id)
+            if episode is None:
+                raise QueryError("not_found", f"no alarm episode {request.event_id!r} is known")
+            word = episode.peak_word if episode.peak_word is not None else episode.start_word
+            if word is None:
+                raise QueryError("not_found", f"episode {request.event_id!r} has no hash bits")
+            end = episode.ended_ts if episode.ended_ts is not None else time.time()
+            return word, episode.stream, episode.started_ts, end
+        assert request.stream is not None and request.ts is not None
+        found = index.word_at(request.stream, float(request.ts))
+        if found is None:
+            raise QueryError(
+                "not_found", f"no recorded window of {request.stream!r} near that time"
+            )
+        return found, request.stream, float(request.ts), float(request.ts)
