@@ -24,6 +24,7 @@ from daemon.detector import Decision
 from daemon.journal import Journal
 from daemon.manifest import AlarmPolicy, Quantiles
 from daemon.messages import (
+    LABELS,
     ChannelContribution,
     EndReason,
     Event,
@@ -122,7 +123,8 @@ class Episodes:
         if decision.transition is Transition.START:
             stream.alarm = Alarm.begin(_peak(s, ts, channel_score, observed, expected, word))
             if word is not None and self.recall is not None:
-                stream.alarm.seen_before = self.recall.seen_before(word, stream.alarm.event_id)
+                alarm_id = stream.alarm.event_id
+                stream.alarm.seen_before = self.recall.seen_before(word, alarm_id, stream.id)
             if not muted:
                 self._announce(stream, ts, s, arrival)
         elif decision.transition is Transition.END and alarm is not None:
@@ -233,6 +235,11 @@ class Episodes:
             seen_before=alarm.seen_before if kind == "start" else None,
         )
         self.sink(event)
+        if kind == "start":
+            # Its label series exist at 0 from now on: a label's increase() is then visible.
+            label = self.metrics.stream_label(stream.id)
+            for name in LABELS:
+                self.metrics.labels_total.labels(label, name)
         if self.journal is not None and kind != "update":
             try:
                 self.journal.record(event, start_word=alarm.start_word, peak_word=alarm.peak.word)

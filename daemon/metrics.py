@@ -249,11 +249,10 @@ class Metrics:
         )
         self.alarm_starts_total = self._counter(
             "oteo_alarm_starts_total",
-            "Alarm starts of recorded streams, by whether an earlier episode hashed within "
-            "[similar] max_distance (seen=before) or none did (seen=new).",
-            ["seen"],
+            "Alarm starts of recorded streams, by stream and whether an earlier episode hashed "
+            "within [similar] max_distance of the start window (seen=before) or none (seen=new).",
+            ["stream", "seen"],
         )
-        _touch(self.alarm_starts_total, ("before", "new"))
         self.event_labels = self._gauge(
             "oteo_event_labels", "Alarm episodes in the event journal with this label.", ["label"]
         )

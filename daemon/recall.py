@@ -141,11 +141,12 @@ class Recall:
     def remembers(self, stream: str) -> bool:
         return self.index is not None and self.recorder is not None and self.recorder.wants(stream)
 
-    def seen_before(self, word: int, event_id: str) -> list[SeenBefore]:
-        """The nearest earlier alarm episodes within max_distance bits, nearest first."""
+    def seen_before(self, word: int, event_id: str, stream: str) -> list[SeenBefore] | None:
+        """The nearest earlier alarm episodes within max_distance bits, nearest first; None
+        when not searched ([similar] seen_before = 0)."""
         index = self.index
         if index is None or self.cfg.seen_before == 0:
-            return []
+            return None
         hits = index.nearest_events(
             word, self.cfg.seen_before, max_distance=self.cfg.max_distance, exclude_event=event_id
         )
@@ -165,7 +166,8 @@ class Recall:
                     cause=cause,
                 )
             )
-        self.metrics.alarm_starts_total.labels(seen="before" if out else "new").inc()
+        m = self.metrics
+        m.alarm_starts_total.labels(m.stream_label(stream), "before" if out else "new").inc()
         return out
 
     def retain(self) -> None:

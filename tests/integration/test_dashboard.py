@@ -368,7 +368,9 @@ def test_every_dashboard_query_returns_data_from_real_prometheus_scraping_the_da
     series = pump_series()
     directory = tmp_path / "oteo"
     directory.mkdir()
-    daemon = OteoProcess(directory, daemon_config(directory, mosquitto.url, DEMO_MODEL))
+    # Recorded streams: their windows' hash bits feed the seen-before and label panels.
+    config = daemon_config(directory, mosquitto.url, DEMO_MODEL, record={"streams": ["pump-*"]})
+    daemon = OteoProcess(directory, config)
     prometheus: Prometheus | None = None
     pub: Publisher | None = None
     try:
@@ -387,6 +389,11 @@ def test_every_dashboard_query_returns_data_from_real_prometheus_scraping_the_da
         total = ROWS * len(STREAMS)
         daemon.wait_metric(lambda m: m("oteo_readings_total") == total, 20, "every reading")
         assert daemon.metrics()("oteo_events_total", kind="start") >= 1, "the fault raised none"
+        # The operator labels the fault's episode: the label panels and annotation have data.
+        _, body = daemon.get(f"/v1/events?stream={FAULTY}&limit=1")
+        event_id = json.loads(body)[0]["event_id"]
+        label = {"event_id": event_id, "label": "confirmed", "cause": "pressure sensor"}
+        assert daemon.post_json("/v1/ops/label", label)[0] == 200
 
         def scraped_all() -> bool:
             result = prom.query("oteo_readings_total", time.time())

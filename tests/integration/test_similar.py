@@ -175,8 +175,8 @@ def test_repeated_fault_is_seen_before_labelled_and_searchable(
         m = daemon.metrics()
         assert m("oteo_event_labels", label="false_alarm") == 1
         assert m("oteo_event_labels", label="confirmed") == 1
-        assert m("oteo_alarm_starts_total", seen="new") == 1
-        assert m("oteo_alarm_starts_total", seen="before") == 2
+        assert m("oteo_alarm_starts_total", stream="pump-1", seen="new") == 1
+        assert m("oteo_alarm_starts_total", stream="pump-1", seen="before") == 2
         windows = len(values) - 15
         daemon.wait_metric(lambda m: m("oteo_similar_windows") == windows, 5, "the gauge")
         assert daemon.metrics()("oteo_similar_index_bytes") > 0
