@@ -132,6 +132,7 @@ def describe(engine: Engine) -> list[dict[str, Any]]:
             "threshold": s.detector.threshold,
             "sensitivity": s.detector.sensitivity,
             "event_id": s.alarm.event_id if s.alarm else None,
+            "suppressed_by": s.alarm.suppressed_by if s.alarm else None,
             "last_ts": format_ts(s.last_ts) if s.last_ts else None,
         }
         for s in engine.streams.values()

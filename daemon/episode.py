@@ -121,12 +121,9 @@ class Episodes:
         # While muted the alarm logic keeps running; only its messages are held back, so a
         # fault that starts during a maintenance window is reported when the window closes.
         if decision.transition is Transition.START:
-            stream.alarm = Alarm.begin(_peak(s, ts, channel_score, observed, expected, word))
-            if word is not None and self.recall is not None:
-                alarm_id = stream.alarm.event_id
-                stream.alarm.seen_before = self.recall.seen_before(word, alarm_id, stream.id)
-            if not muted:
-                self._announce(stream, ts, s, arrival)
+            self._begin(
+                stream, _peak(s, ts, channel_score, observed, expected, word), arrival, muted
+            )
         elif decision.transition is Transition.END and alarm is not None:
             if alarm.published:  # an announced alarm is always closed, muted or not
                 reason: EndReason = "new_normal" if decision.new_normal else "cleared"
@@ -138,18 +135,41 @@ class Episodes:
         elif alarm is not None:
             if s > alarm.peak.score:
                 alarm.observe(_peak(s, ts, channel_score, observed, expected, word))
-            if not muted and not alarm.published:
+            held = muted or alarm.suppressed_by is not None
+            if not held and not alarm.published:
                 self._announce(stream, ts, s, arrival)
-            elif not muted and ts - alarm.last_update_ts >= EVENT_UPDATE_S:
+            elif not held and ts - alarm.last_update_ts >= EVENT_UPDATE_S:
                 alarm.last_update_ts = ts
                 self._event(stream, "update", ts, s)
         elif not muted and stream.state != "normal":
             self.set_state(stream, "normal", ts)
-        if muted and stream.state != "muted":
+        suppressed = stream.alarm is not None and stream.alarm.suppressed_by is not None
+        if (muted or suppressed) and stream.state != "muted":
             self.set_state(stream, "muted", ts)
         if word is not None and self.recall is not None:
-            event_id = stream.alarm.event_id if stream.alarm is not None else None
+            # A suppressed alarm's windows are remembered as normal: the operator said so.
+            alarm = stream.alarm
+            event_id = alarm.event_id if alarm is not None and not suppressed else None
             self.recall.observe(stream.id, ts, s, event_id, word)
+
+    def _begin(self, stream: Stream, peak: Peak, arrival: float, muted: bool) -> None:
+        """An alarm starts: is it like earlier ones (and one labelled a false alarm with a mute
+        of similar episodes)? Announce it unless the stream is muted or it is suppressed."""
+        alarm = stream.alarm = Alarm.begin(peak)
+        if peak.word is not None and self.recall is not None:
+            alarm.seen_before = self.recall.seen_before(peak.word, alarm.event_id, stream.id)
+            alarm.suppressed_by = self.recall.suppressing(peak.word, alarm.event_id)
+            if alarm.suppressed_by is not None:
+                self.metrics.alarms_suppressed_total.inc()
+                log.info(
+                    "stream %s: alarm %s not announced: it hashes like %s, labelled false_alarm "
+                    "with a mute of similar episodes",
+                    stream.id,
+                    alarm.event_id,
+                    alarm.suppressed_by,
+                )
+        if not muted and alarm.suppressed_by is None:
+            self._announce(stream, peak.ts, peak.score, arrival)
 
     def interrupt(self, stream: Stream, ts: float, why: str) -> None:
         """The stream's data broke off (gap or silence): end its alarm; it warms up again."""

@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS episode (
     peak_word INTEGER            -- hash bits of its peak window
 );
 CREATE INDEX IF NOT EXISTS episode_started ON episode (started_ts);
+CREATE TABLE IF NOT EXISTS similar_mute (
+    event_id TEXT PRIMARY KEY,  -- a false_alarm episode: hold back alarms that hash like it
+    until_ts REAL NOT NULL      -- wall clock
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS label (
     event_id TEXT PRIMARY KEY,
     label TEXT NOT NULL,
@@ -75,6 +79,7 @@ class Episode:
     cause: str | None = None
     labelled_by: str | None = None
     labelled_ts: float | None = None
+    mute_similar_until_ts: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form of `GET /v1/events` and of a label reply."""
@@ -91,19 +96,28 @@ class Episode:
             "cause": self.cause,
             "labelled_by": self.labelled_by,
             "labelled": format_ts(self.labelled_ts) if self.labelled_ts is not None else None,
+            "mute_similar_until": (
+                format_ts(self.mute_similar_until_ts)
+                if self.mute_similar_until_ts is not None
+                else None
+            ),
         }
 
 
 _COLUMNS = (
     "e.event_id, e.stream, e.started_ts, e.ended_ts, e.reason, e.peak_score, e.top_channels, "
-    "e.model_sha256, e.start_word, e.peak_word, l.label, l.cause, l.labelled_by, l.labelled_ts"
+    "e.model_sha256, e.start_word, e.peak_word, l.label, l.cause, l.labelled_by, l.labelled_ts, "
+    "m.until_ts"
 )
-_FROM = "FROM episode e LEFT JOIN label l ON l.event_id = e.event_id"
+_FROM = (
+    "FROM episode e LEFT JOIN label l ON l.event_id = e.event_id "
+    "LEFT JOIN similar_mute m ON m.event_id = e.event_id"
+)
 
 
 def _episode(row: tuple[Any, ...]) -> Episode:
     event_id, stream, started, ended, reason, peak, channels, sha, start, peak_word = row[:10]
-    label, cause, by, labelled = row[10:]
+    label, cause, by, labelled, mute_until = row[10:]
     return Episode(
         event_id,
         stream,
@@ -119,6 +133,7 @@ def _episode(row: tuple[Any, ...]) -> Episode:
         cause,
         by,
         labelled,
+        mute_until,
     )
 
 
@@ -208,6 +223,24 @@ class Journal:
                 (event_id, label, cause, by, at),
             )
         return self.get(event_id)
+
+    def mute_similar(self, event_id: str, until_ts: float | None) -> None:
+        """Hold back alarms like this episode until then (None: no longer)."""
+        with self._lock:
+            if until_ts is None:
+                self._conn.execute("DELETE FROM similar_mute WHERE event_id = ?", (event_id,))
+            else:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO similar_mute (event_id, until_ts) VALUES (?, ?)",
+                    (event_id, until_ts),
+                )
+
+    def similar_mutes(self, now_ts: float) -> dict[str, float]:
+        """The mutes of similar episodes still in force: event id -> until (wall clock)."""
+        with self._lock:
+            self._conn.execute("DELETE FROM similar_mute WHERE until_ts <= ?", (now_ts,))
+            rows = self._conn.execute("SELECT event_id, until_ts FROM similar_mute").fetchall()
+        return {event_id: float(until) for event_id, until in rows}
 
     def get(self, event_id: str) -> Episode | None:
         with self._lock:

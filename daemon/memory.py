@@ -121,6 +121,7 @@ def _stream_doc(stream: Stream) -> dict[str, Any]:
                      p.expected.tolist()],
             "peak_word": p.word,
             "start_word": alarm.start_word,
+            "suppressed_by": alarm.suppressed_by,
         }  # fmt: skip
     return doc
 
@@ -138,6 +139,8 @@ def _alarm_from(doc: Any) -> Alarm | None:
         float(doc["last_update_ts"]),
         start_word=_word(doc.get("start_word")),
     )
+    suppressed_by = doc.get("suppressed_by")
+    alarm.suppressed_by = suppressed_by if isinstance(suppressed_by, str) else None
     alarm.published = bool(doc["published"])
     return alarm
 

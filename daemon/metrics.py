@@ -253,6 +253,11 @@ class Metrics:
             "within [similar] max_distance of the start window (seen=before) or none (seen=new).",
             ["stream", "seen"],
         )
+        self.alarms_suppressed_total = self._counter(
+            "oteo_alarms_suppressed_total",
+            "Alarms not announced because their start window hashed like an episode labelled "
+            "false_alarm with a mute of similar episodes (mute_similar_s).",
+        )
         self.event_labels = self._gauge(
             "oteo_event_labels", "Alarm episodes in the event journal with this label.", ["label"]
         )

@@ -44,6 +44,8 @@ from daemon.section import SimilarSection
 log = logging.getLogger(__name__)
 
 MAX_BITS = 64
+# Mutes of similar episodes in force at once, at most: each is checked at every alarm start.
+MAX_SIMILAR_MUTES = 100
 
 
 class QueryError(ValueError):
@@ -74,6 +76,8 @@ class Recall:
         self._weights: np.ndarray | None = None
         for name, count in journal.label_counts().items():
             metrics.event_labels.labels(name).set(count)
+        # Replaced whole by op threads, read by the main loop: event id -> until (wall clock).
+        self._mutes: dict[str, float] = journal.similar_mutes(time.time())
 
     @property
     def active(self) -> bool:
@@ -170,6 +174,18 @@ class Recall:
         m.alarm_starts_total.labels(m.stream_label(stream), "before" if out else "new").inc()
         return out
 
+    def suppressing(self, word: int, event_id: str) -> str | None:
+        """The false-alarm episode with a mute of similar episodes in force that this start
+        window hashes like (within max_distance), if any."""
+        index, now = self.index, time.time()
+        active = {e for e, until in self._mutes.items() if until > now}
+        if index is None or not active:
+            return None
+        hits = index.nearest_events(
+            word, len(index), max_distance=self.cfg.max_distance, exclude_event=event_id
+        )
+        return next((h.event_id for h in hits if h.event_id in active), None)
+
     def retain(self) -> None:
         """Drop what the recording no longer holds (age and size caps); call once a second."""
         if self.index is not None and self.recorder is not None:
@@ -186,11 +202,23 @@ class Recall:
     def label(self, request: LabelRequest) -> LabelReply:
         """Label a journalled episode; QueryError not_found for an unknown event id."""
         at = float(request.at) if request.at is not None else None
+        now = time.time()
+        active = {e: u for e, u in self._mutes.items() if u > now and e != request.event_id}
+        if request.mute_similar_s is not None and len(active) >= MAX_SIMILAR_MUTES:
+            raise QueryError(
+                "bad_request",
+                f"{MAX_SIMILAR_MUTES} mutes of similar episodes are in force; let some expire",
+            )
         episode = self.journal.label(
             request.event_id, request.label, cause=request.cause, by=request.by, at_ts=at
         )
         if episode is None:
             raise QueryError("not_found", f"no alarm episode {request.event_id!r} is known")
+        until = now + request.mute_similar_s if request.mute_similar_s is not None else None
+        # A new label replaces the old one, and with it any mute the old one asked for.
+        self.journal.mute_similar(request.event_id, until)
+        self._mutes = {**active, **({request.event_id: until} if until is not None else {})}
+        episode = self.journal.get(request.event_id) or episode
         log.info(
             "event %s of %s labelled %s%s%s",
             episode.event_id,

@@ -282,8 +282,22 @@ class LabelRequest(StrictInput):
     cause: str | None = Field(None, max_length=500, description='E.g. "bearing wear".')
     by: str | None = Field(None, max_length=200, description="Who labels it.")
     at: InputTimestamp | None = Field(None, description="When; default now.")
+    mute_similar_s: float | None = Field(
+        None,
+        gt=0,
+        le=7 * 86400,
+        description="false_alarm only, opt-in: for this long (at most 7 days), alarms whose "
+        "start window hashes within [similar] max_distance of this episode's windows are not "
+        "announced (their stream's state is muted; counted and logged). 0 < s <= 604800.",
+    )
     reply_to: ReplyTo | None = None
     id: str | None = Field(None, max_length=200, description="Echoed in the reply.")
+
+    @model_validator(mode="after")
+    def _check_mute(self) -> LabelRequest:
+        if self.mute_similar_s is not None and self.label != "false_alarm":
+            raise ValueError("mute_similar_s goes with label false_alarm only")
+        return self
 
 
 class EpisodeSummary(BaseModel):
@@ -303,6 +317,9 @@ class EpisodeSummary(BaseModel):
     cause: str | None
     labelled_by: str | None
     labelled: UtcTimestamp | None
+    mute_similar_until: UtcTimestamp | None = Field(
+        None, description="Alarms that hash like this episode are held back until then."
+    )
 
 
 class LabelReply(_Reply):

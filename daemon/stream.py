@@ -38,6 +38,8 @@ class Alarm:
     start_word: int | None = None  # hash bits of the window that started it
     # The earlier episodes its start window resembles (None: not searched).
     seen_before: list[SeenBefore] | None = None
+    # The false-alarm episode whose mute of similar episodes holds this one back (not announced).
+    suppressed_by: str | None = None
 
     @classmethod
     def begin(cls, peak: Peak) -> Alarm:

@@ -192,3 +192,55 @@ def test_repeated_fault_is_seen_before_labelled_and_searchable(
         assert status == 200 and again["hits"] == found["hits"]
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_false_alarm_label_can_mute_similar_episodes_for_a_while(
+    tiny_model_path: Path, mosquitto: Broker, tmp_path: Path
+) -> None:
+    config = daemon_config(
+        tmp_path,
+        mosquitto.url,
+        tiny_model_path,
+        record={"streams": ["pump-*"]},
+        alarm={"baseline_samples": 0, "new_level_s": 0},
+        similar={"max_distance": 1},
+        ingest={"stale_after_s": 3600},
+    )
+    daemon = OteoProcess(tmp_path, config)
+    watcher = Watcher(mosquitto.host, mosquitto.port, (("oteo/#", 1),))
+    daemon.start()
+    values = pump_series()[: NORMAL + 2 * (FAULT + NORMAL)]  # the fault twice
+    t0 = time.time() - 10_000
+    first_part = NORMAL + FAULT + NORMAL
+    try:
+        pub = Publisher(mosquitto.host, mosquitto.port)
+        pub.send_all(messages("pump-1", values[:first_part], t0))
+        watcher.wait_for(lambda _: events(watcher, "end"), 30, "the first episode")
+        first = events(watcher, "start")[0]
+        request = {"event_id": first["event_id"], "label": "confirmed", "mute_similar_s": 60}
+        status, doc = daemon.post_json("/v1/ops/label", request)
+        assert status == 400 and "false_alarm only" in doc["message"]
+        request = {"event_id": first["event_id"], "label": "false_alarm", "mute_similar_s": 3600}
+        status, doc = daemon.post_json("/v1/ops/label", request)
+        assert status == 200 and doc["episode"]["mute_similar_until"] is not None, doc
+
+        # The same fault again: held back (state muted), counted, visible in /v1/streams.
+        second_start = t0 + first_part
+        pub.send_all(messages("pump-1", values[first_part : first_part + 60], second_start))
+        daemon.wait_metric(lambda m: m("oteo_alarms_suppressed_total") == 1, 20, "suppressed")
+        _, body = daemon.get("/v1/streams")
+        (pump,) = json.loads(body)
+        assert pump["state"] == "muted" and pump["suppressed_by"] == first["event_id"]
+        pub.send_all(messages("pump-1", values[first_part + 60 :], second_start + 60))
+        daemon.wait_metric(
+            lambda m: m("oteo_windows_scored_total") == len(values) - 15, 30, "every window"
+        )
+        pub.close()
+        assert len(events(watcher, "start")) == 1, "the similar episode was announced"
+        states = [d["state"] for d in watcher.docs("oteo/pump-1/state")]
+        assert "muted" in states and states[-1] == "normal"
+        _, body = daemon.get("/v1/events?label=false_alarm")
+        assert json.loads(body)[0]["mute_similar_until"] is not None
+    finally:
+        watcher.close()
+        assert daemon.stop() == 0

@@ -99,3 +99,15 @@ def test_an_unreadable_journal_is_named(tmp_path: Path) -> None:
         Journal(bad)
     with pytest.raises(JournalError, match="no such event journal"):
         read_labelled(tmp_path / "missing.sqlite3")
+
+
+def test_mutes_of_similar_episodes_expire_and_show_in_the_listing(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "events.sqlite3")
+    for name in ("a", "b"):
+        journal.record(event(name, "start", 100.0), start_word=1, peak_word=1)
+    journal.mute_similar("a", until_ts=500.0)
+    journal.mute_similar("b", until_ts=50.0)
+    assert journal.similar_mutes(now_ts=100.0) == {"a": 500.0}  # b's has run out
+    assert journal.get("a").to_dict()["mute_similar_until"] == format_ts(500.0)  # type: ignore[union-attr]
+    journal.mute_similar("a", None)
+    assert journal.similar_mutes(now_ts=100.0) == {}
