@@ -20,32 +20,19 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from pydantic import ValidationError
 
 from daemon import __version__
 from daemon.messages import HealthReply
-from daemon.openapi import JSON, OPS_PREFIX, openapi_document
-from daemon.ops import ALL_OPS, OpsHandler, error_reply
+from daemon.openapi import JSON, OPS_PREFIX, ROUTES, openapi_document
+from daemon.ops import OpsHandler, error_reply
 from daemon.request import EpisodeSummary, ErrorCode, EventsQuery
 
 log = logging.getLogger(__name__)
 
-# Labels of `on_request`: a fixed set, so a scan of random paths cannot grow the metric.
-PATH_LABELS = (
-    "/",
-    "/metrics",
-    "/healthz",
-    "/readyz",
-    "/openapi.json",
-    "/v1/ops/{op}",
-    "/v1/streams",
-    "/v1/events",
-    "other",
-)
 # A body must arrive within this, whatever the pace of the client: bounds how long a
 # trickling client holds a thread, on top of the per-read socket timeout.
 BODY_DEADLINE_S = 30.0
@@ -54,17 +41,6 @@ BODY_DEADLINE_S = 30.0
 DISCARD_MAX_BYTES = 256 * 1024
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
-ROUTES = {
-    "GET /": "this index",
-    "GET /metrics": "Prometheus metrics",
-    "GET /healthz": "liveness: 200 when the daemon works, 503 with what failed",
-    "GET /readyz": "readiness: 200 when the model is loaded and MQTT is connected",
-    "GET /openapi.json": "OpenAPI 3.1 description of this API",
-    "POST /v1/ops/{op}": "operations: " + ", ".join(ALL_OPS),
-    "GET /v1/streams": "the streams the daemon tracks",
-    "GET /v1/events": "alarm episodes and their labels (?label=false_alarm|confirmed|none"
-    "&stream=…&limit=…)",
-}
 
 
 class HttpServer:
@@ -330,19 +306,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(*self.app.ops.handle(op, body))
 
     def _list_events(self, events: Callable[[EventsQuery], list[EpisodeSummary]]) -> None:
-        params = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
-        if any(len(values) > 1 for values in params.values()):
-            self._error(400, "bad_request", "give each query parameter once")
-            return
-        raw: dict[str, Any] = {k: v[0] for k, v in params.items()}
-        if "limit" in raw:
-            raw["limit"] = int(raw["limit"]) if raw["limit"].isdigit() else raw["limit"]
         try:
-            query = EventsQuery.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in first["loc"])
-            self._error(400, "bad_request", f"{where}: {first['msg']}"[:300])
+            query = EventsQuery.from_query_string(urlsplit(self.path).query)
+        except ValueError as exc:
+            self._error(400, "bad_request", str(exc)[:300])
             return
         body = json.dumps([e.model_dump(mode="json") for e in events(query)]).encode()
         self._reply(200, body)

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document of the HTTP API, its schemas generated from the pydantic models."""
+"""The HTTP API described: its routes and the OpenAPI 3.1 document (schemas from the models)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from daemon import __version__
 from daemon.messages import HealthReply
 from daemon.ops import (
+    ALL_OPS,
     CONTROL_OPS,
     CONTROL_REQUESTS,
     MEMORY_OPS,
@@ -21,6 +22,29 @@ from daemon.request import ControlReply, EpisodeSummary, ErrorReply, EventsQuery
 
 JSON = "application/json"
 OPS_PREFIX = "/v1/ops/"
+# Labels of `on_request`: a fixed set, so a scan of random paths cannot grow the metric.
+PATH_LABELS = (
+    "/",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/openapi.json",
+    "/v1/ops/{op}",
+    "/v1/streams",
+    "/v1/events",
+    "other",
+)
+ROUTES = {
+    "GET /": "this index",
+    "GET /metrics": "Prometheus metrics",
+    "GET /healthz": "liveness: 200 when the daemon works, 503 with what failed",
+    "GET /readyz": "readiness: 200 when the model is loaded and MQTT is connected",
+    "GET /openapi.json": "OpenAPI 3.1 description of this API",
+    "POST /v1/ops/{op}": "operations: " + ", ".join(ALL_OPS),
+    "GET /v1/streams": "the streams the daemon tracks",
+    "GET /v1/events": "alarm episodes and their labels (?label=false_alarm|confirmed|none"
+    "&stream=…&limit=…)",
+}
 
 
 Ref = Any  # a JSON Schema `$ref` object

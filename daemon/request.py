@@ -7,10 +7,11 @@ unmute, sensitivity) name a stream and are answered by the daemon's main loop.
 from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
+from urllib.parse import parse_qs
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.messages import Label, OutputMessage, Share, UtcTimestamp
 from daemon.reading import FiniteNumber, InputTimestamp, StrictInput
@@ -339,3 +340,20 @@ class EventsQuery(StrictInput):
     )
     stream: StreamId | None = None
     limit: int = Field(100, ge=1, le=1000, description="At most this many, newest first.")
+
+    @classmethod
+    def from_query_string(cls, text: str) -> EventsQuery:
+        """Parse `label=…&stream=…&limit=…`; ValueError names the first bad parameter."""
+        params = parse_qs(text, keep_blank_values=True)
+        if any(len(values) > 1 for values in params.values()):
+            raise ValueError("give each query parameter once")
+        raw: dict[str, object] = {k: v[0] for k, v in params.items()}
+        limit = raw.get("limit")
+        if isinstance(limit, str) and limit.isdigit():
+            raw["limit"] = int(limit)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where}: {first['msg']}") from None

@@ -89,8 +89,7 @@ class Daemon:
         self.journal = self._open_journal()
         self.recall = Recall(cfg.similar, self.journal, self.recorder, self.metrics)
         self.recall.use_model(self.model.manifest, self.model.sha256)
-        self.engine.episodes.recall = self.recall
-        self.engine.episodes.journal = self.journal
+        self.engine.episodes.recall, self.engine.episodes.journal = self.recall, self.journal
         self.ops = OpsHandler(
             lambda: self.model,
             control=self.controls.call,
@@ -147,7 +146,7 @@ class Daemon:
     def _open_journal(self) -> Journal:
         try:
             return Journal(self.cfg.state_dir / JOURNAL_FILE)
-        except JournalError as exc:
+        except JournalError as exc:  # one line naming the file and what to do
             raise StartupError(f"state_dir: {exc}") from exc
 
     def _make_http(self) -> HttpServer:

@@ -19,9 +19,10 @@ from daemon_harness import wait_until
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.http import PATH_LABELS, HttpServer
+from daemon.http import HttpServer
 from daemon.messages import HealthReply
 from daemon.model import Model
+from daemon.openapi import PATH_LABELS
 from daemon.ops import CONTROL_OPS, STATELESS_OPS, OpsHandler
 from daemon.request import ControlReply, ErrorReply, MuteRequest, OpRequest, ScoreReply
 

@@ -237,8 +237,12 @@ def test_a_false_alarm_label_can_mute_similar_episodes_for_a_while(
         )
         pub.close()
         assert len(events(watcher, "start")) == 1, "the similar episode was announced"
-        states = [d["state"] for d in watcher.docs("oteo/pump-1/state")]
-        assert "muted" in states and states[-1] == "normal"
+
+        def states() -> list[str]:
+            return [d["state"] for d in watcher.docs("oteo/pump-1/state")]
+
+        watcher.wait_for(lambda _: states()[-1] == "normal", 10, "normal after the episode")
+        assert "muted" in states()
         _, body = daemon.get("/v1/events?label=false_alarm")
         assert json.loads(body)[0]["mute_similar_until"] is not None
     finally:
