@@ -14,13 +14,14 @@ within `[similar] max_distance` bits of the start window. `similar` runs in op t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from daemon.hashindex import CodeIndex
-from daemon.journal import Journal
+from daemon.journal import Episode, Journal
 from daemon.manifest import Manifest
 from daemon.messages import SeenBefore, format_ts
 from daemon.metrics import Metrics
@@ -78,6 +79,7 @@ class Recall:
             metrics.event_labels.labels(name).set(count)
         # Replaced whole by op threads, read by the main loop: event id -> until (wall clock).
         self._mutes: dict[str, float] = journal.similar_mutes(time.time())
+        self._labelling = threading.Lock()
 
     @property
     def active(self) -> bool:
@@ -201,24 +203,8 @@ class Recall:
 
     def label(self, request: LabelRequest) -> LabelReply:
         """Label a journalled episode; QueryError not_found for an unknown event id."""
-        at = float(request.at) if request.at is not None else None
-        now = time.time()
-        active = {e: u for e, u in self._mutes.items() if u > now and e != request.event_id}
-        if request.mute_similar_s is not None and len(active) >= MAX_SIMILAR_MUTES:
-            raise QueryError(
-                "bad_request",
-                f"{MAX_SIMILAR_MUTES} mutes of similar episodes are in force; let some expire",
-            )
-        episode = self.journal.label(
-            request.event_id, request.label, cause=request.cause, by=request.by, at_ts=at
-        )
-        if episode is None:
-            raise QueryError("not_found", f"no alarm episode {request.event_id!r} is known")
-        until = now + request.mute_similar_s if request.mute_similar_s is not None else None
-        # A new label replaces the old one, and with it any mute the old one asked for.
-        self.journal.mute_similar(request.event_id, until)
-        self._mutes = {**active, **({request.event_id: until} if until is not None else {})}
-        episode = self.journal.get(request.event_id) or episode
+        with self._labelling:  # one label at a time: the mutes are read, then replaced
+            episode = self._label(request)
         log.info(
             "event %s of %s labelled %s%s%s",
             episode.event_id,
@@ -232,6 +218,27 @@ class Recall:
         for name, count in self.journal.label_counts().items():
             m.event_labels.labels(name).set(count)
         return LabelReply(episode=EpisodeSummary(**episode.to_dict()), id=request.id)
+
+    def _label(self, request: LabelRequest) -> Episode:
+        now = time.time()
+        active = {e: u for e, u in self._mutes.items() if u > now and e != request.event_id}
+        if request.mute_similar_s is not None and len(active) >= MAX_SIMILAR_MUTES:
+            raise QueryError(
+                "bad_request",
+                f"{MAX_SIMILAR_MUTES} mutes of similar episodes are in force; let some expire",
+            )
+        at = float(request.at) if request.at is not None else None
+        episode = self.journal.label(
+            request.event_id, request.label, cause=request.cause, by=request.by, at_ts=at
+        )
+        if episode is None:
+            raise QueryError("not_found", f"no alarm episode {request.event_id!r} is known")
+        # A new label replaces the old one, and with it any mute the old one asked for.
+        if request.mute_similar_s is not None:
+            active[request.event_id] = now + request.mute_similar_s
+        self.journal.mute_similar(request.event_id, active.get(request.event_id))
+        self._mutes = active
+        return self.journal.get(request.event_id) or episode
 
     def episodes(self, query: EventsQuery) -> list[EpisodeSummary]:
         """Journalled episodes, newest first (`GET /v1/events`)."""
@@ -257,6 +264,7 @@ class Recall:
             alarm_only=request.alarm_only,
         )
         labels = self.journal.labels_of([h.event_id for h in hits if h.event_id is not None])
+        none: tuple[None, None] = (None, None)
         return SimilarReply(
             bits=format(word, f"0{-(-self.nbits // 4)}x"),
             nbits=self.nbits,
@@ -269,8 +277,8 @@ class Recall:
                     score=h.score,
                     alarm=h.alarm,
                     event_id=h.event_id,
-                    label=labels.get(h.event_id, (None, None))[0] if h.event_id else None,
-                    cause=labels.get(h.event_id, (None, None))[1] if h.event_id else None,
+                    label=labels.get(h.event_id or "", none)[0],
+                    cause=labels.get(h.event_id or "", none)[1],
                 )
                 for h in hits
             ],
