@@ -48,7 +48,7 @@ def cycle_starts(events: list[dict[str, Any]]) -> int:
 
 
 def retrain(store: Path, model: Path, out: Path, *extra: str) -> dict[str, Any]:
-    args = ["retrain", "--store", str(store), "--model", str(model), "--out", str(out)]
+    args = ("retrain", "--store", str(store), "--model", str(model), "--out", str(out))
     result = CliRunner().invoke(main, [*args, *SMALL, *extra])
     assert result.exit_code == 0, result.output
     report: dict[str, Any] = json.loads(result.stdout)
