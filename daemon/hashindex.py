@@ -95,9 +95,11 @@ class _Filter:
 class CodeIndex:
     """Hash codes of past windows, searched for the nearest by Hamming distance."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, capacity: int = 1024) -> None:
+        """An empty index of `bits`-bit words; `capacity`: rows to make room for up front (the
+        row columns double when full, copying every row once)."""
         self.bits = bits
-        self._rows = RowStore(bits)
+        self._rows = RowStore(bits, capacity)
 
     def add(
         self, stream: str, ts: float, score: float, alarm: bool, event_id: str | None, word: int

@@ -7,11 +7,13 @@ bits) lists the ids of its rows in insertion order, and one more list holds the 
 A list drops its dead head when it next grows. Per row: stream 2 B, time 8, score 4, alarm 1,
 event 4, word 1-8 (narrowest dtype), id in a key list 8, plus the slack of growth (< 2x).
 
-Threads: one writer adds; searches read a `Snapshot`. `add` holds `_write` for microseconds;
+Threads: one writer adds; searches read a `Snapshot`. `add` holds `_write` for microseconds,
+except when the ring doubles (a copy of every row: give `capacity` up front to avoid it);
 `reading()` holds `_search` for the whole search but `_write` only to copy references and
-lengths; the writer only writes beyond those lengths (or into slots of rows dropped before the
-search began), and a growth swaps in new arrays, leaving the old ones intact for the reader.
-Retention holds both locks, so it may wait behind a search; `add` never does.
+lengths (under 0.5 ms with all 65,536 keys in use). The writer only writes beyond those
+lengths (or into slots of rows dropped before the search began), and a growth swaps in new
+arrays, leaving the old ones intact for the reader. Retention holds both locks, so it may wait
+behind a search; `add` never does.
 """
 
 from __future__ import annotations
@@ -125,11 +127,11 @@ class Names:
 class RowStore:
     """Rows added in time order (roughly), dropped oldest first, read through snapshots."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, capacity: int = 1024) -> None:
         self.key_mask = (1 << min(bits, KEY_BITS)) - 1
         self.streams = Names(DEAD)
         self.events = Names(2**31 - 1)
-        self._col = Columns(1024, word_dtype(bits))
+        self._col = Columns(1 << max(10, (capacity - 1).bit_length()), word_dtype(bits))
         self._first = 0  # id of the oldest row kept
         self._end = 0  # id of the next row
         self._dead = 0  # rows dropped out of order (stream DEAD) with id >= first

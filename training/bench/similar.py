@@ -12,12 +12,15 @@ above the code's training median, and a `--hashing` one, whose bits are its code
   every window seen before it started (what the daemon has when it publishes `start`), with the
   code of its start window (also: its peak window; the nearest over its first 5 windows); a hit
   is the nearest earlier episode being of the same kind. Fewer bits: the first m code units.
+  Beside the code's bits, the same search with a residual signature of each window (3 bits a
+  channel: mean residual high / low, error large; training/bench/signature.py `ResidualRule`).
 - recall@10: how many of a window's 10 nearest neighbours by Euclidean distance of the
   continuous code are among its 10 (and 100) nearest by Hamming distance of the bits.
 - speed and memory: `days` x `streams` x 86,400 windows (1 Hz, hop 1). `real_days` stream-days
   are simulated with faults, encoded and replayed through the detector for real; each stream-day
-  of the index is one of them, picked at random per stream and day (scoring 26 M windows through
-  onnxruntime would take minutes per model and add nothing to the search's distribution). Each
+  of the index is one of them, picked at random per stream and day (scoring 26 M windows and
+  replaying the detector over them would take ~10 minutes per model; the tiles keep the real
+  days' distribution of words, with fewer distinct words than 300 different days would have). Each
   query is a random window of the index, k = 10, its own stream's hour around it excluded; timed
   on one core (the process pinned to one CPU).
 """
@@ -98,29 +101,70 @@ def speed(
     seed: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Build the `days` x `streams` index from the real stream-days and time searches on it."""
-    from daemon.hashindex import CodeIndex, popcount
+    from daemon.hashindex import popcount
     from daemon.hashstore import word_dtype
+
+    rng = np.random.default_rng([seed, 0xDA7])
+    t0 = time.perf_counter()
+    index, every, alarm = _tiled(model, real, found, layout, sizes.day_rows, rng)
+    load_s = time.perf_counter() - t0
+    memory = index.nbytes
+    bits, streams = index.bits, layout[1]
+    in_alarm = np.flatnonzero(alarm)
+    with one_core():
+        near, events = _timed(index, every, rng.integers(0, len(every), sizes.queries), layout,
+                              sizes.day_rows)  # fmt: skip
+        alarm_near, _ = _timed(index, every, rng.choice(in_alarm, min(len(in_alarm), 200)),
+                               layout, sizes.day_rows)  # fmt: skip
+        narrow = every.astype(word_dtype(bits))
+        t = time.perf_counter()
+        for word in narrow[rng.integers(0, len(narrow), 10)]:
+            np.argpartition(popcount(narrow ^ word), 10)[:10]
+        brute_ms = (time.perf_counter() - t) / 10 * 1000
+        t, last = time.perf_counter(), float(layout[0] * DAY_S)
+        for i in range(20_000):
+            index.add(f"stream-{i % streams}", last + i, 0.0, False, None, int(every[i]))
+        add_us = (time.perf_counter() - t) / 20_000 * 1e6
+    return {
+        "windows": len(every),
+        "p50_ms": float(np.percentile(near, 50)),
+        "p99_ms": float(np.percentile(near, 99)),
+        "alarm_query_p99_ms": float(np.percentile(alarm_near, 99)) if len(in_alarm) else None,
+        "events_p99_ms": float(np.percentile(events, 99)),
+        "index_bytes": memory,
+        "bytes_per_window": memory / len(every),
+        "distinct_words": len(np.unique(every)),
+        "alarm_share": len(in_alarm) / len(every),
+        "load_s": load_s,
+        "add_us": add_us,
+        "brute_force_ms": brute_ms,
+    }
+
+
+def _tiled(
+    model: Any, real: list[Any], found: list[Any], layout: tuple[int, int, int], per_day: int,
+    rng: np.random.Generator,
+) -> tuple[Any, np.ndarray, np.ndarray]:  # fmt: skip
+    """The index of `days` x `streams` stream-days, each one of the real ones picked at random,
+    rows in time order (second by second, stream by stream); also every row's word and alarm."""
+    from daemon.hashindex import CodeIndex
     from training.bench.recurrence import code_words
     from training.bench.signature import event_ids
 
     days, streams, windows = layout
     cut = np.asarray(model.manifest.hash_cut())
-    bits = len(cut)
-    per_day = sizes.day_rows
-    blocks = [code_words(s.code, cut, bits)[:per_day] for s in real]
+    blocks = [code_words(s.code, cut, len(cut))[:per_day] for s in real]
     events = [event_ids(s, per)[:per_day] for s, per in zip(real, found, strict=True)]
-    rng = np.random.default_rng([seed, 0xDA7])
     pick = rng.integers(0, len(real), size=(days, streams))
     names = [f"stream-{i}" for i in range(streams)]
-    index, every = CodeIndex(bits), np.empty(windows, dtype=np.uint64)
-    t0 = time.perf_counter()
+    index = CodeIndex(len(cut))
+    every, alarm = np.empty(windows, dtype=np.uint64), np.empty(windows, dtype=bool)
     for d in range(days):
         rows = min(per_day, (windows - d * per_day * streams) // streams)
-        if rows <= 0:
-            break
-        chosen = [real[b] for b in pick[d]]
+        chosen, at = [real[b] for b in pick[d]], d * per_day * streams
         word = np.stack([blocks[b][:rows] for b in pick[d]], axis=1).ravel()
-        every[d * per_day * streams : d * per_day * streams + len(word)] = word
+        active = np.stack([c.active[:rows] for c in chosen], axis=1).ravel()
+        every[at : at + len(word)], alarm[at : at + len(word)] = word, active
         ev: list[str | None] = [None] * (rows * streams)
         for s, b in enumerate(pick[d]):
             ev[s::streams] = [None if x is None else f"{x}/{s}/{d}" for x in events[b][:rows]]
@@ -128,47 +172,31 @@ def speed(
             names * rows,
             np.repeat(d * DAY_S + np.arange(rows, dtype=np.float64), streams),
             np.stack([c.score[:rows] for c in chosen], axis=1).ravel(),
-            np.stack([c.active[:rows] for c in chosen], axis=1).ravel(),
+            active,
             ev,
             word,
         )
-    load_s = time.perf_counter() - t0
-    every = every[: len(index)]
-    picks = rng.integers(0, len(index), size=sizes.queries)
-    stream_of, ts_of = picks % streams, (picks // streams).astype(np.float64)
-    ts_of += (picks // (streams * per_day)) * (DAY_S - per_day)  # days shorter than 86,400 rows
-    near, events_ms = [], []
-    with one_core():
-        for word, s, ts in zip(every[picks], stream_of, ts_of, strict=True):
-            t = time.perf_counter()
-            index.nearest(int(word), 10, exclude_stream=names[s], exclude_from_ts=ts - EXCLUDE_S,
-                          exclude_to_ts=ts + EXCLUDE_S)  # fmt: skip
-            near.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            index.nearest_events(int(word), 5, max_distance=bits // 4)
-            events_ms.append(time.perf_counter() - t)
-        narrow = every.astype(word_dtype(bits))
+    return index, every[: len(index)], alarm[: len(index)]
+
+
+def _timed(
+    index: Any, every: np.ndarray, rows: np.ndarray, layout: tuple[int, int, int], per_day: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Milliseconds of `nearest` (k = 10, the query's own hour excluded) and of
+    `nearest_events` (5 within a quarter of the bits) for the words of index rows `rows`."""
+    streams = layout[1]
+    # Row r: day r // (streams * per_day), second (r // streams) % per_day, stream r % streams.
+    ts = (rows // streams % per_day + rows // (streams * per_day) * DAY_S).astype(np.float64)
+    near, events = [], []
+    for word, s, t_s in zip(every[rows], rows % streams, ts, strict=True):
         t = time.perf_counter()
-        for word in narrow[picks[:10]]:
-            np.argpartition(popcount(narrow ^ word), 10)[:10]
-        brute_ms = (time.perf_counter() - t) / 10 * 1000
-        t, last = time.perf_counter(), float(days * DAY_S)
-        for i in range(20_000):
-            index.add(names[i % streams], last + i, 0.0, False, None, int(every[i]))
-        add_us = (time.perf_counter() - t) / 20_000 * 1e6
-    near_ms, ev_ms = 1000 * np.array(near), 1000 * np.array(events_ms)
-    return {
-        "windows": len(index) - 20_000,
-        "p50_ms": float(np.percentile(near_ms, 50)),
-        "p99_ms": float(np.percentile(near_ms, 99)),
-        "events_p99_ms": float(np.percentile(ev_ms, 99)),
-        "index_bytes": index.nbytes,
-        "bytes_per_window": index.nbytes / len(index),
-        "distinct_words": len(np.unique(every)),
-        "load_s": load_s,
-        "add_us": add_us,
-        "brute_force_ms": brute_ms,
-    }
+        index.nearest(int(word), 10, exclude_stream=f"stream-{s}",
+                      exclude_from_ts=t_s - EXCLUDE_S, exclude_to_ts=t_s + EXCLUDE_S)  # fmt: skip
+        near.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        index.nearest_events(int(word), 5, max_distance=index.bits // 4)
+        events.append(time.perf_counter() - t)
+    return 1000 * np.array(near), 1000 * np.array(events)
 
 
 @contextmanager
@@ -291,7 +319,8 @@ def table(out: dict[str, Any]) -> str:
     lines = [f"similar-window index: {out['windows']:,} windows ({out['windows_made']})"]
     for kind, s in out["speed"].items():
         lines.append(
-            f"  {kind:8s} k=10 p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms  |  events p99 "
+            f"  {kind:8s} k=10 p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms (alarm windows: "
+            f"{_f(s['alarm_query_p99_ms'], 2)} ms)  |  events p99 "
             f"{s['events_p99_ms']:.2f} ms  |  {s['index_bytes'] / 2**20:.0f} MiB "
             f"({s['bytes_per_window']:.1f} B/window, {s['distinct_words']} distinct words)  |  "
             f"add {s['add_us']:.1f} us, bulk load {s['load_s']:.1f} s  |  brute force "
@@ -322,8 +351,8 @@ def table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _f(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _f(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 @click.command()
