@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from math import inf
 from typing import Any
 
@@ -254,16 +255,46 @@ class CodeIndex:
             if exclude_event is not None:
                 keep &= event != self._rows.events.find(exclude_event)
             ids, pos, event, dist = ids[keep], pos[keep], event[keep], dist[keep]
-            ts, stream = col.ts[pos], col.stream[pos]
-        # Each event's nearest window (newest among equals), then events nearest first.
-        order = np.lexsort((-ids, -ts, dist, event))
-        firsts = order[np.flatnonzero(np.diff(event[order], prepend=-2))]
-        firsts = firsts[np.lexsort((-ids[firsts], -ts[firsts], dist[firsts]))][: max(n, 0)]
+            best = _per_event(col, ids, pos, event, dist, n)
+            ts, stream = col.ts[pos[best]], col.stream[pos[best]]
         events, streams = self._rows.events.names, self._rows.streams.names
         return [
-            EventHit(events[event[i]], streams[stream[i]], float(ts[i]), int(dist[i]))
-            for i in firsts
+            EventHit(events[event[i]], streams[s], float(t), int(dist[i]))
+            for i, s, t in zip(best, stream, ts, strict=True)
         ]
+
+
+def _per_event(col: Columns, ids: Ids, pos: Ids, event: Ids, dist: Ids, n: int) -> Ids:
+    """Indices of the n nearest events' best windows (nearest, then newest), nearest first:
+    distance by distance, so only the rows up to the n-th event's distance are sorted."""
+    order = np.argsort(dist.astype(np.uint8), kind="stable")  # a radix sort
+    bounds = np.searchsorted(dist[order], np.arange(int(dist.max(initial=0)) + 2))
+    found: list[Ids] = []
+    seen = np.zeros(0, dtype=event.dtype)
+    for low, high in pairwise(bounds):
+        if sum(len(f) for f in found) >= n:
+            break
+        group = order[low:high]
+        group = group[~np.isin(event[group], seen)]
+        if not len(group):
+            continue
+        firsts = _newest_per_event(col, pos, event, group)
+        found.append(firsts)
+        seen = np.concatenate([seen, event[firsts]])
+    chosen = np.concatenate(found) if found else NO_IDS
+    ts = col.ts[pos[chosen]]
+    return chosen[np.lexsort((-ids[chosen], -ts, dist[chosen]))][: max(n, 0)]
+
+
+def _newest_per_event(col: Columns, pos: Ids, event: Ids, group: Ids) -> Ids:
+    """Of the rows `group` (ascending ids), each event's newest (then last added): linear, as
+    an event's rows are mostly consecutive, which the stable sort's runs exploit."""
+    group = group[np.argsort(event[group], kind="stable")]  # ids stay ascending per event
+    starts = np.flatnonzero(np.diff(event[group], prepend=-2))
+    ts = col.ts[pos[group]]
+    newest = np.repeat(np.maximum.reduceat(ts, starts), np.diff(np.append(starts, len(group))))
+    last = np.where(ts == newest, np.arange(len(group)), -1)
+    return group[np.maximum.reduceat(last, starts)]
 
 
 def _newest(snap: Snapshot, ids: Ids, k: int, rule: _Filter) -> Ids:
