@@ -324,7 +324,7 @@ def table(out: dict[str, Any]) -> str:
             f"{s['events_p99_ms']:.2f} ms  |  {s['index_bytes'] / 2**20:.0f} MiB "
             f"({s['bytes_per_window']:.1f} B/window, {s['distinct_words']} distinct words)  |  "
             f"add {s['add_us']:.1f} us, bulk load {s['load_s']:.1f} s  |  brute force "
-            f"{s['brute_force_ms']:.0f} ms"
+            f"{s['brute_force_ms']:.1f} ms"
         )
     lines.append("repeated faults: the nearest earlier episode is of the same kind (precision@1)")
     for kind in out["precision_at_1"]:
@@ -384,7 +384,8 @@ def similar(
         click.echo(f"· {text}", err=True)
 
     sizes = QUICK if quick else FULL
-    total = windows or days * streams * sizes.day_rows
+    # Whole seconds of all streams: a window count that is a multiple of the streams.
+    total = max(streams, (windows or days * streams * sizes.day_rows) // streams * streams)
     layout = (-(-total // (streams * sizes.day_rows)), streams, total)
     with tempfile.TemporaryDirectory(prefix="oteo-similar-") as tmp:
         given = {"default": model_path, "hashing": hash_model}
