@@ -178,7 +178,7 @@ class CodeIndex:
             return []
         with self._rows.reading() as snap:
             if alarm_only:
-                ids, dist = self._scan(snap, snap.ids(-1), word, rule, limit)
+                ids, dist = self._scan(snap, snap.alarm_rows()[0], word, rule, limit)
                 best = _top(snap.col, ids, dist, k)
                 ids, dist = ids[best], dist[best]
             else:
@@ -210,7 +210,7 @@ class CodeIndex:
     ) -> tuple[Ids, Ids]:
         """Keys radius by radius (nearest first) until k rows are nearer than the next radius."""
         col, exact = snap.col, self.bits <= KEY_BITS
-        used = np.flatnonzero(snap.fill[:-1])  # the last list holds the alarm windows
+        used = np.flatnonzero(snap.fill)
         key_dist = popcount(used ^ (word & self._rows.key_mask))
         order = np.argsort(key_dist, kind="stable")
         used, key_dist = used[order], key_dist[order]
@@ -247,14 +247,15 @@ class CodeIndex:
         windows), within max_distance, nearest first."""
         self._check_word(word)
         with self._rows.reading() as snap:
-            col, ids = snap.col, snap.ids(-1)
-            pos = ids & col.mask
-            event = col.event[pos]
-            dist = popcount(col.word[pos] ^ col.word.dtype.type(word))
-            keep = (event >= 0) & (col.stream[pos] != DEAD) & (dist <= max_distance)
+            col, (ids, words, event) = snap.col, snap.alarm_rows()
+            dist = popcount(words ^ words.dtype.type(word))
+            keep = (event >= 0) & (dist <= max_distance)
             if exclude_event is not None:
                 keep &= event != self._rows.events.find(exclude_event)
-            ids, pos, event, dist = ids[keep], pos[keep], event[keep], dist[keep]
+            ids, event, dist = ids[keep], event[keep], dist[keep]
+            pos = ids & col.mask
+            alive = col.stream[pos] != DEAD  # the ring is read only for the rows within reach
+            ids, pos, event, dist = ids[alive], pos[alive], event[alive], dist[alive]
             best = _per_event(col, ids, pos, event, dist, n)
             ts, stream = col.ts[pos[best]], col.stream[pos[best]]
         events, streams = self._rows.events.names, self._rows.streams.names
@@ -264,7 +265,7 @@ class CodeIndex:
         ]
 
 
-def _per_event(col: Columns, ids: Ids, pos: Ids, event: Ids, dist: Ids, n: int) -> Ids:
+def _per_event(col: Columns, ids: Ids, pos: Ids, event: npt.NDArray[Any], dist: Ids, n: int) -> Ids:
     """Indices of the n nearest events' best windows (nearest, then newest), nearest first:
     distance by distance, so only the rows up to the n-th event's distance are sorted."""
     order = np.argsort(dist.astype(np.uint8), kind="stable")  # a radix sort
@@ -286,7 +287,7 @@ def _per_event(col: Columns, ids: Ids, pos: Ids, event: Ids, dist: Ids, n: int) 
     return chosen[np.lexsort((-ids[chosen], -ts, dist[chosen]))][: max(n, 0)]
 
 
-def _newest_per_event(col: Columns, pos: Ids, event: Ids, group: Ids) -> Ids:
+def _newest_per_event(col: Columns, pos: Ids, event: npt.NDArray[Any], group: Ids) -> Ids:
     """Of the rows `group` (ascending ids), each event's newest (then last added): linear, as
     an event's rows are mostly consecutive, which the stable sort's runs exploit."""
     group = group[np.argsort(event[group], kind="stable")]  # ids stay ascending per event
