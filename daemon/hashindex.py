@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from math import inf
 from typing import Any
 
@@ -95,9 +96,11 @@ class _Filter:
 class CodeIndex:
     """Hash codes of past windows, searched for the nearest by Hamming distance."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, capacity: int = 1024) -> None:
+        """An empty index of `bits`-bit words; `capacity`: rows to make room for up front (the
+        row columns double when full, copying every row once)."""
         self.bits = bits
-        self._rows = RowStore(bits)
+        self._rows = RowStore(bits, capacity)
 
     def add(
         self, stream: str, ts: float, score: float, alarm: bool, event_id: str | None, word: int
@@ -175,7 +178,7 @@ class CodeIndex:
             return []
         with self._rows.reading() as snap:
             if alarm_only:
-                ids, dist = self._scan(snap, snap.ids(-1), word, rule, limit)
+                ids, dist = self._scan(snap, snap.alarm_rows()[0], word, rule, limit)
                 best = _top(snap.col, ids, dist, k)
                 ids, dist = ids[best], dist[best]
             else:
@@ -207,7 +210,7 @@ class CodeIndex:
     ) -> tuple[Ids, Ids]:
         """Keys radius by radius (nearest first) until k rows are nearer than the next radius."""
         col, exact = snap.col, self.bits <= KEY_BITS
-        used = np.flatnonzero(snap.fill[:-1])  # the last list holds the alarm windows
+        used = np.flatnonzero(snap.fill)
         key_dist = popcount(used ^ (word & self._rows.key_mask))
         order = np.argsort(key_dist, kind="stable")
         used, key_dist = used[order], key_dist[order]
@@ -244,23 +247,21 @@ class CodeIndex:
         windows), within max_distance, nearest first."""
         self._check_word(word)
         with self._rows.reading() as snap:
-            col, ids = snap.col, snap.ids(-1)
-            pos = ids & col.mask
-            event = col.event[pos]
-            dist = popcount(col.word[pos] ^ col.word.dtype.type(word))
-            keep = (event >= 0) & (col.stream[pos] != DEAD) & (dist <= max_distance)
+            col, (ids, words, event) = snap.col, snap.alarm_rows()
+            dist = popcount(words ^ words.dtype.type(word))
+            keep = (event >= 0) & (dist <= max_distance)
             if exclude_event is not None:
                 keep &= event != self._rows.events.find(exclude_event)
-            ids, pos, event, dist = ids[keep], pos[keep], event[keep], dist[keep]
-            ts, stream = col.ts[pos], col.stream[pos]
-        # Each event's nearest window (newest among equals), then events nearest first.
-        order = np.lexsort((-ids, -ts, dist, event))
-        firsts = order[np.flatnonzero(np.diff(event[order], prepend=-2))]
-        firsts = firsts[np.lexsort((-ids[firsts], -ts[firsts], dist[firsts]))][: max(n, 0)]
+            ids, event, dist = ids[keep], event[keep], dist[keep]
+            pos = ids & col.mask
+            alive = col.stream[pos] != DEAD  # the ring is read only for the rows within reach
+            ids, pos, event, dist = ids[alive], pos[alive], event[alive], dist[alive]
+            best = _per_event(col, ids, pos, event, dist, n)
+            ts, stream = col.ts[pos[best]], col.stream[pos[best]]
         events, streams = self._rows.events.names, self._rows.streams.names
         return [
-            EventHit(events[event[i]], streams[stream[i]], float(ts[i]), int(dist[i]))
-            for i in firsts
+            EventHit(events[event[i]], streams[s], float(t), int(dist[i]))
+            for i, s, t in zip(best, stream, ts, strict=True)
         ]
 
     def word_at(self, stream: str, ts: float) -> int | None:
@@ -284,6 +285,39 @@ class CodeIndex:
                 if gaps[i] < best_gap:
                     best, best_gap = int(col.word[mine[i]]), float(gaps[i])
         return best
+
+
+def _per_event(col: Columns, ids: Ids, pos: Ids, event: npt.NDArray[Any], dist: Ids, n: int) -> Ids:
+    """Indices of the n nearest events' best windows (nearest, then newest), nearest first:
+    distance by distance, so only the rows up to the n-th event's distance are sorted."""
+    order = np.argsort(dist.astype(np.uint8), kind="stable")  # a radix sort
+    bounds = np.searchsorted(dist[order], np.arange(int(dist.max(initial=0)) + 2))
+    found: list[Ids] = []
+    seen = np.zeros(0, dtype=event.dtype)
+    for low, high in pairwise(bounds):
+        if sum(len(f) for f in found) >= n:
+            break
+        group = order[low:high]
+        group = group[~np.isin(event[group], seen)]
+        if not len(group):
+            continue
+        firsts = _newest_per_event(col, pos, event, group)
+        found.append(firsts)
+        seen = np.concatenate([seen, event[firsts]])
+    chosen = np.concatenate(found) if found else NO_IDS
+    ts = col.ts[pos[chosen]]
+    return chosen[np.lexsort((-ids[chosen], -ts, dist[chosen]))][: max(n, 0)]
+
+
+def _newest_per_event(col: Columns, pos: Ids, event: npt.NDArray[Any], group: Ids) -> Ids:
+    """Of the rows `group` (ascending ids), each event's newest (then last added): linear, as
+    an event's rows are mostly consecutive, which the stable sort's runs exploit."""
+    group = group[np.argsort(event[group], kind="stable")]  # ids stay ascending per event
+    starts = np.flatnonzero(np.diff(event[group], prepend=-2))
+    ts = col.ts[pos[group]]
+    newest = np.repeat(np.maximum.reduceat(ts, starts), np.diff(np.append(starts, len(group))))
+    last = np.where(ts == newest, np.arange(len(group)), -1)
+    return group[np.maximum.reduceat(last, starts)]
 
 
 def _newest(snap: Snapshot, ids: Ids, k: int, rule: _Filter) -> Ids:

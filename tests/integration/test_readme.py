@@ -68,6 +68,7 @@ ELSEWHERE = {
     "systemctl": "needs systemd as PID 1: tests/integration/test_systemd.py verifies the units",
     "journalctl": "needs systemd as PID 1",
     "oteo benchmark throughput": "tests/integration/test_throughput_benchmark.py (--quick --json)",
+    "oteo benchmark similar": "tests/integration/test_similar_benchmark.py (--quick --json)",
 }
 TRAINING = "oteo simulate --csv normal.csv"
 DAEMON = "oteo run --model models/demo.onnx"

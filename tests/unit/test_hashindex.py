@@ -241,3 +241,15 @@ def test_searches_while_one_writer_adds_see_only_whole_rows() -> None:
         reader.join()
     assert errors == []
     assert len(index) == 20_000 - 4 * 1000
+
+
+def test_room_made_up_front_is_used_before_any_growth() -> None:
+    rng = np.random.default_rng(7)
+    index, ref = CodeIndex(16, capacity=3000), Reference()
+    before = index.nbytes
+    columns = 4096 * (2 + 8 + 4 + 1 + 4 + 2)  # the ring: 3000 rounded up to a power of two
+    assert before >= columns
+    load(index, ref, random_rows(rng, 2500, 16), bulk=False)
+    lists = index.nbytes - before  # only the key lists grew
+    assert lists < 64 * 2500
+    assert_same_answers(index, ref, rng)
