@@ -43,7 +43,8 @@ def popcount(x: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
 
 
 def hash_bits(code: np.ndarray, cut: np.ndarray) -> np.ndarray:
-    """[B, K] codes -> [B] uint64 words, bit i = code[:, i] > cut[i]. K <= 64 (else ValueError)."""
+    """[B, K] codes -> [B] uint64 words of K bits: code unit 0 is the most significant, as the
+    `hash` op's hex writes them (`request.bits_to_hex`). K <= 64 (else ValueError)."""
     code = np.asarray(code)
     if code.ndim != 2:
         raise ValueError(f"code must be [batch, units], got shape {code.shape}")
@@ -51,9 +52,9 @@ def hash_bits(code: np.ndarray, cut: np.ndarray) -> np.ndarray:
     if not 1 <= units <= 64:
         raise ValueError(f"code has {units} units; a hash word holds 1 to 64 bits")
     bits = np.zeros((code.shape[0], 64), dtype=bool)
-    bits[:, :units] = code > np.asarray(cut).reshape(1, units)
-    packed = np.packbits(bits, axis=1, bitorder="little")
-    return np.ascontiguousarray(packed).view("<u8").reshape(-1).astype(np.uint64)
+    bits[:, 64 - units :] = code > np.asarray(cut).reshape(1, units)
+    packed = np.packbits(bits, axis=1, bitorder="big")
+    return np.ascontiguousarray(packed).view(">u8").reshape(-1).astype(np.uint64)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.hashindex import CodeIndex
+from daemon.hashindex import CodeIndex, hash_bits
 from daemon.journal import Episode, Journal
 from daemon.manifest import Manifest
 from daemon.messages import SeenBefore, format_ts
@@ -74,7 +74,6 @@ class Recall:
         self.index: CodeIndex | None = None
         self.nbits = 0
         self._cut: np.ndarray | None = None
-        self._weights: np.ndarray | None = None
         for name, count in journal.label_counts().items():
             metrics.event_labels.labels(name).set(count)
         # Replaced whole by op threads, read by the main loop: event id -> until (wall clock).
@@ -102,9 +101,6 @@ class Recall:
         assert self.recorder is not None and cut is not None
         self.nbits = manifest.code_size
         self._cut = np.asarray(cut, dtype=np.float32)
-        self._weights = np.left_shift(
-            np.uint64(1), np.arange(self.nbits - 1, -1, -1, dtype=np.uint64)
-        )
         self.index = self._load(self.recorder.path, sha256)
         self.recorder.use_codebook(sha256, self.nbits)
         self._update_gauges()
@@ -127,11 +123,9 @@ class Recall:
 
     def words(self, code: np.ndarray) -> np.ndarray | None:
         """Hash bits of a batch of codes [B, K] as uint64 words; None when off."""
-        if self._cut is None or self._weights is None:
+        if self._cut is None:
             return None
-        bits = code > self._cut
-        words: np.ndarray = (bits.astype(np.uint64) * self._weights).sum(axis=1, dtype=np.uint64)
-        return words
+        return hash_bits(code, self._cut)
 
     def observe(
         self, stream: str, ts: float, score: float, event_id: str | None, word: int

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.hashindex import CodeIndex, EventHit, Hit, hash_bits, popcount
+from daemon.request import bits_to_hex
 
 
 @dataclass
@@ -174,14 +175,15 @@ def test_late_rows_are_found_newest_first_in_a_long_list() -> None:
     assert index.nearest(7, 3) == ref.nearest(7, 3)
 
 
-def test_hash_bits_sets_bit_i_for_code_unit_i_above_its_cut() -> None:
+def test_hash_bits_read_like_the_hash_ops_hex_unit_0_most_significant() -> None:
     rng = np.random.default_rng(0)
     code = rng.random((50, 13))
     cut = rng.random(13)
     words = hash_bits(code, cut)
     assert words.dtype == np.uint64
     for row, word in zip(code, words, strict=True):
-        assert int(word) == sum(1 << i for i in range(13) if row[i] > cut[i])
+        assert int(word) == sum(1 << (12 - i) for i in range(13) if row[i] > cut[i])
+        assert int(word) == int(bits_to_hex(row > cut), 16)
     full = hash_bits(np.ones((2, 64)), np.zeros(64))
     assert int(full[0]) == 2**64 - 1
     assert popcount(full).tolist() == [64, 64]
