@@ -299,7 +299,10 @@ class Engine:
         self.windows_scored += n
         p99 = self.serving.p99  # type: ignore[union-attr]
         recall = self.episodes.recall
-        words = recall.words(out.code) if recall is not None else None
+        words = sigs = None
+        if recall is not None:
+            words = recall.words(out.code)
+            sigs = recall.signatures(self._batch[:n], out.reconstruction, out.channel_score)
         for i, item in enumerate(pending):
             score = float(out.score[i])
             if not math.isfinite(score):
@@ -318,6 +321,7 @@ class Engine:
                 self._batch[i, -1],
                 out.reconstruction[i, -1],
                 _word(words, i, recall, item.stream.id),
+                _word(sigs, i, recall, item.stream.id),
             )
         return n
 
@@ -373,7 +377,7 @@ class Engine:
 
 
 def _word(words: np.ndarray | None, i: int, recall: Recall | None, stream: str) -> int | None:
-    """Window i's hash bits if its stream is remembered (recorded, model hashes)."""
+    """Window i's word (hash bits, signature) if its stream is remembered (recorded)."""
     if words is None or recall is None or not recall.remembers(stream):
         return None
     return int(words[i])

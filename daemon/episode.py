@@ -104,10 +104,12 @@ class Episodes:
         observed: np.ndarray,
         expected: np.ndarray,
         word: int | None = None,
+        sig: int | None = None,
     ) -> None:
         """One scored window of `stream`; the arrays are views of a batch (copied if kept).
 
-        `word`: the window's hash bits, for streams the recall remembers."""
+        `word`, `sig`: the window's hash bits and residual signature, for streams the recall
+        remembers."""
         decision = stream.detector.update(score, channel_score)
         s = stream.last_score = decision.score
         stream.score_metric.set(s)
@@ -121,9 +123,8 @@ class Episodes:
         # While muted the alarm logic keeps running; only its messages are held back, so a
         # fault that starts during a maintenance window is reported when the window closes.
         if decision.transition is Transition.START:
-            self._begin(
-                stream, _peak(s, ts, channel_score, observed, expected, word), arrival, muted
-            )
+            peak = _peak(s, ts, channel_score, observed, expected, word, sig)
+            self._begin(stream, peak, arrival, muted)
         elif decision.transition is Transition.END and alarm is not None:
             if alarm.published:  # an announced alarm is always closed, muted or not
                 reason: EndReason = "new_normal" if decision.new_normal else "cleared"
@@ -134,7 +135,7 @@ class Episodes:
                 self.set_state(stream, "normal", ts)
         elif alarm is not None:
             if s > alarm.peak.score:
-                alarm.observe(_peak(s, ts, channel_score, observed, expected, word))
+                alarm.observe(_peak(s, ts, channel_score, observed, expected, word, sig))
             held = muted or alarm.suppressed_by is not None
             if not held and not alarm.published:
                 self._announce(stream, ts, s, arrival)
@@ -150,15 +151,15 @@ class Episodes:
             # A suppressed alarm's windows are remembered as normal: the operator said so.
             alarm = stream.alarm
             event_id = alarm.event_id if alarm is not None and not suppressed else None
-            self.recall.observe(stream.id, ts, s, event_id, word)
+            self.recall.observe(stream.id, ts, s, event_id, word, sig)
 
     def _begin(self, stream: Stream, peak: Peak, arrival: float, muted: bool) -> None:
         """An alarm starts: is it like earlier ones (and one labelled a false alarm with a mute
         of similar episodes)? Announce it unless the stream is muted or it is suppressed."""
         alarm = stream.alarm = Alarm.begin(peak)
-        if peak.word is not None and self.recall is not None:
-            alarm.seen_before = self.recall.seen_before(peak.word, alarm.event_id, stream.id)
-            alarm.suppressed_by = self.recall.suppressing(peak.word, alarm.event_id)
+        if peak.sig is not None and self.recall is not None:
+            alarm.seen_before = self.recall.seen_before(peak.sig, alarm.event_id, stream.id)
+            alarm.suppressed_by = self.recall.suppressing(peak.sig, alarm.event_id)
             if alarm.suppressed_by is not None:
                 self.metrics.alarms_suppressed_total.inc()
                 log.info(
@@ -262,7 +263,13 @@ class Episodes:
                 self.metrics.labels_total.labels(label, name)
         if self.journal is not None and kind != "update":
             try:
-                self.journal.record(event, start_word=alarm.start_word, peak_word=alarm.peak.word)
+                self.journal.record(
+                    event,
+                    start_word=alarm.start_word,
+                    peak_word=alarm.peak.word,
+                    start_sig=alarm.start_sig,
+                    peak_sig=alarm.peak.sig,
+                )
             except sqlite3.Error as exc:  # the event is out; only its journal entry is lost
                 self.metrics.errors_total.labels(stage="journal").inc()
                 log.error("event journal: cannot write %s: %s", event.event_id, exc)
@@ -359,9 +366,10 @@ def _peak(
     observed: np.ndarray,
     expected: np.ndarray,
     word: int | None,
+    sig: int | None,
 ) -> Peak:
     """A window kept as an alarm's peak: copies (the arrays are views of a reused batch)."""
-    return Peak(score, ts, channel_score.copy(), observed.copy(), expected.copy(), word)
+    return Peak(score, ts, channel_score.copy(), observed.copy(), expected.copy(), word, sig)
 
 
 def _top_text(event: Event) -> str:

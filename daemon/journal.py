@@ -40,7 +40,9 @@ CREATE TABLE IF NOT EXISTS episode (
     top_channels TEXT NOT NULL,  -- JSON list of channel names, largest contribution first
     model_sha256 TEXT NOT NULL,
     start_word INTEGER,          -- hash bits of the window that started it (NULL: no hash rule)
-    peak_word INTEGER            -- hash bits of its peak window
+    peak_word INTEGER,           -- hash bits of its peak window
+    start_sig INTEGER,           -- residual signatures of those windows (daemon/signature.py)
+    peak_sig INTEGER
 );
 CREATE INDEX IF NOT EXISTS episode_started ON episode (started_ts);
 CREATE TABLE IF NOT EXISTS similar_mute (
@@ -75,6 +77,8 @@ class Episode:
     model_sha256: str
     start_word: int | None
     peak_word: int | None
+    start_sig: int | None = None
+    peak_sig: int | None = None
     label: Label | None = None
     cause: str | None = None
     labelled_by: str | None = None
@@ -106,7 +110,8 @@ class Episode:
 
 _COLUMNS = (
     "e.event_id, e.stream, e.started_ts, e.ended_ts, e.reason, e.peak_score, e.top_channels, "
-    "e.model_sha256, e.start_word, e.peak_word, l.label, l.cause, l.labelled_by, l.labelled_ts, "
+    "e.model_sha256, e.start_word, e.peak_word, e.start_sig, e.peak_sig, "
+    "l.label, l.cause, l.labelled_by, l.labelled_ts, "
     "m.until_ts"
 )
 _FROM = (
@@ -117,7 +122,7 @@ _FROM = (
 
 def _episode(row: tuple[Any, ...]) -> Episode:
     event_id, stream, started, ended, reason, peak, channels, sha, start, peak_word = row[:10]
-    label, cause, by, labelled, mute_until = row[10:]
+    start_sig, peak_sig, label, cause, by, labelled, mute_until = row[10:]
     return Episode(
         event_id,
         stream,
@@ -129,6 +134,8 @@ def _episode(row: tuple[Any, ...]) -> Episode:
         sha,
         unsigned(start),
         unsigned(peak_word),
+        start_sig,
+        peak_sig,
         label,
         cause,
         by,
@@ -158,7 +165,15 @@ class Journal:
 
     # -- main loop ---------------------------------------------------------------------------
 
-    def record(self, event: Event, *, start_word: int | None, peak_word: int | None) -> None:
+    def record(
+        self,
+        event: Event,
+        *,
+        start_word: int | None,
+        peak_word: int | None,
+        start_sig: int | None = None,
+        peak_sig: int | None = None,
+    ) -> None:
         """Write an episode on its start, and again (its end and peak) when it ends."""
         started = _unix(event.started)
         ended = _unix(event.ended) if event.ended is not None else None
@@ -166,11 +181,11 @@ class Journal:
         with self._lock:
             cursor = self._conn.execute(
                 "INSERT INTO episode (event_id, stream, started_ts, ended_ts, reason, peak_score, "
-                "top_channels, model_sha256, start_word, peak_word) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO UPDATE SET "
+                "top_channels, model_sha256, start_word, peak_word, start_sig, peak_sig) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO UPDATE SET "
                 "ended_ts = excluded.ended_ts, reason = excluded.reason, "
                 "peak_score = excluded.peak_score, top_channels = excluded.top_channels, "
-                "peak_word = excluded.peak_word",
+                "peak_word = excluded.peak_word, peak_sig = excluded.peak_sig",
                 (
                     event.event_id,
                     event.stream,
@@ -182,6 +197,8 @@ class Journal:
                     event.model.sha256,
                     _signed(start_word),
                     _signed(peak_word),
+                    start_sig,
+                    peak_sig,
                 ),
             )
             if cursor.rowcount and ended is None:

@@ -279,6 +279,13 @@ class Manifest(_Strict):
         "for hashing derive hash bits as code > code_median (one bit per unit, about half set on "
         "normal data); absent in files exported before it existed.",
     )
+    residual_spread: list[float] | None = Field(
+        None,
+        description="Per channel, the spread (std) of its window-mean residual (observed - "
+        "reconstruction, in standardised units) over held-back normal windows: the scale of "
+        "the residual signature that compares alarm episodes (daemon/signature.py); absent in "
+        "files exported before it existed.",
+    )
     calibration: Calibration
     alarm: AlarmPolicy
     score_quantiles: Quantiles
@@ -319,6 +326,8 @@ class Manifest(_Strict):
             raise ValueError("detection.channel_level needs one value per channel")
         if self.code_median is not None and len(self.code_median) != self.code_size:
             raise ValueError("code_median needs one value per code unit")
+        if self.residual_spread is not None and len(self.residual_spread) != n:
+            raise ValueError("residual_spread needs one value per channel")
         if self.roles and len(self.roles) != n:
             raise ValueError("roles needs one role per channel (or none: all targets)")
         if self.roles and "target" not in self.roles:

@@ -7,8 +7,12 @@ alarm. They go into an in-memory `CodeIndex` (searched by Hamming distance) and 
 recording (`code` table), so a restart loads them back; both follow the recording's retention.
 Bits belong to one model file: after a model change the memory holds that model's windows only.
 
-`seen_before` runs on the main loop when an alarm starts: the nearest earlier alarm episodes
-within `[similar] max_distance` bits of the start window. `similar` runs in op threads.
+Alarm windows also get a residual signature (`daemon.signature`: which channels are off, which
+way, how much), kept in a second, small index: episodes are compared by it, since the code says
+more about where the machine runs than about how it fails. `seen_before` runs on the main loop
+when an alarm starts: the nearest earlier alarm episodes within `[similar] max_distance` bits of
+the start window's signature. `similar` runs in op threads: by code bits for a window, bits or a
+stream and time; by signature among alarm windows for an event id.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from daemon.request import (
     hex_to_bits,
 )
 from daemon.section import SimilarSection
+from daemon.signature import ResidualSignature
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,9 @@ class Recall:
         self.journal = journal
         self.recorder = recorder
         self.metrics = metrics
-        self.index: CodeIndex | None = None
+        self.index: CodeIndex | None = None  # every window's code bits
+        self.faults: CodeIndex | None = None  # alarm windows' residual signatures
+        self.signature: ResidualSignature | None = None
         self.nbits = 0
         self._cut: np.ndarray | None = None
         for name, count in journal.label_counts().items():
@@ -86,7 +93,7 @@ class Recall:
 
     def use_model(self, manifest: Manifest, sha256: str) -> None:
         """Hold the windows of this model (loaded from the recording); off if it cannot hash."""
-        self.index, self._cut = None, None
+        self.index, self.faults, self.signature, self._cut = None, None, None, None
         cut = manifest.hash_cut()
         why = None
         if self.recorder is None:
@@ -101,15 +108,28 @@ class Recall:
         assert self.recorder is not None and cut is not None
         self.nbits = manifest.code_size
         self._cut = np.asarray(cut, dtype=np.float32)
-        self.index = self._load(self.recorder.path, sha256)
+        self.signature = ResidualSignature.of(manifest)
+        self.index, self.faults = self._load(self.recorder.path, sha256)
         self.recorder.use_codebook(sha256, self.nbits)
         self._update_gauges()
 
-    def _load(self, path: Path, sha256: str) -> CodeIndex:
+    def _load(self, path: Path, sha256: str) -> tuple[CodeIndex, CodeIndex | None]:
         index = CodeIndex(self.nbits)
+        sig = self.signature
+        faults = CodeIndex(sig.bits) if sig is not None else None
         t0 = time.perf_counter()
-        for streams, ts, score, alarm, events, words in read_windows(path, sha256):
+        for streams, ts, score, alarm, events, words, sigs in read_windows(path, sha256):
             index.add_many(streams, ts, score, alarm, events, words)
+            keep = np.flatnonzero(alarm & (sigs >= 0))
+            if faults is not None and len(keep):
+                faults.add_many(
+                    [streams[i] for i in keep],
+                    ts[keep],
+                    score[keep],
+                    alarm[keep],
+                    [events[i] for i in keep],
+                    sigs[keep].astype(np.uint64),
+                )
         if len(index):
             log.info(
                 "similar: %d recorded windows of this model loaded in %.1f s (%d MB)",
@@ -117,7 +137,7 @@ class Recall:
                 time.perf_counter() - t0,
                 index.nbytes >> 20,
             )
-        return index
+        return index, faults
 
     # -- main loop ---------------------------------------------------------------------------
 
@@ -127,28 +147,46 @@ class Recall:
             return None
         return hash_bits(code, self._cut)
 
+    def signatures(
+        self, windows: np.ndarray, reconstruction: np.ndarray, channel_score: np.ndarray
+    ) -> np.ndarray | None:
+        """Residual signatures of a batch (raw-unit windows and reconstructions); None: off."""
+        if self.signature is None or self.index is None:
+            return None
+        return self.signature.words(windows, reconstruction, channel_score)
+
     def observe(
-        self, stream: str, ts: float, score: float, event_id: str | None, word: int
+        self,
+        stream: str,
+        ts: float,
+        score: float,
+        event_id: str | None,
+        word: int,
+        sig: int | None = None,
     ) -> None:
-        """One scored window of a stream (kept only if the stream is recorded)."""
+        """One scored window of a stream (kept only if the stream is recorded); `event_id`:
+        the alarm it is in, whose windows' signatures are kept too."""
         index, recorder = self.index, self.recorder
         if index is None or recorder is None or not recorder.wants(stream):
             return
         alarm = event_id is not None
         index.add(stream, ts, score, alarm, event_id, word)
-        recorder.record_code(stream, ts, score, alarm, event_id, word)
+        kept_sig = sig if alarm and self.faults is not None else None
+        if kept_sig is not None and self.faults is not None:
+            self.faults.add(stream, ts, score, True, event_id, kept_sig)
+        recorder.record_code(stream, ts, score, event_id, word, kept_sig)
 
     def remembers(self, stream: str) -> bool:
         return self.index is not None and self.recorder is not None and self.recorder.wants(stream)
 
-    def seen_before(self, word: int, event_id: str, stream: str) -> list[SeenBefore] | None:
-        """The nearest earlier alarm episodes within max_distance bits, nearest first; None
-        when not searched ([similar] seen_before = 0)."""
-        index = self.index
-        if index is None or self.cfg.seen_before == 0:
+    def seen_before(self, sig: int, event_id: str, stream: str) -> list[SeenBefore] | None:
+        """The earlier alarm episodes whose signatures lie within max_distance bits of this
+        start window's, nearest first; None when not searched ([similar] seen_before = 0)."""
+        faults = self.faults
+        if faults is None or self.cfg.seen_before == 0:
             return None
-        hits = index.nearest_events(
-            word, self.cfg.seen_before, max_distance=self.cfg.max_distance, exclude_event=event_id
+        hits = faults.nearest_events(
+            sig, self.cfg.seen_before, max_distance=self.cfg.max_distance, exclude_event=event_id
         )
         labels = self.journal.labels_of([h.event_id for h in hits])
         out = []
@@ -170,15 +208,15 @@ class Recall:
         m.alarm_starts_total.labels(m.stream_label(stream), "before" if out else "new").inc()
         return out
 
-    def suppressing(self, word: int, event_id: str) -> str | None:
-        """The false-alarm episode with a mute of similar episodes in force that this start
-        window hashes like (within max_distance), if any."""
-        index, now = self.index, time.time()
+    def suppressing(self, sig: int, event_id: str) -> str | None:
+        """The false-alarm episode with a mute of similar episodes in force whose signature
+        this start window's is within max_distance of, if any."""
+        faults, now = self.faults, time.time()
         active = {e for e, until in self._mutes.items() if until > now}
-        if index is None or not active:
+        if faults is None or not active:
             return None
-        hits = index.nearest_events(
-            word, len(index), max_distance=self.cfg.max_distance, exclude_event=event_id
+        hits = faults.nearest_events(
+            sig, len(faults), max_distance=self.cfg.max_distance, exclude_event=event_id
         )
         return next((h.event_id for h in hits if h.event_id in active), None)
 
@@ -186,12 +224,15 @@ class Recall:
         """Drop what the recording no longer holds (age and size caps); call once a second."""
         if self.index is not None and self.recorder is not None:
             self.index.drop_before(self.recorder.oldest_ts)
+            if self.faults is not None:
+                self.faults.drop_before(self.recorder.oldest_ts)
             self._update_gauges()
 
     def _update_gauges(self) -> None:
-        index = self.index
+        index, faults = self.index, self.faults
         self.metrics.similar_windows.set(len(index) if index is not None else 0)
-        self.metrics.similar_index_bytes.set(index.nbytes if index is not None else 0)
+        held = (index.nbytes if index else 0) + (faults.nbytes if faults else 0)
+        self.metrics.similar_index_bytes.set(held)
 
     # -- op threads --------------------------------------------------------------------------
 
@@ -248,6 +289,12 @@ class Recall:
                 "no memory of windows: record streams ([record] streams) with a model that hashes",
             )
         word, stream, lo, hi = self._query(request, model, index)
+        nbits, by = self.nbits, "code"
+        if request.event_id is not None and self.faults is not None:
+            sig = self._episode_sig(request.event_id)
+            if sig is not None:  # an episode: compared by how it fails, among alarm windows
+                word, index, by = sig, self.faults, "signature"
+                nbits = self.faults.bits
         exclude_s = self.cfg.exclude_s if request.exclude_s is None else request.exclude_s
         hits = index.nearest(
             word,
@@ -260,8 +307,9 @@ class Recall:
         labels = self.journal.labels_of([h.event_id for h in hits if h.event_id is not None])
         none: tuple[None, None] = (None, None)
         return SimilarReply(
-            bits=format(word, f"0{-(-self.nbits // 4)}x"),
-            nbits=self.nbits,
+            by=by,
+            bits=format(word, f"0{-(-nbits // 4)}x"),
+            nbits=nbits,
             windows=len(index),
             hits=[
                 SimilarHit(
@@ -278,6 +326,12 @@ class Recall:
             ],
             id=request.id,
         )
+
+    def _episode_sig(self, event_id: str) -> int | None:
+        episode = self.journal.get(event_id)
+        if episode is None:
+            return None
+        return episode.peak_sig if episode.peak_sig is not None else episode.start_sig
 
     def _query(
         self, request: SimilarRequest, model: Model, index: CodeIndex

@@ -47,8 +47,8 @@ AGE_CHECK_S = 60.0
 _MATCH_CACHE = 10_000
 
 Row = tuple[str, float, str, int, bytes]  # stream, ts, layout key, channel (-1: all), values
-# stream, ts, codebook sha256, score, alarm, event id, word (signed 64-bit)
-CodeRow = tuple[str, float, str, float, int, str | None, int]
+# stream, ts, codebook sha256, score, alarm, event id, word (signed 64-bit), signature
+CodeRow = tuple[str, float, str, float, int, str | None, int, int | None]
 
 
 @dataclass(slots=True)
@@ -130,14 +130,22 @@ class Recorder:
         self._codebook = sha256
 
     def record_code(
-        self, stream: str, ts: float, score: float, alarm: bool, event_id: str | None, word: int
+        self,
+        stream: str,
+        ts: float,
+        score: float,
+        event_id: str | None,
+        word: int,
+        sig: int | None = None,
     ) -> None:
-        """Keep one scored window's hash bits for the next flush (the stream is recorded)."""
+        """Keep one scored window's hash bits (and an alarm window's residual signature) for
+        the next flush (the stream is recorded)."""
         if len(self._codes) >= MAX_BUFFERED_ROWS:
             self.metrics.recorder_dropped_total.inc()
             return
         signed = word - (1 << 64) if word >= 1 << 63 else word
-        self._codes.append((stream, ts, self._codebook, score, int(alarm), event_id, signed))
+        alarm = int(event_id is not None)
+        self._codes.append((stream, ts, self._codebook, score, alarm, event_id, signed, sig))
 
     def wants(self, stream: str) -> bool:
         wanted = self._wanted.get(stream)
@@ -291,11 +299,11 @@ class Recorder:
                 sha: self._id("codebook", sha, nbits) for sha, nbits in batch.codebooks.items()
             }
             c.executemany(
-                "INSERT INTO code (stream, ts, codebook, score, alarm, event, word) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO code (stream, ts, codebook, score, alarm, event, word, sig) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (self._id("stream", s), ts, books[sha], score, alarm, event, word)
-                    for s, ts, sha, score, alarm, event, word in batch.codes
+                    (self._id("stream", s), ts, books[sha], score, alarm, event, word, sig)
+                    for s, ts, sha, score, alarm, event, word, sig in batch.codes
                 ],
             )
         for m in batch.marks:

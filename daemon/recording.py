@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS code (
     score REAL NOT NULL,
     alarm INTEGER NOT NULL,
     event TEXT,   -- the alarm's event id while in an alarm
-    word INTEGER NOT NULL  -- hash bits, bit 0 of the code most significant; signed 64-bit
+    word INTEGER NOT NULL,  -- hash bits, bit 0 of the code most significant; signed 64-bit
+    sig INTEGER   -- alarm windows: the residual signature (daemon/signature.py)
 );
 CREATE TABLE IF NOT EXISTS mark (
     id INTEGER PRIMARY KEY,
@@ -194,12 +195,15 @@ def _arrays(
     return ts, values
 
 
-WindowRows = tuple[list[str], np.ndarray, np.ndarray, np.ndarray, list[str | None], np.ndarray]
+# streams, ts, score, alarm, event ids, words (uint64), signatures (int64, -1: none)
+WindowRows = tuple[
+    list[str], np.ndarray, np.ndarray, np.ndarray, list[str | None], np.ndarray, np.ndarray
+]
 
 
 def read_windows(path: Path, sha256: str, chunk: int = 200_000) -> Iterator[WindowRows]:
-    """The recorded windows of one model, oldest first, in chunks: streams, ts, score, alarm,
-    event ids and words (uint64). Nothing if the file or the model has none."""
+    """The recorded windows of one model, oldest first, in chunks (`WindowRows`). Nothing if
+    the file or the model has none."""
     if not path.is_file():
         return
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
@@ -209,11 +213,12 @@ def read_windows(path: Path, sha256: str, chunk: int = 200_000) -> Iterator[Wind
             return
         names = dict(conn.execute("SELECT id, name FROM stream").fetchall())
         cursor = conn.execute(
-            "SELECT stream, ts, score, alarm, event, word FROM code WHERE codebook = ? ORDER BY id",
+            "SELECT stream, ts, score, alarm, event, word, COALESCE(sig, -1) FROM code "
+            "WHERE codebook = ? ORDER BY id",
             (found[0],),
         )
         while rows := cursor.fetchmany(chunk):
-            streams, ts, score, alarm, events, words = zip(*rows, strict=True)
+            streams, ts, score, alarm, events, words, sigs = zip(*rows, strict=True)
             yield (
                 [names[s] for s in streams],
                 np.asarray(ts, dtype=np.float64),
@@ -221,6 +226,7 @@ def read_windows(path: Path, sha256: str, chunk: int = 200_000) -> Iterator[Wind
                 np.asarray(alarm, dtype=bool),
                 list(events),
                 np.asarray(words, dtype=np.int64).view(np.uint64),
+                np.asarray(sigs, dtype=np.int64),
             )
     finally:
         conn.close()

@@ -212,7 +212,8 @@ class SimilarRequest(StrictInput):
 
     Give exactly one query: `window` (raw units, [window][channels]), `bits` (hex, as the hash
     op writes them), `stream` with `ts` (the recorded window of that stream nearest that time),
-    or `event_id` (the peak window of a journalled alarm episode).
+    or `event_id` (the peak window of a journalled alarm episode, compared by its residual
+    signature with other alarm windows).
     """
 
     window: (
@@ -269,7 +270,11 @@ class SimilarReply(_Reply):
     """The nearest past windows, nearest first (ties: newest first)."""
 
     op: Literal["similar"] = "similar"
-    bits: str = Field(description="The query's hash bits (hex).")
+    by: Literal["code", "signature"] = Field(
+        description="What was compared: the code's hash bits (windows, bits, stream and time: "
+        "every recorded window), or the residual signature (event ids: alarm windows only)."
+    )
+    bits: str = Field(description="The query's bits (hex).")
     nbits: int = Field(ge=1)
     windows: int = Field(ge=0, description="Windows in the memory that was searched.")
     hits: list[SimilarHit]

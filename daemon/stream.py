@@ -24,6 +24,7 @@ class Peak:
     observed: np.ndarray  # [C] newest sample of the window, raw units
     expected: np.ndarray  # [C] its reconstruction
     word: int | None = None  # its hash bits (recorded streams of a model that hashes)
+    sig: int | None = None  # its residual signature (daemon/signature.py)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Alarm:
     last_update_ts: float
     published: bool = False  # its start event went out (not while the stream was muted)
     start_word: int | None = None  # hash bits of the window that started it
+    start_sig: int | None = None  # its residual signature: compared with earlier episodes
     # The earlier episodes its start window resembles (None: not searched).
     seen_before: list[SeenBefore] | None = None
     # The false-alarm episode whose mute of similar episodes holds this one back (not announced).
@@ -43,7 +45,9 @@ class Alarm:
 
     @classmethod
     def begin(cls, peak: Peak) -> Alarm:
-        return cls(uuid.uuid4().hex, peak.ts, peak, peak.ts, start_word=peak.word)
+        return cls(
+            uuid.uuid4().hex, peak.ts, peak, peak.ts, start_word=peak.word, start_sig=peak.sig
+        )
 
     def observe(self, peak: Peak) -> None:
         """Keep the window if it is the highest of the alarm so far."""

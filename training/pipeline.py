@@ -213,6 +213,7 @@ def train(table: SensorTable, opts: TrainOptions, out: Path) -> TrainResult:
         code_size=cfg.code_size,
         hashable=cfg.hashing,
         code_median=np.median(code, axis=0).astype(float).tolist(),
+        residual_spread=residual_spread(eval_windows, recon, scale),
         calibration=calibration,
         alarm=policy,
         detection=detection,
@@ -282,6 +283,13 @@ def _model_inputs(mean: np.ndarray, scale: np.ndarray, roles: ChannelRoles):
         return lambda x: (x - mean) / scale
     inputs = roles.inputs
     return lambda x: ((x - mean) / scale)[..., inputs]
+
+
+def residual_spread(windows: np.ndarray, recon: np.ndarray, scale: np.ndarray) -> list[float]:
+    """Per channel, the std of the window-mean residual in standardised units (floored)."""
+    mean_residual = (windows - recon).mean(axis=1) / scale
+    spread = mean_residual.std(axis=0) if len(windows) > 1 else np.ones(windows.shape[2])
+    return np.maximum(spread, 1e-6).astype(float).tolist()
 
 
 def _constant_notes(table: SensorTable, roles: ChannelRoles, scale: np.ndarray) -> list[str]:

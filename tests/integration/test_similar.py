@@ -120,18 +120,16 @@ def test_repeated_fault_is_seen_before_labelled_and_searchable(
         status, body = daemon.get("/v1/events?limit=0")
         assert status == 400 and json.loads(body)["error"] == "bad_request"
 
-        # The third fault: its start names the earlier episodes within 1 bit, with their
-        # labels (the tiny model's 4-bit code puts the second one at 0 bits here).
+        # The third fault: its start names both earlier episodes (the same channel off the same
+        # way: the same residual signature), with their labels.
         pub.send_all(messages("pump-1", values[first_part:], t0 + first_part))
         watcher.wait_for(lambda _: len(events(watcher, "start")) >= 3, 30, "third episode")
         third = events(watcher, "start")[2]
         labels = {s["event_id"]: (s["label"], s["cause"]) for s in third["seen_before"]}
-        expected = {
+        assert labels == {
             first["event_id"]: ("false_alarm", None),
             second["event_id"]: ("confirmed", "bearing wear"),
         }
-        assert second["event_id"] in labels
-        assert labels == {k: v for k, v in expected.items() if k in labels}
         watcher.wait_for(lambda _: len(events(watcher, "end")) >= 3, 30, "third end")
         # `similar` over MQTT: the first episode's nearest alarm windows elsewhere.
         replies = Watcher(mosquitto.host, mosquitto.port, ((reply_topic, 1),))
@@ -150,11 +148,13 @@ def test_repeated_fault_is_seen_before_labelled_and_searchable(
         assert {h["event_id"] for h in reply["hits"]} <= {second["event_id"], third["event_id"]}
         pub.close()
 
-        # Search by event id: the other episodes' windows, not its own neighbourhood.
+        # Search by event id: by residual signature among the other episodes' alarm windows,
+        # not its own neighbourhood.
         query = {"event_id": second["event_id"], "k": 5, "alarm_only": True, "exclude_s": 60}
         status, found = daemon.post_json("/v1/ops/similar", query)
         assert status == 200, found
-        assert found["windows"] == len(values) - 15  # every window of the recorded stream
+        assert found["by"] == "signature" and found["nbits"] == 3 * 8
+        assert 3 * FAULT / 2 < found["windows"] < len(values) / 2  # the alarm windows
         assert len(found["hits"]) == 5
         others = {first["event_id"], third["event_id"]}
         assert all(h["alarm"] and h["event_id"] in others for h in found["hits"])
@@ -164,7 +164,7 @@ def test_repeated_fault_is_seen_before_labelled_and_searchable(
         # By stream and time: the window of pump-1 at the second start.
         query_at = {"stream": "pump-1", "ts": second["started"], "k": 3, "exclude_s": 0}
         status, at = daemon.post_json("/v1/ops/similar", query_at)
-        assert status == 200 and len(at["hits"]) == 3
+        assert status == 200 and at["by"] == "code" and len(at["hits"]) == 3
         assert all(h["distance"] == 0 for h in at["hits"])  # its own bits, other windows
         assert second["started"] not in [h["ts"] for h in at["hits"]]  # itself left out
         status, doc = daemon.post_json("/v1/ops/similar", {"stream": "pump-9", "ts": 0.0})

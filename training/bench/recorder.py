@@ -62,7 +62,7 @@ def recorder(streams: int, seconds: int, channels: int, codes: bool) -> None:
                 ts = t0 + second
                 for name, word in zip(names, words[second], strict=True):
                     index.add(name, ts, 0.5, False, None, word)
-                    rec.record_code(name, ts, 0.5, False, None, word)
+                    rec.record_code(name, ts, 0.5, None, word)
                 code_s += time.perf_counter() - start
             start = time.perf_counter()
             rec.flush({})

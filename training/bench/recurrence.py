@@ -19,19 +19,25 @@ def code_words(code: np.ndarray, cut: np.ndarray, bits: int) -> np.ndarray:
 
 
 def precision(
-    streams: list[Stream], found: list[list[Episode]], words: dict[str, np.ndarray], bits: int
+    streams: list[Stream],
+    found: list[list[Episode]],
+    words: dict[str, np.ndarray],
+    bits: int,
+    max_distance: int | None = None,
 ) -> dict[str, Any]:
     """precision@1 of repeated faults: each fault's first episode, in time order, asks an index
     of every window added before it started for the nearest earlier episode (`nearest_events`)
     with the word of its start window, of its peak window, and the nearest over its first 5
-    windows; a hit is an episode of the same fault kind."""
+    windows; a hit is an episode of the same fault kind. With `max_distance` (as the daemon's
+    seen_before), also the share of queries that found any episode that close (`answered`)."""
     rows = _merged(streams, found, words)
     order = sorted((e for per in found for e in per), key=lambda e: (e.start_ts, e.stream))
     kind_of = {e.event_id: e.kind for per in found for e in per}
     index, added = CodeIndex(bits), 0
     seen_kinds: set[str] = set()
     seen_faults: set[tuple[str, int]] = set()
-    hits, asked = dict.fromkeys(QUERIES, 0), 0
+    hits, asked, answered = dict.fromkeys(QUERIES, 0), 0, 0
+    limit = bits if max_distance is None else max_distance
     for e in order:
         upto = int(np.searchsorted(rows["ts"], e.start_ts, side="left"))
         index.add_many(*(rows[name][added:upto] for name in _FIELDS))
@@ -51,12 +57,15 @@ def precision(
             "first5": w[e.start : min(e.stop, e.start + 5)],
         }
         for name, qs in queries.items():
-            found_ = [index.nearest_events(int(q), 1, max_distance=bits) for q in qs]
+            found_ = [index.nearest_events(int(q), 1, max_distance=limit) for q in qs]
             near = min((h[0] for h in found_ if h), key=lambda h: h.distance, default=None)
             hits[name] += near is not None and kind_of[near.event_id] == e.kind
-    return {name: (hit / asked if asked else None) for name, hit in hits.items()} | {
-        "queries": asked
-    }
+            answered += name == "start" and near is not None
+    out: dict[str, Any] = {name: (hit / asked if asked else None) for name, hit in hits.items()}
+    out["queries"] = asked
+    if max_distance is not None:
+        out["answered"] = answered / asked if asked else None
+    return out
 
 
 _FIELDS = ("stream", "ts", "score", "alarm", "event", "word")

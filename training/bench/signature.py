@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from daemon.detector import Stages, replay
-from daemon.hashindex import hash_bits
 from daemon.model import Model
 from training.fault import FAULT_KINDS, inject
 from training.simulator import CHANNELS, DEFAULT_START_TIME, MachineSimulator, reference_scales
@@ -172,34 +171,3 @@ def event_ids(stream: Stream, found: list[Episode]) -> list[str | None]:
     for e in found:
         ids[e.start : e.stop] = [e.event_id] * (e.stop - e.start)
     return ids
-
-
-@dataclass(frozen=True)
-class ResidualRule:
-    """A fault signature from the model's residuals, 3 bits per channel: its mean residual
-    (observed - reconstruction) over the window is `cut` normal spreads above / below zero, its
-    RMS error `cut` times its normal level. Normal = the windows before the first fault."""
-
-    spread: np.ndarray  # [C] std of each channel's mean residual in normal windows
-    level: np.ndarray  # [C] median RMS error of each channel in normal windows
-    cut: float = 3.0
-
-    @classmethod
-    def of(cls, streams: list[Stream]) -> ResidualRule:
-        """Measured on each stream's windows before its first fault (the detector's warm-up)."""
-        normal = [slice(0, WARM_UP_S - s.window) for s in streams]
-        residual = np.concatenate([s.residual[n] for s, n in zip(streams, normal, strict=True)])
-        error = np.concatenate([s.channel_score[n] for s, n in zip(streams, normal, strict=True)])
-        level = np.median(np.sqrt(np.maximum(error, 0.0)), axis=0)
-        return cls(residual.std(axis=0) + 1e-12, level + 1e-12)
-
-    @property
-    def bits(self) -> int:
-        return 3 * len(self.spread)
-
-    def words(self, stream: Stream) -> np.ndarray:
-        """[N] uint64 words: bits c, C + c, 2C + c for channel c (high, low, large error)."""
-        assert stream.residual is not None and stream.channel_score is not None
-        z = stream.residual / self.spread
-        ratio = np.sqrt(np.maximum(stream.channel_score, 0.0)) / self.level
-        return hash_bits(np.concatenate([z, -z, ratio], axis=1), np.full(self.bits, self.cut))

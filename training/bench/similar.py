@@ -13,7 +13,7 @@ above the code's training median, and a `--hashing` one, whose bits are its code
   code of its start window (also: its peak window; the nearest over its first 5 windows); a hit
   is the nearest earlier episode being of the same kind. Fewer bits: the first m code units.
   Beside the code's bits, the same search with a residual signature of each window (3 bits a
-  channel: mean residual high / low, error large; training/bench/signature.py `ResidualRule`).
+  channel: mean residual high / low, error large; daemon/signature.py, as seen_before uses it).
 - recall@10: how many of a window's 10 nearest neighbours by Euclidean distance of the
   continuous code are among its 10 (and 100) nearest by Hamming distance of the bits.
 - speed and memory: `days` x `streams` x 86,400 windows (1 Hz, hop 1). `real_days` stream-days
@@ -40,9 +40,12 @@ from typing import Any
 import click
 import numpy as np
 
+from daemon.section import SimilarSection
+
 KINDS = ("default", "hashing")
 DAY_S = 86_400
 EXCLUDE_S = 3600.0  # a query's own stream within an hour of it is its own neighbourhood
+SEEN_BEFORE_DISTANCE = SimilarSection().max_distance  # the daemon's default bound
 
 
 @dataclass(frozen=True)
@@ -217,9 +220,9 @@ def measure(
 ) -> dict[str, Any]:
     """Every figure for one model file."""
     from daemon.model import Model
+    from daemon.signature import ResidualSignature
     from training.bench.recurrence import code_words, precision, recall, stats
     from training.bench.signature import (
-        ResidualRule,
         encode,
         episodes,
         signatures,
@@ -248,8 +251,13 @@ def measure(
         for m in (bits, 12, 8, 4)
         if m <= bits
     }
-    rule = ResidualRule.of(streams)
-    by_residual = precision(streams, found, {s.name: rule.words(s) for s in streams}, rule.bits)
+    # The daemon's residual signature (levels from the manifest), as seen_before compares.
+    rule = ResidualSignature.of(model.manifest)
+    if rule is None:
+        raise click.ClickException(f"{path}: no residual signature for this model")
+    sig_words = {s.name: rule.words_of(s.residual, s.channel_score) for s in streams}
+    by_residual = precision(streams, found, sig_words, rule.bits)
+    seen_before = precision(streams, found, sig_words, rule.bits, SEEN_BEFORE_DISTANCE)
     near = recall(streams, cut, sizes.queries, seed)
     log(f"{kind}: {sizes.real_days} stream-days encoded for the speed index")
     length = sizes.day_rows + model.window - 1
@@ -267,6 +275,7 @@ def measure(
         "bits": bits,
         "precision": by_bits,
         "precision_residual": by_residual,
+        "seen_before": seen_before,
         "residual_bits": rule.bits,
         "recall": near,
         "episodes": stats(streams, found),
@@ -297,6 +306,16 @@ def report(
         },
         "precision_queries": {k: p["queries"] for k, p in top.items()},
         "residual_bits": {k: r["residual_bits"] for k, r in results.items()},
+        # seen_before as the daemon gives it (start window, the default distance bound): the
+        # share of repeated faults that name any earlier episode, and precision@1 among all.
+        "seen_before": {
+            k: {
+                "max_distance": SEEN_BEFORE_DISTANCE,
+                "answered": r["seen_before"]["answered"],
+                "precision_at_1": r["seen_before"]["start"],
+            }
+            for k, r in results.items()
+        },
         "precision_by_bits": {
             k: {str(m): p["start"] for m, p in r["precision"].items()} for k, r in results.items()
         },
@@ -341,6 +360,12 @@ def table(out: dict[str, Any]) -> str:
         lines.append(
             f"  {kind:8s} residual signature ({out['residual_bits'][kind]} bits): start "
             f"{_f(by['start'])}  peak {_f(by['peak'])}  first 5 {_f(by['first5'])}"
+        )
+    for kind, sb in out["seen_before"].items():
+        lines.append(
+            f"  {kind:8s} seen_before (start, within {sb['max_distance']} bits): names an "
+            f"earlier episode for {_f(sb['answered'])} of repeated faults, the right kind "
+            f"first for {_f(sb['precision_at_1'])}"
         )
     lines.append("Hamming vs Euclidean neighbours of the continuous code")
     for kind, r in out["recall_at_10"].items():
