@@ -9,7 +9,9 @@ The stages, configured by the manifest's `detection` section and calibrated by t
    by the stream's sensitivity;
 4. alarm: k-of-n, hysteresis, clear time, cool-down (daemon/alarm.py);
 5. new normal: an alarm that has lasted `new_normal_s` ends, flagged, and the baseline takes
-   its level, so a sustained change is accepted visibly, never silently.
+   its level, so a sustained change is accepted visibly, never silently;
+6. warm-up: a new stream's first `warmup_s` of windows fill its trailing windows and raise no
+   alarm (a gap does not restart it; a model swap carries it over).
 
 The daemon, `oteo evaluate`, the trainer's calibration and the benchmarks all run `update`
 (`replay` loops over it), so offline numbers and live behaviour agree by construction.
@@ -129,6 +131,8 @@ class Detector:
         self._new_normal_windows = (
             None if d.new_normal_s is None else max(1, math.ceil(d.new_normal_s / window_s))
         )
+        self._warmup_windows = 0 if d.warmup_s is None else math.ceil(d.warmup_s / window_s)
+        self._seen = 0  # windows decided since the stream was new
         self._ratio = policy.exit_threshold / policy.enter_threshold
         self._alarm = AlarmState(policy)
         self._smoothed: float | None = None
@@ -174,6 +178,14 @@ class Detector:
         s = value if self._smoothed is None else a * value + (1 - a) * self._smoothed
         self._smoothed = s
         enter, leave = self._thresholds()
+        if self._seen < self._warmup_windows:
+            # Warm-up: the trailing windows learn the stream's own level before it is judged.
+            self._seen += 1
+            for buffer in (self._baseline, self._level):
+                if buffer is not None:
+                    buffer.add(s)
+            return Decision(s, enter, False, None)
+        self._seen = self._warmup_windows
         transition = self._alarm.step(s, enter, leave)
         new_normal = False
         if transition is Transition.START:
@@ -210,9 +222,14 @@ class Detector:
         self._alarm_windows = 0
 
     def follow(self, previous: Detector) -> None:
-        """After a model swap: carry the previous detector's alarm state, not its baselines."""
+        """After a model swap: carry the previous detector's alarm state and warm-up progress
+        (a stream already judged is not blind again), not its baselines."""
         self._alarm.restore(previous._alarm.snapshot())
         self._alarm_windows = previous._alarm_windows
+        if previous._seen >= previous._warmup_windows:
+            self._seen = self._warmup_windows
+        else:
+            self._seen = min(previous._seen, self._warmup_windows)
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-able state, to survive a restart."""
@@ -222,6 +239,7 @@ class Detector:
             "smoothed": self._smoothed,
             "alarm": self._alarm.snapshot(),
             "alarm_windows": self._alarm_windows,
+            "seen": self._seen,
             "baseline": None if self._baseline is None else self._baseline.snapshot(),
             "new_level": None if self._level is None else self._level.snapshot(),
         }
@@ -237,6 +255,8 @@ class Detector:
             self._smoothed = None if smoothed is None else float(smoothed)
             self._alarm.restore(snapshot["alarm"])
             self._alarm_windows = int(snapshot["alarm_windows"])
+            # A snapshot from before the warm-up existed: that stream was already being judged.
+            self._seen = min(int(snapshot.get("seen", self._warmup_windows)), self._warmup_windows)
             if self._baseline is not None and snapshot["baseline"] is not None:
                 self._baseline.restore(snapshot["baseline"])
             if self._level is not None and snapshot.get("new_level") is not None:

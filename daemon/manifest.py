@@ -205,6 +205,13 @@ class Detection(_Strict):
         "that persists for about half of it stops being an alarm, and that end says new_normal. "
         "None: off.",
     )
+    warmup_s: float | None = Field(
+        None,
+        gt=0,
+        description="A new stream's first seconds of data teach its trailing windows and raise "
+        "no alarm: a stream whose normal level differs from the training data's settles before "
+        "it is judged. None: alarms from the first window.",
+    )
     new_normal_s: float | None = Field(
         None,
         gt=0,

@@ -175,7 +175,12 @@ def calibrate(
             update={"channel_level": channel_levels(series, detection)}
         )
     static = detection.model_copy(
-        update={"baseline_samples": None, "new_level_s": None, "new_normal_s": None}
+        update={
+            "baseline_samples": None,
+            "new_level_s": None,
+            "new_normal_s": None,
+            "warmup_s": None,
+        }
     )
     plain = Stages(static, period_s, "calibration", targets)
     scores = smoothed_scores(plain, base, series)
@@ -189,7 +194,9 @@ def calibrate(
             "score_quantiles": quantile_table(scores),
         }
     )
-    stages = Stages(detection, period_s, "calibration", targets)
+    # The false-alarm rate of a stream already warmed up: the warm-up would hide held-back alarms.
+    running = detection.model_copy(update={"warmup_s": None})
+    stages = Stages(running, period_s, "calibration", targets)
     policy = base.model_copy(update={"enter_threshold": enter_value, "exit_threshold": exit_value})
     rate, hours = events_per_day(series, stages, policy)
     warnings = list(enter.warnings)
@@ -245,6 +252,7 @@ def requested(opts: TrainOptions) -> tuple[AlarmPolicy, Detection]:
         baseline_in_alarm=opts.baseline_in_alarm,
         new_level_s=opts.new_level_s or None,
         new_normal_s=opts.new_normal_s or None,
+        warmup_s=opts.warmup_s or None,
     )
     return policy, detection
 

@@ -288,3 +288,29 @@ def test_no_heldback_window_without_cross_fitting_is_a_clear_error(
     table = from_array(simulate(150, seed=5).values, 1.0, channels=CHANNELS)
     with pytest.raises(ValueError, match="no complete window of 64 samples"):
         train_tiny(tmp_path / "x.onnx", table=table, cross_fit=False, window=64)
+
+
+def test_a_warm_up_reaches_the_model_file_and_only_the_first_minutes_go_unjudged(
+    train_tiny: Trainer, tmp_path: Path
+) -> None:
+    """`warmup_s` in the manifest; the exported model's own replay judges nothing before it and
+    catches a fault after it, where the same stages without it catch both."""
+    from dataclasses import replace
+
+    from daemon.detector import Stages
+    from training.evaluate import decide_rows
+
+    result = train_tiny(tmp_path / "warm.onnx", options={"warmup_s": 300.0})
+    model = Model.load(result.path)
+    assert model.manifest.detection is not None and model.manifest.detection.warmup_s == 300.0
+    values = simulate(3000, seed=5).values
+    shift = 8 * values[:, 0].std()  # a level shift of channel 0, inside and after the warm-up
+    values[100:250, 0] += shift
+    values[2000:2300, 0] += shift
+    table = from_array(values, 1.0, channels=CHANNELS)
+    warm = decide_rows(model, table).alarm
+    stages = Stages.of(model.manifest)
+    cold_stages = replace(stages, detection=stages.detection.model_copy(update={"warmup_s": None}))
+    cold = decide_rows(model, table, stages=cold_stages).alarm
+    assert cold[100:300].any() and not warm[:300].any()
+    assert warm[2000:2330].any() and cold[2000:2330].any()

@@ -69,3 +69,23 @@ def test_event_target_raises_the_threshold_until_replay_meets_it():
     rate = events_per_day(series, Stages(plain, 1.0, "m"), tight)[0]
     assert rate == pytest.approx(cal_tight.false_alarms_per_day)
     assert any("raised" in w for w in cal_tight.warnings)
+
+
+def test_the_false_alarm_target_is_met_by_a_stream_already_warmed_up():
+    """The warm-up would hide the held-back series' early alarms: calibration replays without it,
+    and the stages it returns keep it."""
+    rng = np.random.default_rng(5)
+    s = rng.exponential(0.1, 3600)
+    for start in (100, 200, 2000):  # two transients inside a 300 s warm-up, one after it
+        s[start : start + 20] += 1.0
+    series = [Series(s, s[:, None])]
+    base = AlarmPolicy(enter_threshold=1, exit_threshold=1)
+    found = {}
+    for warmup_s in (None, 300.0):
+        d = Detection(warmup_s=warmup_s)
+        found[warmup_s] = calibrate(
+            series, base, d, 1.0, q=0.99, exit_q=0.95, target_per_day=4.0, cross_fitted=False
+        )
+    (plain, _, cal_plain), (warm, stages, cal_warm) = found[None], found[300.0]
+    assert warm == plain and cal_warm.false_alarms_per_day == cal_plain.false_alarms_per_day
+    assert stages.warmup_s == 300.0

@@ -267,3 +267,38 @@ def test_detection_settings_are_checked() -> None:
         Detection(channel_level=[0.1, 0.0])
     with pytest.raises(ValueError, match="baseline_samples"):
         Detection(new_normal_s=60.0)
+
+
+WARM = dict(ADAPTIVE, warmup_s=100.0)  # 200 windows of 0.5 s
+
+
+def test_a_new_stream_learns_its_level_during_the_warm_up_before_it_is_judged() -> None:
+    # A stream that opens at 3x the calibrated threshold: without a warm-up it alarms at once.
+    cold = run(Detector(stages(period_s=0.5, **ADAPTIVE), policy()), [3.0] * 400)
+    assert edges(cold)[0] == (2, Transition.START)
+    warm = run(Detector(stages(period_s=0.5, **WARM), policy()), [3.0] * 400 + [20.0] * 10)
+    assert not any(d.active for d in warm[:400])  # its level is its normal: 2 x 3.0 > 3.0
+    assert warm[199].threshold == pytest.approx(6.0)
+    assert edges(warm) == [(402, Transition.START)]  # a fault after the warm-up alarms
+
+
+def test_the_warm_up_is_once_per_stream_not_per_gap_and_survives_restarts_and_swaps() -> None:
+    st = stages(period_s=0.5, **WARM)
+    d = Detector(st, policy())
+    run(d, [0.1] * 250)
+    d.reset()  # a gap
+    assert edges(run(d, [5.0] * 3)) == [(2, Transition.START)]
+    halfway = Detector(st, policy())
+    run(halfway, [0.1] * 150)
+    restored = Detector(st, policy())
+    restored.restore(json.loads(json.dumps(halfway.snapshot())))
+    assert not any(x.active for x in run(restored, [5.0] * 50))  # 50 more warm-up windows
+    assert run(restored, [5.0] * 3)[-1].active
+    old = halfway.snapshot()
+    del old["seen"]  # a snapshot from before the warm-up: that stream was already judged
+    judged = Detector(st, policy())
+    judged.restore(old)
+    assert run(judged, [5.0] * 3)[-1].active
+    swapped = Detector(Stages(st.detection, 0.5, "model-b"), policy())
+    swapped.follow(d)  # the stream was warm: the new model judges it at once
+    assert run(swapped, [5.0] * 3)[-1].active

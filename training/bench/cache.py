@@ -56,6 +56,7 @@ DETECTION_SETTINGS = frozenset(
         "baseline_rule",
         "new_normal_s",
         "new_level_s",
+        "warmup_s",
         "baseline_in_alarm",
     }
 )
