@@ -218,6 +218,7 @@ def test_manifest_channels_disagreeing_with_the_graph_are_refused_with_one_line(
         channel_scale=[*m["channel_scale"], 1.0],
         channel_score_quantiles={**quantiles, "values": [*quantiles["values"], [0.1, 0.2, 0.3]]},
         roles=[*m["roles"], "target"] if m.get("roles") else [],
+        residual_spread=[*m["residual_spread"], 1.0] if m.get("residual_spread") else None,
     )
     assert Manifest.model_validate(manifest_of(path)).channels[-1] == "extra"  # valid on its own
     assert_refused(path, "input 'window'", "[batch, 16, 9]")
