@@ -18,11 +18,12 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -442,6 +443,18 @@ def reading(ts: float, values: Sequence[float], seq: int | None = None) -> bytes
     if seq is not None:
         doc["seq"] = seq
     return json.dumps(doc).encode()
+
+
+def batched_readings(
+    stream: str, values: np.ndarray, t0: float, batch: int
+) -> Iterator[tuple[str, bytes]]:
+    """(topic, payload) of `values` [T, C] one second apart from t0, `batch` readings a message."""
+    for i in range(0, len(values), batch):
+        doc = [
+            {"ts": t0 + i + j, "values": [round(float(v), 5) for v in row]}
+            for j, row in enumerate(values[i : i + batch])
+        ]
+        yield f"sensors/{stream}/data", json.dumps(doc).encode()
 
 
 def v5_request_properties(

@@ -25,6 +25,7 @@ from daemon_harness import (
     OteoProcess,
     Publisher,
     Watcher,
+    batched_readings,
     daemon_config,
     oteo_command,
     wait_until,
@@ -49,12 +50,7 @@ def shifted(rows: int, seed: int) -> np.ndarray:
 
 
 def messages(stream: str, values: np.ndarray, t0: float) -> Iterator[tuple[str, bytes]]:
-    for i in range(0, len(values), BATCH):
-        doc = [
-            {"ts": t0 + i + j, "values": [round(float(v), 5) for v in row]}
-            for j, row in enumerate(values[i : i + BATCH])
-        ]
-        yield f"sensors/{stream}/data", json.dumps(doc).encode()
+    return batched_readings(stream, values, t0, BATCH)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from daemon_harness import OteoProcess, Publisher, Watcher, daemon_config
+from daemon_harness import OteoProcess, Publisher, Watcher, batched_readings, daemon_config
 
 from training.simulator import reference_scales, simulate
 
@@ -42,25 +42,17 @@ def pump_series() -> np.ndarray:
 
 
 def messages(stream: str, values: np.ndarray, t0: float) -> Iterator[tuple[str, bytes]]:
-    for i in range(0, len(values), BATCH):
-        doc = [
-            {"ts": t0 + i + j, "values": [round(float(v), 5) for v in row]}
-            for j, row in enumerate(values[i : i + BATCH])
-        ]
-        yield f"sensors/{stream}/data", json.dumps(doc).encode()
+    return batched_readings(stream, values, t0, BATCH)
 
 
-def events(watcher: Watcher, kind: str) -> list[dict[str, Any]]:
-    return [e for e in watcher.docs("oteo/pump-1/event") if e["kind"] == kind]
-
-
-def test_repeated_fault_is_seen_before_labelled_and_searchable(
-    tiny_model_path: Path, mosquitto: Broker, tmp_path: Path
-) -> None:
+def start_recording_daemon(
+    model: Path, mosquitto: Broker, tmp_path: Path
+) -> tuple[OteoProcess, Watcher]:
+    """A daemon recording pump-*, and a watcher of everything it publishes."""
     config = daemon_config(
         tmp_path,
         mosquitto.url,
-        tiny_model_path,
+        model,
         record={"streams": ["pump-*"]},
         # Static thresholds: each fault is one alarm that clears when it ends.
         alarm={"baseline_samples": 0, "new_level_s": 0},
@@ -70,6 +62,17 @@ def test_repeated_fault_is_seen_before_labelled_and_searchable(
     daemon = OteoProcess(tmp_path, config)
     watcher = Watcher(mosquitto.host, mosquitto.port, (("oteo/#", 1),))
     daemon.start()
+    return daemon, watcher
+
+
+def events(watcher: Watcher, kind: str) -> list[dict[str, Any]]:
+    return [e for e in watcher.docs("oteo/pump-1/event") if e["kind"] == kind]
+
+
+def test_repeated_fault_is_seen_before_labelled_and_searchable(
+    tiny_model_path: Path, mosquitto: Broker, tmp_path: Path
+) -> None:
+    daemon, watcher = start_recording_daemon(tiny_model_path, mosquitto, tmp_path)
     values = pump_series()
     t0 = time.time() - 10_000
     first_part = NORMAL + 2 * (FAULT + NORMAL)
@@ -197,18 +200,7 @@ def test_repeated_fault_is_seen_before_labelled_and_searchable(
 def test_a_false_alarm_label_can_mute_similar_episodes_for_a_while(
     tiny_model_path: Path, mosquitto: Broker, tmp_path: Path
 ) -> None:
-    config = daemon_config(
-        tmp_path,
-        mosquitto.url,
-        tiny_model_path,
-        record={"streams": ["pump-*"]},
-        alarm={"baseline_samples": 0, "new_level_s": 0},
-        similar={"max_distance": 1},
-        ingest={"stale_after_s": 3600},
-    )
-    daemon = OteoProcess(tmp_path, config)
-    watcher = Watcher(mosquitto.host, mosquitto.port, (("oteo/#", 1),))
-    daemon.start()
+    daemon, watcher = start_recording_daemon(tiny_model_path, mosquitto, tmp_path)
     values = pump_series()[: NORMAL + 2 * (FAULT + NORMAL)]  # the fault twice
     t0 = time.time() - 10_000
     first_part = NORMAL + FAULT + NORMAL
