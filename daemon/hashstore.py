@@ -111,8 +111,10 @@ class AlarmList:
         if fill + len(ids) >= len(self.ids):
             low = int(np.searchsorted(self.ids[:fill], first))
             size = max(64, 2 * (fill - low + len(ids)))
-            grown = [np.empty(size, dtype=a.dtype) for a in (self.ids, self.words, self.events)]
-            for new, old in zip(grown, (self.ids, self.words, self.events), strict=True):
+            # A list typed as arrays: a tuple of three dtypes joins to `object` in some mypy runs.
+            olds: list[np.ndarray] = [self.ids, self.words, self.events]
+            grown = [np.empty(size, dtype=a.dtype) for a in olds]
+            for new, old in zip(grown, olds, strict=True):
                 new[: fill - low] = old[low:fill]
             self.ids, self.words, self.events = grown
             fill -= low
