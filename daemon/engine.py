@@ -28,7 +28,6 @@ from daemon.messages import STATES
 from daemon.metrics import Metrics
 from daemon.model import Scorer
 from daemon.publisher import Output, StreamGone
-from daemon.recall import Recall
 from daemon.stream import Stream, new_buffer
 from daemon.window import PushOutcome, PushResult, StreamBuffer
 
@@ -298,9 +297,11 @@ class Engine:
         self.metrics.windows_scored_total.inc(n)
         self.windows_scored += n
         p99 = self.serving.p99  # type: ignore[union-attr]
+        # Hash bits and signatures only for batches with a remembered (recorded) stream.
         recall = self.episodes.recall
+        kept = [recall.remembers(p.stream.id) for p in pending] if recall is not None else []
         words = sigs = None
-        if recall is not None:
+        if recall is not None and any(kept):
             words = recall.words(out.code)
             sigs = recall.signatures(self._batch[:n], out.reconstruction, out.channel_score)
         for i, item in enumerate(pending):
@@ -320,8 +321,8 @@ class Engine:
                 out.channel_score[i],
                 self._batch[i, -1],
                 out.reconstruction[i, -1],
-                _word(words, i, recall, item.stream.id),
-                _word(sigs, i, recall, item.stream.id),
+                int(words[i]) if words is not None and kept[i] else None,
+                int(sigs[i]) if sigs is not None and kept[i] else None,
             )
         return n
 
@@ -374,13 +375,6 @@ class Engine:
         return [
             self.episodes.state_message(s, s.last_ts or time.time()) for s in self.streams.values()
         ]
-
-
-def _word(words: np.ndarray | None, i: int, recall: Recall | None, stream: str) -> int | None:
-    """Window i's word (hash bits, signature) if its stream is remembered (recorded)."""
-    if words is None or recall is None or not recall.remembers(stream):
-        return None
-    return int(words[i])
 
 
 def _windows_only(out: PushOutcome) -> PushOutcome:
