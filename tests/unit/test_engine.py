@@ -176,6 +176,32 @@ def test_silent_stream_goes_stale_not_anomalous(model, normal_rows, tmp_path):
     assert capture.events("a") == []
 
 
+def test_a_stream_cut_off_past_stale_after_keeps_its_window(model, normal_rows, tmp_path):
+    # A partition's backlog arriving after a failover: silent on this host for longer than
+    # stale_after_s, yet on the same grid. Its windows go on; no gap reset, no warm-up.
+    engine, capture, metrics, clock = make_engine(model, tmp_path)
+    feed(engine, "a", normal_rows[:40])
+    scored = value(metrics, "oteo_windows_scored_total")
+    clock.now += 3600
+    engine.tick()
+    assert capture.states("a")[-1] == "stale"
+    feed(engine, "a", normal_rows[40:45], t0=40, seq0=40)
+    assert value(metrics, "oteo_windows_scored_total") == scored + 5
+    assert value(metrics, "oteo_gap_resets_total") == 0
+    assert capture.states("a")[-1] == "normal"
+
+
+def test_a_real_gap_after_going_stale_still_restarts_the_window(model, normal_rows, tmp_path):
+    engine, _, metrics, clock = make_engine(model, tmp_path)
+    feed(engine, "a", normal_rows[:40])
+    scored = value(metrics, "oteo_windows_scored_total")
+    clock.now += 3600
+    engine.tick()
+    feed(engine, "a", normal_rows[40:45], t0=3640, seq0=40)  # an hour missing in data time
+    assert value(metrics, "oteo_gap_resets_total") == 1
+    assert value(metrics, "oteo_windows_scored_total") == scored
+
+
 def test_mute_suppresses_events_and_publishes_muted(model, normal_rows, tmp_path):
     engine, capture, _, _ = make_engine(model, tmp_path)
     feed(engine, "a", normal_rows[:20])
