@@ -29,6 +29,7 @@ from daemon.memory import restore_stream
 from daemon.metrics import Metrics
 from daemon.mqtt import Incoming, LinkState, MqttLink
 from daemon.mqtt.ledger import AckLedger
+from daemon.publisher import Topics
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,33 @@ LinkFactory = Callable[
     [int, AckLedger | None, Callable[[Incoming], bool], Callable[[LinkState, str], None]],
     MqttLink,
 ]
+
+
+def session_factory(cfg: Config, topics: Topics, status: Callable[[str], bytes]) -> LinkFactory:
+    """Makes partition k's session: MQTT 3.1.1, persistent, client id `oteo-<group>-part-<k>`,
+    its online/offline status retained on `<status topic of the instance>/part/<k>`."""
+    section = cfg.partitions
+
+    def make(
+        k: int,
+        ledger: AckLedger | None,
+        on_message: Callable[[Incoming], bool],
+        on_state: Callable[[LinkState, str], None],
+    ) -> MqttLink:
+        return MqttLink(
+            cfg.mqtt,
+            client_id=section.client_id(k),
+            subscriptions=[(section.topic(k, topics.input_prefix), 1)],
+            status_topic=f"{topics.status}/part/{k}",
+            online_payload=status("online"),
+            offline_payload=status("offline"),
+            on_message=on_message,
+            on_state=on_state,
+            ledger=ledger,
+            max_queued=1000,
+        )
+
+    return make
 
 
 class _Partition:

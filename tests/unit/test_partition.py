@@ -50,6 +50,9 @@ def test_oteo_partition_prints_the_partition() -> None:
     as_json = runner.invoke(main, ["partition", "foobar", "--count", "16", "--json"])
     assert json.loads(as_json.output) == {"stream": "foobar", "count": 16, "partition": 8}
     assert runner.invoke(main, ["partition", "x", "--count", "0"]).exit_code == 2
+    assert runner.invoke(main, ["partition", "--count", "4"]).exit_code == 2
+    mapping = runner.invoke(main, ["partition", "--count", "4", "--mapping"])
+    assert mapping.output == f"mappings = {{ {nats_mapping(4)} }}\n"
 
 
 def _config(tmp_path: Path, **partitions: object) -> object:
