@@ -2,7 +2,9 @@
 
 `checkpoint_dir/<k>.json` (default `state_dir/partitions`) holds, per stream of partition k, the
 newest window's samples and the grid's phase (`StreamBuffer.snapshot`), the seq and time of the
-newest reading, and what the stream has learnt (detector, alarm: `daemon.memory.stream_doc`).
+newest reading, and its alarm and detector state (`daemon.memory.stream_doc`) without the
+detector's baseline buffers: those (tens of kB per stream, slow to change) go to
+`<k>.baselines.json`, rewritten about once a minute and at a clean stop.
 It is replaced atomically (temporary file, fsync, rename), and its mtime is touched about once a
 second while the partition is held: the last sign of life of the run that held it. At a clean
 stop it is written once more with `clean: true` and how many delivered messages were left
@@ -45,6 +47,8 @@ class Checkpoint:
 
     def __init__(self, directory: Path, partition: int, count: int, model_sha256: str) -> None:
         self.path = directory / f"{partition}.json"
+        # The detectors' baseline buffers: large and slow to change, so written far less often.
+        self.moving_path = directory / f"{partition}.baselines.json"
         self.partition = partition
         self.count = count
         self.model_sha256 = model_sha256
@@ -74,6 +78,11 @@ class Checkpoint:
             # Another partition count maps other streams here: theirs start cold (one window).
             log.info("partition %d: checkpoint of another count: cold start", self.partition)
             streams = {}
+        moving = self._read_moving() if streams else {}
+        for stream_id, state in moving.items():
+            detector = streams.get(stream_id, {}).get("detector")
+            if isinstance(detector, dict) and isinstance(state, dict):
+                detector.update(state)
         return Saved(streams, clean, unacked, alive)
 
     def write(self, streams: list[Stream], *, clean: bool = False, unacked: int = 0) -> None:
@@ -92,13 +101,27 @@ class Checkpoint:
         }
         body = ",".join(f"{json.dumps(sid)}:{text}" for sid, text in docs.items())
         text = json.dumps(head, separators=(",", ":"))[:-1] + ',"streams":{' + body + "}}"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        _write_atomically(self.path, text)
+
+    def write_moving(self, streams: list[Stream]) -> None:
+        """Replace the file of the streams' baseline buffers (OSError if it cannot)."""
+        doc = {
+            "schema": SCHEMA,
+            "model_sha256": self.model_sha256,
+            "streams": {s.id: _moving(s) for s in streams},
+        }
+        _write_atomically(self.moving_path, json.dumps(doc, separators=(",", ":")))
+
+    def _read_moving(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.moving_path.read_text(encoding="utf-8"))
+            if doc["schema"] == SCHEMA and doc["model_sha256"] == self.model_sha256:
+                return dict(doc["streams"])
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("partition %d: %s unreadable (%s)", self.partition, self.moving_path, exc)
+        return {}
 
     def forget(self, stream_id: str) -> None:
         """Leave an evicted stream out of the next write."""
@@ -111,4 +134,20 @@ class Checkpoint:
 
 
 def _doc(stream: Stream) -> dict[str, Any]:
-    return {"window": stream.buffer.snapshot(), "last_ts": stream.last_ts, **stream_doc(stream)}
+    doc = stream_doc(stream, moving=False)
+    return {"window": stream.buffer.snapshot(), "last_ts": stream.last_ts, **doc}
+
+
+def _moving(stream: Stream) -> dict[str, Any]:
+    snapshot = stream.detector.snapshot()
+    return {"baseline": snapshot["baseline"], "new_level": snapshot["new_level"]}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

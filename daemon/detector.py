@@ -231,8 +231,9 @@ class Detector:
         else:
             self._seen = min(previous._seen, self._warmup_windows)
 
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-able state, to survive a restart."""
+    def snapshot(self, *, moving: bool = True) -> dict[str, Any]:
+        """JSON-able state, to survive a restart. `moving=False` leaves out the baseline and
+        new-level buffers (the bulk: thousands of values; a restore then keeps its own)."""
         return {
             "version": SNAPSHOT_VERSION,
             "model": self.stages.model_id,
@@ -240,8 +241,8 @@ class Detector:
             "alarm": self._alarm.snapshot(),
             "alarm_windows": self._alarm_windows,
             "seen": self._seen,
-            "baseline": None if self._baseline is None else self._baseline.snapshot(),
-            "new_level": None if self._level is None else self._level.snapshot(),
+            "baseline": None if self._baseline is None or not moving else self._baseline.snapshot(),
+            "new_level": None if self._level is None or not moving else self._level.snapshot(),
         }
 
     def restore(self, snapshot: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from daemon.publisher import Topics
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
+BASELINES_EVERY_S = 60.0  # the detectors' baseline buffers: big, and slow to change
 
 # (partition, its ledger or None, its on_message, its on_state) -> the partition's link
 LinkFactory = Callable[
@@ -82,6 +83,7 @@ class _Partition:
         self.since = 0  # readings handled since the last checkpoint
         self.dirty: set[str] = set()  # streams changed since the last checkpoint
         self.due = 0.0  # monotonic time of the next timed checkpoint
+        self.baselines_due = time.monotonic() + BASELINES_EVERY_S
 
 
 class Partitions:
@@ -202,6 +204,9 @@ class Partitions:
                 self._connect(part)
             if part.since and now >= part.due:
                 self.checkpoint(part)
+            if now >= part.baselines_due:
+                part.baselines_due = now + BASELINES_EVERY_S
+                self._write_baselines(part)
         if now >= self._next_beat:
             self._next_beat = now + HEARTBEAT_S
             for part in self.parts.values():
@@ -235,10 +240,19 @@ class Partitions:
         self.metrics.checkpoints_total.inc()
         return True
 
+    def _write_baselines(self, part: _Partition) -> None:
+        streams = [s for s in self.engine.streams.values() if s.partition == part.k]
+        try:
+            part.checkpoint.write_moving(streams)
+        except OSError as exc:
+            self.metrics.errors_total.labels(stage="checkpoint").inc()
+            log.warning("partition %d: baselines not written: %s", part.k, exc)
+
     def stop(self, timeout_s: float) -> None:
         """Clean stop (intake closed, queue drained): checkpoint, acknowledge, disconnect."""
         for part in self.parts.values():
             self.checkpoint(part)
+            self._write_baselines(part)
         links = [p.link for p in self.parts.values() if p.link is not None]
         for link in links:
             link.request_stop(timeout_s)

@@ -175,17 +175,22 @@ def test_two_daemons_score_every_stream_exactly_once(nats: NatsServer, fleet: Fl
     pub.close()
 
 
+def _checkpoint_files(proc: OteoProcess) -> list[Path]:
+    """The daemon's partition checkpoints, `<k>.json` (not the `<k>.baselines.json` beside)."""
+    paths = sorted((proc.state_dir / "partitions").glob("*.json"))
+    return [p for p in paths if p.stem.isdigit()]
+
+
 def _checkpoints(proc: OteoProcess) -> dict[str, dict[str, Any]]:
     """Every stream's checkpointed state, from all of the daemon's partition files."""
     out: dict[str, dict[str, Any]] = {}
-    for path in sorted((proc.state_dir / "partitions").glob("*.json")):
+    for path in _checkpoint_files(proc):
         out.update(json.loads(path.read_text())["streams"])
     return out
 
 
 def _clean(proc: OteoProcess) -> list[bool]:
-    paths = sorted((proc.state_dir / "partitions").glob("*.json"))
-    return [json.loads(p.read_text())["clean"] for p in paths]
+    return [json.loads(p.read_text())["clean"] for p in _checkpoint_files(proc)]
 
 
 def test_a_restarted_daemon_resumes_its_partitions_windows(nats: NatsServer, fleet: Fleet) -> None:
@@ -199,6 +204,11 @@ def test_a_restarted_daemon_resumes_its_partitions_windows(nats: NatsServer, fle
     assert _clean(a) == [True, True]
     mine = sorted(s for s in STREAMS if _owner(s) == 0)
     assert sorted(_checkpoints(a)) == mine
+    baselines: dict[str, Any] = {}
+    for path in (a.state_dir / "partitions").glob("*.baselines.json"):
+        baselines.update(json.loads(path.read_text())["streams"])
+    assert sorted(baselines) == mine
+    assert all(doc["baseline"] is not None for doc in baselines.values())
     _send(pub, 100, 40)  # while a is down: its sessions keep them
     a.start()
     assert wait_until(
