@@ -306,6 +306,12 @@ class Metrics:
             "Readings received on a partition's session.",
             ["partition"],
         )
+        self.partition_sessions_lost_total = self._counter(
+            "oteo_partition_sessions_lost_total",
+            "Established partition sessions that were lost (a broker restart, the network, or "
+            "another instance connecting with the same client id: two owners of a partition).",
+            ["partition"],
+        )
         self.partition_acks_held = self._gauge(
             "oteo_partition_acks_held",
             "Readings of a partition taken but not yet acknowledged (awaiting a checkpoint).",

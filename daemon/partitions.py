@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 BASELINES_EVERY_S = 60.0  # the detectors' baseline buffers: big, and slow to change
+TAKEOVER_S = 10.0  # a session lost this soon after connecting may have been taken over
 
 # (partition, its ledger or None, its on_message, its on_state) -> the partition's link
 LinkFactory = Callable[
@@ -176,7 +177,26 @@ class Partitions:
                     ledger.queued(ticket)
             return True
 
+        lost = self.metrics.partition_sessions_lost_total.labels(partition=str(k))
+        since = [0.0]  # monotonic time of the last connect
+
         def on_state(state: LinkState, reason: str) -> None:  # the link's network thread
+            now = time.monotonic()
+            if state is LinkState.CONNECTED:
+                since[0] = now
+            elif state is LinkState.DISCONNECTED and since[0]:
+                lost.inc()
+                if now - since[0] < TAKEOVER_S:
+                    # nats-server closes the older of two connections with one client id
+                    # ("last connect wins"): two owners take the session from each other.
+                    log.warning(
+                        "partition %d: session lost %.1f s after connecting; if this repeats, "
+                        "another instance owns partition %d too (check [partitions] index/of)",
+                        k,
+                        now - since[0],
+                        k,
+                    )
+                since[0] = 0.0
             owned.set(1 if state is LinkState.CONNECTED else 0)
 
         part.link = self._make_link(k, ledger, on_message, on_state)

@@ -144,8 +144,16 @@ def _owner(stream: str) -> int:
     return partition_of(stream, COUNT) % 2
 
 
-def test_two_daemons_score_every_stream_exactly_once(nats: NatsServer, fleet: Fleet) -> None:
-    daemons = [_daemon(fleet, nats, 0), _daemon(fleet, nats, 1)]
+def test_two_daemons_score_every_stream_exactly_once(
+    nats: NatsServer, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _daemon(fleet, nats, 0)
+    # The second one's config says index 0 too: $OTEO_PARTITION_INDEX (as a systemd template
+    # unit or a StatefulSet ordinal would set it) makes it index 1.
+    monkeypatch.setenv("OTEO_PARTITION_INDEX", "1")
+    second = _daemon(fleet, nats, 0)
+    monkeypatch.delenv("OTEO_PARTITION_INDEX")
+    daemons = [first, second]
     events = Events(nats)
     pub = MqttPublisher(nats)
     n = 160
@@ -266,3 +274,15 @@ def test_a_killed_daemon_loses_no_reading(nats: NatsServer, fleet: Fleet) -> Non
     )
     print("duplicates dropped after the kill:", m("oteo_redelivered_duplicates_total"))
     pub.close()
+
+
+def test_two_owners_of_one_partition_are_reported(nats: NatsServer, fleet: Fleet) -> None:
+    """nats-server gives a client id to the last connect: two daemons configured to own the
+    same partition take its session from each other, and say so."""
+    common = {"mqtt": {"protocol": "3.1.1"}, "wait": "/healthz"}
+    a = fleet(nats.url, partitions={"count": COUNT, "owned": [0]}, **common)
+    b = fleet(nats.url, partitions={"count": COUNT, "owned": [0, 1]}, **common)
+    needle = "another instance owns partition 0 too"
+    assert wait_until(lambda: needle in a.log_text() + b.log_text(), 15.0)
+    lost = sum(p.metrics().get("oteo_partition_sessions_lost_total", partition="0") for p in (a, b))
+    assert lost >= 1
