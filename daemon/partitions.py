@@ -297,6 +297,6 @@ class Partitions:
             part.checkpoint.model_sha256 = sha256
             part.dirty.update(s.id for s in self.engine.streams.values() if s.partition == part.k)
 
-    @property
-    def connected(self) -> bool:
-        return all(p.link is not None and p.link.connected for p in self.parts.values())
+    def sessions(self) -> dict[str, bool]:
+        """Whether each owned partition's session is connected, by partition."""
+        return {str(k): p.link is not None and p.link.connected for k, p in self.parts.items()}

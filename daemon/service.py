@@ -363,13 +363,17 @@ class Daemon:
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         ok, info = self._health()
         connected = self.link.connected
-        if self.partitions is not None:
-            connected = connected and self.partitions.connected
+        extra = {}
+        sessions_up = True
+        if self.partitions is not None:  # every owned partition's session, too
+            extra["partitions"] = self.partitions.sessions()
+            sessions_up = all(extra["partitions"].values())
         assert self.engine.serving is not None
-        return ok and connected, {
+        return ok and connected and sessions_up, {
             **info,
             "mqtt_connected": connected,
             "model": self.engine.serving.ref.model_dump(),
+            **extra,
         }
 
     # -- reload ------------------------------------------------------------------------------
@@ -387,6 +391,8 @@ class Daemon:
             if reread_config and self._config_path is not None:
                 cfg = load_config(self._config_path, self._overrides)
             model = check_startup(cfg).model  # what `check-config` checks
+            if cfg.partitions != self.cfg.partitions:
+                log.warning("[partitions] changes take effect at the next start, not at a reload")
             self.engine.cfg = cfg
             self.engine.use_model(model)  # checks the alarm overrides first: may raise
         except REFUSALS as exc:

@@ -163,6 +163,8 @@ def test_two_daemons_score_every_stream_exactly_once(
     )
     assert done, _total(daemons, "oteo_stream_readings_total")
     for index, proc in enumerate(daemons):
+        sessions = json.loads(proc.get("/readyz")[1])["detail"]["partitions"]
+        assert sessions == {str(k): True for k in range(COUNT) if k % 2 == index}
         mine = _per_stream(proc, "oteo_stream_readings_total")
         assert set(mine) == {s for s in STREAMS if _owner(s) == index}
         m = proc.metrics()
