@@ -199,3 +199,23 @@ def test_a_snapshot_of_another_window_size_is_refused() -> None:
         big.push(1000.0 + t, np.zeros(2), t)
     with pytest.raises(ValueError, match="does not fit"):
         _buffer().restore(big.snapshot())
+
+
+def test_instances_of_one_box_get_their_index_in_the_default_instance_name(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    cfg = _config(tmp_path, count=4, index=1, of=2)
+    assert cfg.instance == f"{socket.gethostname()}-1"  # type: ignore[attr-defined]
+    named = load_config(
+        None,
+        {
+            "model.path": "m.onnx",
+            "instance": "pump-room",
+            "mqtt.protocol": "3.1.1",
+            "partitions.count": 4,
+            "partitions.owned": [0],
+        },
+    )
+    assert named.instance == "pump-room"
