@@ -288,3 +288,27 @@ def test_two_owners_of_one_partition_are_reported(nats: NatsServer, fleet: Fleet
     assert wait_until(lambda: needle in a.log_text() + b.log_text(), 15.0)
     lost = sum(p.metrics().get("oteo_partition_sessions_lost_total", partition="0") for p in (a, b))
     assert lost >= 1
+
+
+def test_ops_answer_on_reply_to_over_nats(nats: NatsServer, fleet: Fleet) -> None:
+    """The instance's own link (MQTT 3.1.1 on nats-server) still serves operations."""
+    daemon = fleet(
+        nats.url, mqtt={"protocol": "3.1.1"}, partitions={"count": COUNT, "index": 0, "of": 1}
+    )
+    replies: list[dict[str, Any]] = []
+    sub = mqtt_client(nats)
+    sub.on_message = lambda _c, _u, msg: replies.append(json.loads(msg.payload))
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *_: subscribed.set()
+    sub.subscribe("replies/#", 1)
+    assert subscribed.wait(5)
+    windows = [rows(WINDOW, seed=3).tolist()]
+    request = {"windows": windows, "id": "req-1", "reply_to": "replies/score"}
+    pub = MqttPublisher(nats)
+    pub.send(f"oteo/ops/{daemon.instance}/score", json.dumps(request).encode())
+    pub.close()
+    assert wait_until(lambda: replies, 10.0), "no reply on reply_to"
+    assert replies[0]["op"] == "score" and replies[0]["id"] == "req-1"
+    assert len(replies[0]["score"]) == 1
+    sub.disconnect()
+    sub.loop_stop()
