@@ -117,6 +117,7 @@ class Partitions:
             for k in section.partitions
         }
         self._next_beat = 0.0
+        self._stopping = False  # read by the links' threads: a clean stop loses no session
 
     # -- start -------------------------------------------------------------------------------
 
@@ -184,7 +185,7 @@ class Partitions:
             now = time.monotonic()
             if state is LinkState.CONNECTED:
                 since[0] = now
-            elif state is LinkState.DISCONNECTED and since[0]:
+            elif state is LinkState.DISCONNECTED and since[0] and not self._stopping:
                 lost.inc()
                 if now - since[0] < TAKEOVER_S:
                     # nats-server closes the older of two connections with one client id
@@ -273,6 +274,7 @@ class Partitions:
         for part in self.parts.values():
             self.checkpoint(part)
             self._write_baselines(part)
+        self._stopping = True
         links = [p.link for p in self.parts.values() if p.link is not None]
         for link in links:
             link.request_stop(timeout_s)

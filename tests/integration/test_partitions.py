@@ -212,6 +212,7 @@ def test_a_restarted_daemon_resumes_its_partitions_windows(nats: NatsServer, fle
     )
     assert a.stop() == 0
     assert _clean(a) == [True, True]
+    assert "another instance owns" not in a.log_text()  # a clean stop loses no session
     mine = sorted(s for s in STREAMS if _owner(s) == 0)
     assert sorted(_checkpoints(a)) == mine
     baselines: dict[str, Any] = {}
