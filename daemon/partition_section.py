@@ -72,6 +72,9 @@ class PartitionsSection(Section):
 
     @model_validator(mode="after")
     def _check_ownership(self) -> PartitionsSection:
+        if self.ack_after_checkpoint and 0 < self.redelivery_wait_s <= self.checkpoint_s:
+            # Acks held longer than the broker's ack_wait come back as redeliveries.
+            raise ValueError("checkpoint_s must be below redelivery_wait_s (the broker's ack_wait)")
         if self.count is None:
             given = [n for n in ("owned", "index", "of") if getattr(self, n) is not None]
             if given:

@@ -104,6 +104,7 @@ def _daemon(fleet: Fleet, nats: NatsServer, index: int, **partitions: Any) -> Ot
             "index": index,
             "of": 2,
             "redelivery_wait_s": 3.0,  # the test server's ack_wait
+            "checkpoint_s": 1.0,  # below it: acks held longer would come back
             **partitions,
         },
     )
@@ -235,10 +236,22 @@ def test_a_restarted_daemon_resumes_its_partitions_windows(nats: NatsServer, fle
     pub.close()
 
 
-def test_a_killed_daemon_loses_no_reading(nats: NatsServer, fleet: Fleet) -> None:
-    # Checkpoints by count only (every 64 readings of a partition), so the kill finds some.
-    a = _daemon(fleet, nats, 0, checkpoint_readings=64, checkpoint_s=600.0)
-    b = _daemon(fleet, nats, 1)
+@pytest.fixture
+def nats_6s(tmp_path: Path) -> Iterator[NatsServer]:
+    """As `nats`, with an ack_wait of 6 s."""
+    server = NatsServer(tmp_path / "nats6", count=COUNT, ack_wait_s=6.0)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_killed_daemon_loses_no_reading(nats_6s: NatsServer, fleet: Fleet) -> None:
+    # Checkpoints every 64 readings of a partition, or 5.5 s (below the broker's ack_wait of
+    # 6 s here): the kill comes well within those 5.5 s, so it finds readings not checkpointed.
+    nats = nats_6s
+    timing = {"checkpoint_readings": 64, "checkpoint_s": 5.5, "redelivery_wait_s": 6.0}
+    a = _daemon(fleet, nats, 0, **timing)
+    b = _daemon(fleet, nats, 1, **timing)
     pub = MqttPublisher(nats)
     _send(pub, 0, 100)
     assert wait_until(
