@@ -59,8 +59,10 @@ def test_template_is_hardened_like_oteo_service(template: dict[str, list[str]]) 
     for key in SANDBOX_KEYS:
         if key not in TEMPLATE_EXCEPTIONS:
             assert template.get(key) == unit.get(key), f"{key}= differs from oteo.service"
-    same = ("Type", "NotifyAccess", "WatchdogSec", "Restart", "RestartPreventExitStatus",
-            "ExecReload", "TimeoutStopSec", "MemoryMax", "TasksMax", "ConfigurationDirectory")  # fmt: skip
+    same = (
+        "Type", "NotifyAccess", "WatchdogSec", "Restart", "RestartPreventExitStatus",
+        "ExecReload", "TimeoutStopSec", "MemoryMax", "TasksMax", "ConfigurationDirectory",
+    )  # fmt: skip
     for key in same:
         assert template.get(key) == unit.get(key), f"{key}= differs from oteo.service"
 
