@@ -166,6 +166,21 @@ def _overrides(model: Path | None, broker: str | None, http: str | None) -> dict
     return out
 
 
+@main.command()
+@click.argument("stream")
+@click.option("--count", type=click.IntRange(min=1), required=True, help="Number of partitions P.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def partition(stream: str, count: int, as_json: bool) -> None:
+    """Print the partition the broker's mapping puts STREAM's readings on (FNV-1a 32 mod P)."""
+    from daemon.partition import partition_of
+
+    k = partition_of(stream, count)
+    if as_json:
+        click.echo(json.dumps({"stream": stream, "count": count, "partition": k}))
+    else:
+        click.echo(k)
+
+
 @main.command("check-config")
 @click.argument("config_path", type=click.Path(path_type=Path))
 def check_config(config_path: Path) -> None:
@@ -198,17 +213,42 @@ def check_config(config_path: Path) -> None:
 
 
 @main.command()
+@click.argument("config_file", required=False, type=click.Path(path_type=Path))
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config.")
 @click.option("--model", type=click.Path(path_type=Path), help="Model file (overrides config).")
 @click.option("--broker", help="Broker URL, e.g. mqtt://127.0.0.1:1883 (overrides config).")
 @click.option("--http", help="HTTP bind HOST:PORT (overrides config).")
-def run(config_path: Path | None, model: Path | None, broker: str | None, http: str | None) -> None:
+@click.option(
+    "--instance", envvar="OTEO_INSTANCE", help="This daemon's id (overrides config; $OTEO_INSTANCE)"
+)
+@click.option(
+    "--partition-index",
+    type=click.IntRange(min=0),
+    envvar="OTEO_PARTITION_INDEX",
+    help="[partitions] index (overrides config; $OTEO_PARTITION_INDEX: a StatefulSet ordinal)",
+)
+def run(
+    config_file: Path | None,
+    config_path: Path | None,
+    model: Path | None,
+    broker: str | None,
+    http: str | None,
+    instance: str | None,
+    partition_index: int | None,
+) -> None:
     """Run the daemon in the foreground (for systemd); SIGTERM or Ctrl-C stop it cleanly."""
     from daemon.config import load_config
     from daemon.service import Daemon, StartupError
     from daemon.startup import REFUSALS
 
+    if config_file is not None and config_path is not None:
+        raise click.UsageError("give the config file once: CONFIG or --config, not both")
+    config_path = config_path or config_file
     overrides = _overrides(model, broker, http)
+    if instance is not None:
+        overrides["instance"] = instance
+    if partition_index is not None:
+        overrides["partitions.index"] = partition_index
     if config_path is None and "model.path" not in overrides:
         raise click.UsageError("give --config FILE or at least --model MODEL.onnx")
     try:

@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from daemon.manifest import AlarmPolicy
+from daemon.partition_section import PartitionsSection
 from daemon.section import (
     PASSWORD_ENV,
     AlarmSection,
@@ -48,6 +49,7 @@ __all__ = [
     "ModelSection",
     "MqttSection",
     "OutboxSection",
+    "PartitionsSection",
     "RecordSection",
     "ScoringSection",
     "SimilarSection",
@@ -93,6 +95,10 @@ class Config(Section):
     similar: SimilarSection = Field(
         default_factory=SimilarSection, description="Similar windows and seen-before episodes."
     )
+    partitions: PartitionsSection = Field(
+        default_factory=PartitionsSection,
+        description="Streams partitioned over instances by the broker (NATS subject mapping).",
+    )
 
     @field_validator("state_dir", mode="before")
     @classmethod
@@ -101,6 +107,13 @@ class Config(Section):
             return value
         instance = info.data.get("instance")
         return default_state_dir(instance if isinstance(instance, str) else socket.gethostname())
+
+    @model_validator(mode="after")
+    def _partitions_need_v311(self) -> Config:
+        if self.partitions.enabled and self.mqtt.protocol != "3.1.1":
+            # nats-server's MQTT listener refuses MQTT 5; partition sessions are 3.1.1 anyway.
+            raise ValueError('partitions need mqtt.protocol = "3.1.1" (nats-server speaks 3.1.1)')
+        return self
 
     def check_secrets(self) -> None:
         """Raise ConfigError unless every secret file is readable and not readable by all.

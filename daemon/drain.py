@@ -43,6 +43,7 @@ class Drain:
         self._wake = wake  # room in the queue: let held-back QoS 1 messages in
         self._logs = {stage: Throttle() for stage in ("engine", "scoring")}
         self.depth_peak = 0  # deepest queue seen since the gauge last read it
+        self.noted: Callable[[Work], None] | None = None  # told of every item handled
 
     def run(self, timeout_s: float, until_empty: bool = False) -> None:
         """Handle queued readings; score when the queue runs dry or a batch is full."""
@@ -86,9 +87,11 @@ class Drain:
         except Exception:
             self.metrics.messages_total.labels(result="internal_error").inc()
             self._failed("engine", f"stream {work.stream!r}")
-            return
+            taken = False
         if taken and self.recorder is not None:
             self.recorder.record(work)
+        if self.noted is not None:
+            self.noted(work)
 
     def _failed(self, stage: str, what: str) -> None:
         self.metrics.errors_total.labels(stage=stage).inc()

@@ -169,6 +169,7 @@ class Engine:
             self._dropped.inc(work.size)
             return False
         stream = self._stream(work.stream)
+        stream.partition = work.partition
         now = self.clock()
         if work.readings is not None:
             for reading in work.readings:
@@ -213,13 +214,22 @@ class Engine:
         m = self.metrics
         if out.result is PushResult.DUPLICATE:
             m.messages_total.labels(result="duplicate").inc()
+            if stream.partition >= 0:
+                m.redelivered_duplicates_total.inc()
             return
         if out.result is PushResult.LATE:
+            if stream.partition >= 0 and ts <= stream.last_ts:
+                # A partition's broker redelivers what a crashed owner never acknowledged:
+                # readings at or before the newest one taken are seen already.
+                m.messages_total.labels(result="duplicate").inc()
+                m.redelivered_duplicates_total.inc()
+                return
             m.messages_total.labels(result="late").inc()
             self._late(stream, ts)
             return
         stream.late_run = 0
         m.readings_total.inc()
+        stream.readings_metric.inc()
         if out.seq_gap:
             m.seq_gaps_total.inc(out.seq_gap)
         if out.filled:
@@ -255,6 +265,10 @@ class Engine:
             stream.buffer.reset()
             stream.late_run = 0
 
+    def adopt(self, stream_id: str) -> Stream:
+        """The stream, created (as on its first reading) if it is not tracked yet."""
+        return self._stream(stream_id)
+
     def _stream(self, stream_id: str) -> Stream:
         stream = self.streams.get(stream_id)
         if stream is not None:
@@ -267,6 +281,8 @@ class Engine:
         label = self.metrics.stream_label(stream_id)
         stream.score_metric = self.metrics.stream_score.labels(stream=label)
         stream.threshold_metric = self.metrics.stream_threshold.labels(stream=label)
+        stream.readings_metric = self.metrics.stream_readings_total.labels(stream=label)
+        stream.windows_metric = self.metrics.stream_windows_total.labels(stream=label)
         stream.threshold_metric.set(detector.threshold)
         if self.memory is not None:
             self.memory.revive(stream)  # what it had learnt before a restart
@@ -313,6 +329,7 @@ class Engine:
                 log.warning("stream %s: non-finite score skipped", item.stream.id)
                 continue
             self._drift_above += score > p99
+            item.stream.windows_metric.inc()
             self.episodes.on_score(
                 item.stream,
                 item.ts,
@@ -346,8 +363,10 @@ class Engine:
                     if out.windows_ready:
                         self._account(stream, _windows_only(out), stream.last_ts, 0.0)
             if stream.state != "stale" and silent_s > stale_s:
+                # The alarm ends, but the window stays: readings that resume on the same grid
+                # (a partition's backlog after a failover, a link that was cut) carry on from
+                # it; only a real gap in their timestamps (> max_gap_s) restarts it.
                 self.episodes.interrupt(stream, stream.last_ts, "stale")
-                stream.buffer.reset(keep_seq=True)
                 self.episodes.set_state(stream, "stale", stream.last_ts or wall)
             elif stream.state == "muted" and stream.muted_until <= now:
                 self.episodes.end_mute(stream, wall)

@@ -50,6 +50,8 @@ class Work:
     sample: ChannelSample | None = None
     arrival: float = 0.0  # monotonic time the network thread received it
     size: int = 1  # readings it holds (the ingest queue is bounded in readings)
+    partition: int = -1  # the partition session it came on (-1: the instance's own link)
+    ticket: int = 0  # its number in that session's ack ledger (daemon/mqtt/ledger.py)
 
 
 def new_layout(
@@ -132,14 +134,23 @@ class Intake:
 
     def offer(self, msg: Incoming) -> bool:
         """Route, parse and queue one message; False: not taken now (do not acknowledge)."""
+        return self.offer_reading(msg) is not None
+
+    def offer_reading(
+        self, msg: Incoming, partition: int = -1, ticket: int = 0, topic_at: int = 0
+    ) -> Work | bool | None:
+        """`offer`, saying what became of it: the queued Work, True (taken, nothing queued:
+        an op or a dropped message) or None (not taken). A partition session's messages carry
+        their partition and ledger ticket; their topic is read from character `topic_at` on
+        (after `<prefix>/<k>/`)."""
         with self._lock:
             if not self._accepting:
-                return False
-            if msg.topic.startswith(self._ops_prefix):
+                return None
+            if not topic_at and msg.topic.startswith(self._ops_prefix):
                 self._on_op(msg)
                 return True
             try:
-                work = self._parse(msg)
+                work = self._parse(msg, topic_at)
             except PayloadError as exc:
                 self.metrics.messages_total.labels(result=exc.reason).inc()
                 log.debug("dropped message on %s: %s", msg.topic, exc)
@@ -147,11 +158,14 @@ class Intake:
             if work is None:
                 self.metrics.messages_total.labels(result="unknown_stream_topic").inc()
                 return True
-            return self._enqueue(work, msg.qos)
+            work.partition, work.ticket = partition, ticket
+            queued = self._enqueue(work, msg.qos)
+            return None if queued is None else work if queued else True
 
-    def _parse(self, msg: Incoming) -> Work | None:
+    def _parse(self, msg: Incoming, topic_at: int = 0) -> Work | None:
         """The message as Work; None for a topic that is not a stream's; PayloadError if bad."""
-        rest = msg.topic.split("/")[self._prefix_levels :]
+        topic = msg.topic[topic_at:] if topic_at else msg.topic
+        rest = topic.split("/")[self._prefix_levels :]
         stream = rest[0] if rest else ""
         if not stream or len(stream) > MAX_STREAM_ID:
             return None
@@ -172,14 +186,15 @@ class Intake:
             return Work(stream, None, layout, index, sample, arrival=time.monotonic())
         return None
 
-    def _enqueue(self, work: Work, qos: int) -> bool:
+    def _enqueue(self, work: Work, qos: int) -> bool | None:
+        """True: queued; False: dropped (QoS 0, queue full); None: refused for now."""
         depth = self._queued - self._taken
         # An empty queue takes any message, so a batch larger than the bound still gets in.
         if depth + work.size > self.cfg.queue_size and not self.queue.empty():
             if qos == 0:
                 self.metrics.messages_total.labels(result="queue_full_qos0").inc()
-                return True
-            return False  # not acknowledged: the broker keeps it until there is room
+                return False
+            return None  # not acknowledged: the broker keeps it until there is room
         self._queued += work.size
         self.queue.put(work)
         self._ok.inc()

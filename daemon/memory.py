@@ -55,22 +55,12 @@ class StreamMemory:
     def revive(self, stream: Stream) -> bool:
         """Give a new stream what it had learnt before the restart; False if nothing was saved."""
         doc = self._saved.pop(stream.id, None)
-        if doc is None:
-            return False
-        try:
-            stream.detector.restore(doc["detector"])
-            stream.alarm = _alarm_from(doc.get("alarm"))
-        except (SnapshotError, KeyError, TypeError, ValueError) as exc:
-            log.warning("stream %s: saved state not used (%s)", stream.id, exc)
-            return False
-        if stream.alarm is not None and stream.alarm.published:
-            stream.state, stream.state_since_ts = "anomalous", stream.alarm.started_ts
-        return True
+        return doc is not None and restore_stream(stream, doc)
 
     def save(self, streams: Iterable[Stream], limit: int) -> None:
         """Replace the file with these streams' states (atomically), then those saved before
         that have not reported since, up to `limit` streams; failures are logged."""
-        states = {s.id: _stream_doc(s) for s in streams}
+        states = {s.id: stream_doc(s) for s in streams}
         for stream_id, doc in self._saved.items():
             if len(states) >= limit:
                 break
@@ -107,7 +97,21 @@ class StreamMemory:
         return streams if isinstance(streams, dict) else {}
 
 
-def _stream_doc(stream: Stream) -> dict[str, Any]:
+def restore_stream(stream: Stream, doc: dict[str, Any]) -> bool:
+    """Give `stream` the detector and alarm of a `stream_doc`; False (logged) if unusable."""
+    try:
+        stream.detector.restore(doc["detector"])
+        stream.alarm = _alarm_from(doc.get("alarm"))
+    except (SnapshotError, KeyError, TypeError, ValueError) as exc:
+        log.warning("stream %s: saved state not used (%s)", stream.id, exc)
+        return False
+    if stream.alarm is not None and stream.alarm.published:
+        stream.state, stream.state_since_ts = "anomalous", stream.alarm.started_ts
+    return True
+
+
+def stream_doc(stream: Stream) -> dict[str, Any]:
+    """What a stream has learnt (detector, alarm), JSON-able."""
     alarm = stream.alarm
     doc: dict[str, Any] = {"detector": stream.detector.snapshot(), "alarm": None}
     if alarm is not None:

@@ -31,7 +31,7 @@ MESSAGE_RESULTS = (
     "internal_error",  # raised an unexpected error in the main loop (logged)
 )
 """`messages_total` results besides the payload drop reasons."""
-ERROR_STAGES = ("intake", "engine", "scoring", "control", "journal")
+ERROR_STAGES = ("intake", "engine", "scoring", "control", "journal", "checkpoint")
 
 PUBLISH_KINDS = ("event", "state", "score", "status", "reply")
 RELOAD_RESULTS = ("ok", "failed")
@@ -74,6 +74,7 @@ class Metrics:
         self._add_model()
         self._add_recorder()
         self._add_ops()
+        self._add_partitions()
 
     def _counter(self, name: str, text: str, labels: Iterable[str] = ()) -> Counter:
         return Counter(name, text, list(labels), registry=self.registry)
@@ -171,6 +172,14 @@ class Metrics:
             "oteo_stream_threshold",
             "Alarm threshold of a stream's score, after its sensitivity.",
             ["stream"],
+        )
+        self.stream_readings_total = self._counter(
+            "oteo_stream_readings_total",
+            "Readings a stream's window took (duplicates and late ones not counted).",
+            ["stream"],
+        )
+        self.stream_windows_total = self._counter(
+            "oteo_stream_windows_total", "Windows of a stream that were scored.", ["stream"]
         )
         self.stream_anomalous = self._gauge(
             "oteo_stream_anomalous",
@@ -286,6 +295,31 @@ class Metrics:
             ["path", "code"],
         )
 
+    def _add_partitions(self) -> None:
+        self.partition_owned = self._gauge(
+            "oteo_partition_owned",
+            "1 while this instance's session of a partition is connected, else 0.",
+            ["partition"],
+        )
+        self.partition_readings_total = self._counter(
+            "oteo_partition_readings_total",
+            "Readings received on a partition's session.",
+            ["partition"],
+        )
+        self.partition_acks_held = self._gauge(
+            "oteo_partition_acks_held",
+            "Readings of a partition taken but not yet acknowledged (awaiting a checkpoint).",
+            ["partition"],
+        )
+        self.checkpoints_total = self._counter(
+            "oteo_checkpoints_total", "Partition checkpoints written to the state directory."
+        )
+        self.redelivered_duplicates_total = self._counter(
+            "oteo_redelivered_duplicates_total",
+            "Readings on partition sessions dropped as already seen (by seq, or by a timestamp "
+            "at or before the stream's newest): redeliveries after a failover or a crash.",
+        )
+
     def stream_label(self, stream: str) -> str:
         """The label value for `stream`: its id for the first streams seen, then `_other`.
 
@@ -308,8 +342,14 @@ class Metrics:
         if label is None or label == OTHER:
             return
         self._own_labels -= 1
-        for gauge in (self.stream_score, self.stream_threshold, self.stream_anomalous):
-            gauge.remove(label)
+        for series in (
+            self.stream_score,
+            self.stream_threshold,
+            self.stream_anomalous,
+            self.stream_readings_total,
+            self.stream_windows_total,
+        ):
+            series.remove(label)
 
     def set_model(self, name: str, version: str, sha256: str) -> None:
         """Name the model being served, replacing the previous one's series."""

@@ -33,10 +33,12 @@ from daemon.journal import Journal, JournalError
 from daemon.memory import StreamMemory
 from daemon.messages import Status, format_ts
 from daemon.metrics import Metrics
-from daemon.mqtt import LinkState, MqttLink, Outgoing
+from daemon.mqtt import Incoming, LinkState, MqttLink, Outgoing
+from daemon.mqtt.ledger import AckLedger
 from daemon.notify import Notifier
 from daemon.ops import OpsHandler
 from daemon.outbox import Outbox, OutboxError
+from daemon.partitions import Partitions
 from daemon.publisher import Publisher, Topics
 from daemon.recall import Recall
 from daemon.recorder import Recorder
@@ -110,8 +112,14 @@ class Daemon:
         self.mirror = LinkMirror(self.metrics)
         self.summary = Summary(self.metrics, time.monotonic(), cfg.log.summary_every_s)
         self.drain = Drain(
-            self.intake, self.engine, self.metrics, wake=self.link.wake, recorder=self.recorder
+            self.intake, self.engine, self.metrics, wake=self._wake_links, recorder=self.recorder
         )
+        self.partitions: Partitions | None = None
+        if cfg.partitions.enabled:
+            self.partitions = Partitions(
+                cfg, self.engine, self.intake, self.metrics, self.model.sha256, self._partition_link
+            )
+            self.drain.noted = self.partitions.note
         self._loop_alive = time.monotonic()
 
     def _open_outbox(self) -> Outbox:
@@ -169,11 +177,14 @@ class Daemon:
 
     def _make_link(self) -> MqttLink:
         cfg = self.cfg
+        subscriptions = self.topics.subscriptions(cfg.mqtt.qos, cfg.topics.per_channel)
+        if cfg.partitions.enabled:  # readings come on the partitions' sessions only
+            subscriptions = [(f"{self.topics.ops}/+", 1)]
         return _startup(
             lambda: MqttLink(
                 cfg.mqtt,
                 client_id=f"oteo-{cfg.instance}",
-                subscriptions=self.topics.subscriptions(cfg.mqtt.qos, cfg.topics.per_channel),
+                subscriptions=subscriptions,
                 status_topic=self.topics.status,
                 online_payload=self._status("online"),
                 offline_payload=self._status("offline"),
@@ -182,6 +193,34 @@ class Daemon:
                 on_state=self._on_link_state,
             )
         )
+
+    def _partition_link(
+        self,
+        k: int,
+        ledger: AckLedger | None,
+        on_message: Callable[[Incoming], bool],
+        on_state: Callable[[LinkState, str], None],
+    ) -> MqttLink:
+        """Partition k's session (MQTT 3.1.1, persistent), its status under the instance's."""
+        cfg = self.cfg
+        status = f"{self.topics.status}/part/{k}"
+        return MqttLink(
+            cfg.mqtt,
+            client_id=cfg.partitions.client_id(k),
+            subscriptions=[(cfg.partitions.topic(k, self.topics.input_prefix), 1)],
+            status_topic=status,
+            online_payload=self._status("online"),
+            offline_payload=self._status("offline"),
+            on_message=on_message,
+            on_state=on_state,
+            ledger=ledger,
+            max_queued=1000,
+        )
+
+    def _wake_links(self) -> None:
+        self.link.wake()
+        if self.partitions is not None:
+            self.partitions.wake()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -211,6 +250,8 @@ class Daemon:
         )
         self.notifier.ready(f"model {m.name} {m.version}; waiting for MQTT")
         self.link.start()
+        if self.partitions is not None:
+            self.partitions.start()
         self._loop()
         return self._shutdown()
 
@@ -220,6 +261,8 @@ class Daemon:
             self.drain.run(timeout_s=0.05)
             now = self._loop_alive = time.monotonic()
             self.controls.run(self.engine, self._republish)
+            if self.partitions is not None:
+                self.partitions.tick(now)
             if self._reload_requested:
                 self._reload_requested = False
                 self._reload("SIGHUP", reread_config=True)
@@ -249,6 +292,8 @@ class Daemon:
         self.drain.run(timeout_s=0.0, until_empty=True)
         self.controls.run(self.engine, self._republish)
         self._save_streams()
+        if self.partitions is not None:
+            self.partitions.stop(timeout_s=10.0)
         if self.recorder is not None:
             self.recorder.flush(self.engine.streams)
             self.recorder.close()
@@ -341,6 +386,8 @@ class Daemon:
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         ok, info = self._health()
         connected = self.link.connected
+        if self.partitions is not None:
+            connected = connected and self.partitions.connected
         assert self.engine.serving is not None
         return ok and connected, {
             **info,
@@ -380,6 +427,8 @@ class Daemon:
             self.recorder.use_layout(m.channels, m.sample_period_s)
         self._model_stamp = _stamp(cfg.model.path)
         self.metrics.model_reloads_total.labels(result="ok").inc()
+        if self.partitions is not None:
+            self.partitions.use_model(model.sha256)
         # The retained status names the model being served.
         self.link.set_status(self._status("online"), self._status("offline"))
         log.info("reloaded (%s): model %s %s sha256 %s", why, m.name, m.version, model.sha256)

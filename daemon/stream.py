@@ -76,6 +76,9 @@ class Stream:
     # is costly.
     score_metric: Any = None
     threshold_metric: Any = None
+    readings_metric: Any = None
+    windows_metric: Any = None
+    partition: int = -1  # the partition session its readings come on (-1: none)
 
 
 def new_buffer(

@@ -29,7 +29,7 @@ PROGRAMS = {
     "mount": "mount",  # small tmpfs disks (a full disk under the outbox)
     "umount": "mount",
     "ip": "iproute2",  # a namespace's loopback taken down
-    "nats-server": "nats-server",  # MQTT partitions: a broker with a partition mapping
+    "nats-server": "nats-server",  # partitions: MQTT listener, JetStream and subject mapping
 }
 # file pattern -> Debian package: libraries and plugins the tests load
 FILES = {

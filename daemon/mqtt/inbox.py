@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as paho
 
+from daemon.mqtt.ledger import AckLedger
 from daemon.mqtt.message import Incoming, LinkCounters
 from daemon.throttle import Throttle
 
@@ -30,9 +31,14 @@ class Inbox:
     """Held incoming messages, offered to `on_message` in arrival order."""
 
     def __init__(
-        self, on_message: Callable[[Incoming], bool], counters: LinkCounters, max_held: int
+        self,
+        on_message: Callable[[Incoming], bool],
+        counters: LinkCounters,
+        max_held: int,
+        ledger: AckLedger | None = None,
     ) -> None:
         self._on_message = on_message
+        self.ledger = ledger  # acks held until a checkpoint (partition sessions)
         self.counters = counters
         self.max_held = max_held
         self.generation = 0  # bumped on every lost connection
@@ -92,7 +98,9 @@ class Inbox:
             self._held.popleft()
             self.counters.held_incoming = len(self._held)
             if held.generation is not None:
-                client.ack(held.message.mid, held.message.qos)
+                ledger = self.ledger
+                if ledger is None or not ledger.keep(held.message.mid, held.generation):
+                    client.ack(held.message.mid, held.message.qos)
 
     def sort(self, session_present: bool) -> None:
         """Resolve QoS 1 messages held from a lost connection once the new CONNACK is in."""

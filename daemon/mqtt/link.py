@@ -28,6 +28,7 @@ from daemon.config import MqttSection
 from daemon.mqtt.client import make_client, set_connect_parameters
 from daemon.mqtt.connection import Connection, guarded
 from daemon.mqtt.inbox import Inbox
+from daemon.mqtt.ledger import AckLedger
 from daemon.mqtt.message import Incoming, LinkCounters, LinkState, OutboxLike, Outgoing
 from daemon.mqtt.sender import Sender
 from daemon.mqtt.shutdown import Shutdown
@@ -57,6 +58,7 @@ class MqttLink:
         on_state: Callable[[LinkState, str], None] | None = None,
         counters: LinkCounters | None = None,
         max_queued: int = 100_000,
+        ledger: AckLedger | None = None,
     ) -> None:
         self._cfg = cfg
         self._subscriptions = list(subscriptions)
@@ -75,7 +77,9 @@ class MqttLink:
         self._client.on_publish = self._on_publish
         self._client.on_message = self._on_paho_message
         # QoS 1 is bounded by Receive Maximum; QoS 0 beyond this is dropped and counted.
-        self._inbox = Inbox(on_message, self.counters, max(1000, 10 * cfg.max_inflight))
+        self._inbox = Inbox(
+            on_message, self.counters, max(1000, 10 * cfg.max_inflight), ledger=ledger
+        )
         self._sender = Sender(
             self._client,
             self.counters,
@@ -167,13 +171,17 @@ class MqttLink:
             self._sender.close()
             self._conn.set_state(LinkState.STOPPED, "stopped before start")
             return True
-        if not self._stop_requested.is_set():
-            self._shutdown = Shutdown(time.monotonic(), timeout_s)
-            self._stop_requested.set()
-            self.wake()
+        self.request_stop(timeout_s)
         self._thread.join(timeout_s + 1.0)
         shutdown = self._shutdown
         return shutdown is not None and shutdown.result and not self._thread.is_alive()
+
+    def request_stop(self, timeout_s: float = 5.0) -> None:
+        """Start a clean stop without waiting for it (`stop` waits): stop several at once."""
+        if self._thread is not None and not self._stop_requested.is_set():
+            self._shutdown = Shutdown(time.monotonic(), timeout_s)
+            self._stop_requested.set()
+            self.wake()
 
     # -- the network thread -----------------------------------------------------------------
 
@@ -201,6 +209,10 @@ class MqttLink:
                 return
         elif self._client.socket() is None and now >= self._conn.next_attempt:
             self._conn.connect()
+        ledger = self._inbox.ledger
+        if ledger is not None and self._conn.up:
+            for mid in ledger.release(self._inbox.generation):
+                self._client.ack(mid, 1)
         self._sender.drain(self._conn.up)
         if self._conn.up:
             self._sender.pump_outbox(lambda: self._conn.up)

@@ -1,0 +1,114 @@
+"""A partition's checkpoint: the state of its streams, so the partition resumes where it was.
+
+`checkpoint_dir/<k>.json` (default `state_dir/partitions`) holds, per stream of partition k, the
+newest window's samples and the grid's phase (`StreamBuffer.snapshot`), the seq and time of the
+newest reading, and what the stream has learnt (detector, alarm: `daemon.memory.stream_doc`).
+It is replaced atomically (temporary file, fsync, rename), and its mtime is touched about once a
+second while the partition is held: the last sign of life of the run that held it. At a clean
+stop it is written once more with `clean: true` and how many delivered messages were left
+unacknowledged. State directories are not shared across boxes: a partition that moves to another
+box starts its windows cold there (a warm-up of one window), unless `checkpoint_dir` is on
+storage both see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.memory import stream_doc
+from daemon.stream import Stream
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+
+
+@dataclass
+class Saved:
+    """A checkpoint as read back."""
+
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    clean: bool = True  # the run that wrote it stopped cleanly (or there was no file)
+    unacked: int = 0  # messages it left delivered but unacknowledged
+    alive: float = 0.0  # wall time of its last sign of life (the file's mtime)
+
+
+class Checkpoint:
+    """One partition's checkpoint file; stream docs are cached and redone only when changed."""
+
+    def __init__(self, directory: Path, partition: int, count: int, model_sha256: str) -> None:
+        self.path = directory / f"{partition}.json"
+        self.partition = partition
+        self.count = count
+        self.model_sha256 = model_sha256
+        self._docs: dict[str, str] = {}  # stream id -> its JSON text at the last write
+
+    def read(self) -> Saved:
+        """The saved state (empty if there is none or it belongs to another model)."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+            alive = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return Saved()
+        except OSError as exc:
+            log.warning("partition %d: %s unreadable (%s)", self.partition, self.path, exc)
+            return Saved(clean=False, alive=time.time())
+        try:
+            doc = json.loads(text)
+            clean, unacked = bool(doc["clean"]), int(doc["unacked"])
+            streams = doc["streams"]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("partition %d: %s unreadable (%s)", self.partition, self.path, exc)
+            return Saved(clean=False, alive=alive)
+        if doc.get("schema") != SCHEMA or doc.get("model_sha256") != self.model_sha256:
+            log.info("partition %d: checkpoint of another model: cold start", self.partition)
+            streams = {}
+        elif doc.get("count") != self.count:
+            # Another partition count maps other streams here: theirs start cold (one window).
+            log.info("partition %d: checkpoint of another count: cold start", self.partition)
+            streams = {}
+        return Saved(streams, clean, unacked, alive)
+
+    def write(self, streams: list[Stream], *, clean: bool = False, unacked: int = 0) -> None:
+        """Replace the file with these streams' states (OSError if it cannot be written)."""
+        docs = self._docs
+        for stream in streams:
+            docs[stream.id] = json.dumps(_doc(stream), separators=(",", ":"))
+        head = {
+            "schema": SCHEMA,
+            "partition": self.partition,
+            "count": self.count,
+            "model_sha256": self.model_sha256,
+            "saved": time.time(),
+            "clean": clean,
+            "unacked": unacked,
+        }
+        body = ",".join(f"{json.dumps(sid)}:{text}" for sid, text in docs.items())
+        text = json.dumps(head, separators=(",", ":"))[:-1] + ',"streams":{' + body + "}}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def forget(self, stream_id: str) -> None:
+        """Leave an evicted stream out of the next write."""
+        self._docs.pop(stream_id, None)
+
+    def touch(self) -> None:
+        """Mark the partition as still held (the file's mtime); errors are ignored."""
+        with contextlib.suppress(OSError):
+            os.utime(self.path)
+
+
+def _doc(stream: Stream) -> dict[str, Any]:
+    return {"window": stream.buffer.snapshot(), "last_ts": stream.last_ts, **stream_doc(stream)}

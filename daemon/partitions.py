@@ -1,0 +1,240 @@
+"""Partitioned intake: one persistent MQTT session per owned partition, checkpoints, held acks.
+
+With `[partitions]`, the broker (nats-server's subject mapping) puts each stream's readings on
+`<topic_prefix>/<k>/<input_prefix>/<stream>/data`. For every partition k it owns, the daemon runs
+one `MqttLink` (MQTT 3.1.1, persistent session, client id `oteo-<group>-part-<k>`): its network
+thread parses and queues readings through the shared `Intake`, tagging each with k and a ticket
+of k's `AckLedger`. The main loop (the only caller of the methods below, besides the links'
+state callbacks) notes each reading it handled, writes k's `Checkpoint` after
+`checkpoint_readings` readings or `checkpoint_s`, and only then lets the link acknowledge them.
+
+Start: each partition's checkpoint is loaded (its streams resume their windows). If the run that
+held it did not stop cleanly, or left messages unacknowledged, the session is only connected
+`redelivery_wait_s` after that run's last sign of life: by then the broker redelivers what was
+never acknowledged first, ahead of newer readings (which would make them late).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon.checkpoint import Checkpoint
+from daemon.config import Config
+from daemon.engine import Engine
+from daemon.intake import Intake, Work
+from daemon.memory import restore_stream
+from daemon.metrics import Metrics
+from daemon.mqtt import Incoming, LinkState, MqttLink
+from daemon.mqtt.ledger import AckLedger
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+
+# (partition, its ledger or None, its on_message, its on_state) -> the partition's link
+LinkFactory = Callable[
+    [int, AckLedger | None, Callable[[Incoming], bool], Callable[[LinkState, str], None]],
+    MqttLink,
+]
+
+
+class _Partition:
+    """One owned partition's main-loop state."""
+
+    def __init__(self, k: int, checkpoint: Checkpoint, ledger: AckLedger | None) -> None:
+        self.k = k
+        self.checkpoint = checkpoint
+        self.ledger = ledger
+        self.link: MqttLink | None = None
+        self.connect_at = 0.0  # wall time at which its session may connect
+        self.ticket = 0  # ticket of the last reading the main loop handled
+        self.since = 0  # readings handled since the last checkpoint
+        self.dirty: set[str] = set()  # streams changed since the last checkpoint
+        self.due = 0.0  # monotonic time of the next timed checkpoint
+
+
+class Partitions:
+    """The owned partitions' sessions, checkpoints and acks; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Engine,
+        intake: Intake,
+        metrics: Metrics,
+        model_sha256: str,
+        make_link: LinkFactory,
+    ) -> None:
+        section = cfg.partitions
+        assert section.count is not None
+        self.section = section
+        self.engine = engine
+        self.intake = intake
+        self.metrics = metrics
+        self.directory: Path = section.checkpoint_dir or cfg.state_dir / "partitions"
+        self._make_link = make_link
+        self._prefix = {k: f"{section.topic_prefix}/{k}/" for k in section.partitions}
+        self.parts = {
+            k: _Partition(
+                k,
+                Checkpoint(self.directory, k, section.count, model_sha256),
+                AckLedger() if section.ack_after_checkpoint else None,
+            )
+            for k in section.partitions
+        }
+        self._next_beat = 0.0
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load each partition's checkpoint; its session connects now or after the wait."""
+        now = time.time()
+        for part in self.parts.values():
+            saved = part.checkpoint.read()
+            resumed = 0
+            for stream_id, doc in saved.streams.items():
+                resumed += self._resume(part, stream_id, doc)
+            if not saved.clean or saved.unacked:
+                part.connect_at = saved.alive + HEARTBEAT_S + self.section.redelivery_wait_s
+            wait_s = max(0.0, part.connect_at - now)
+            log.info(
+                "partition %d: %d streams resumed from %s%s",
+                part.k,
+                resumed,
+                part.checkpoint.path,
+                f"; connecting in {wait_s:.1f} s (redelivery after an unclean stop)"
+                if wait_s
+                else "",
+            )
+            self._write(part)  # the file exists from now on: its mtime is our heartbeat
+            self.metrics.partition_owned.labels(partition=str(part.k)).set(0)
+        self.tick(time.monotonic())
+
+    def _resume(self, part: _Partition, stream_id: str, doc: dict[str, object]) -> bool:
+        stream = self.engine.adopt(stream_id)
+        stream.partition = part.k
+        try:
+            stream.buffer.restore(doc["window"])  # type: ignore[arg-type]
+            stream.last_ts = float(doc["last_ts"])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("stream %s: checkpointed window not used (%s)", stream_id, exc)
+            stream.buffer.reset()
+            return False
+        part.dirty.add(stream_id)
+        return restore_stream(stream, doc)
+
+    def _connect(self, part: _Partition) -> None:
+        k = part.k
+        ledger = part.ledger
+        prefix = self._prefix[k]
+        readings = self.metrics.partition_readings_total.labels(partition=str(k))
+        owned = self.metrics.partition_owned.labels(partition=str(k))
+        intake = self.intake
+
+        def on_message(msg: Incoming) -> bool:  # the link's network thread
+            ticket = ledger.issue() if ledger is not None else 0
+            at = len(prefix) if msg.topic.startswith(prefix) else 0
+            result = intake.offer_reading(msg, k, ticket, topic_at=at)
+            if result is None:
+                return False
+            if isinstance(result, Work):
+                readings.inc(result.size)
+                if ledger is not None:
+                    ledger.queued(ticket)
+            return True
+
+        def on_state(state: LinkState, reason: str) -> None:  # the link's network thread
+            owned.set(1 if state is LinkState.CONNECTED else 0)
+
+        part.link = self._make_link(k, ledger, on_message, on_state)
+        part.link.start()
+        log.info("partition %d: session %s connecting", k, self.section.client_id(k))
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    def note(self, work: Work) -> None:
+        """The main loop handled `work` (from partition `work.partition`)."""
+        part = self.parts.get(work.partition)
+        if part is None:
+            return
+        part.ticket = work.ticket
+        part.since += work.size
+        part.dirty.add(work.stream)
+        if part.since >= self.section.checkpoint_readings:
+            self.checkpoint(part)
+
+    def tick(self, now: float) -> None:
+        """Timed checkpoints, delayed connects and the heartbeat; call every loop turn."""
+        wall = time.time()
+        for part in self.parts.values():
+            if part.link is None and wall >= part.connect_at:
+                self._connect(part)
+            if part.since and now >= part.due:
+                self.checkpoint(part)
+        if now >= self._next_beat:
+            self._next_beat = now + HEARTBEAT_S
+            for part in self.parts.values():
+                part.checkpoint.touch()
+                if part.ledger is not None:
+                    held = len(part.ledger)
+                    self.metrics.partition_acks_held.labels(partition=str(part.k)).set(held)
+
+    def checkpoint(self, part: _Partition) -> None:
+        """Write partition k's checkpoint, then let its link acknowledge what it holds."""
+        self.engine.score_pending()  # windows ready but unscored would be lost at a crash
+        if not self._write(part):
+            return
+        if part.ledger is not None and part.link is not None:
+            part.ledger.cover(part.ticket)
+            part.link.wake()
+
+    def _write(self, part: _Partition, *, clean: bool = False, unacked: int = 0) -> bool:
+        streams = self.engine.streams
+        changed = [streams[s] for s in part.dirty if s in streams]
+        try:
+            part.checkpoint.write(changed, clean=clean, unacked=unacked)
+        except OSError as exc:
+            # Acks stay held: the broker redelivers after a crash what no checkpoint holds.
+            self.metrics.errors_total.labels(stage="checkpoint").inc()
+            log.warning("partition %d: checkpoint not written: %s", part.k, exc)
+            return False
+        part.dirty.clear()
+        part.since = 0
+        part.due = time.monotonic() + self.section.checkpoint_s
+        self.metrics.checkpoints_total.inc()
+        return True
+
+    def stop(self, timeout_s: float) -> None:
+        """Clean stop (intake closed, queue drained): checkpoint, acknowledge, disconnect."""
+        for part in self.parts.values():
+            self.checkpoint(part)
+        links = [p.link for p in self.parts.values() if p.link is not None]
+        for link in links:
+            link.request_stop(timeout_s)
+        for part in self.parts.values():
+            unacked = 0
+            if part.link is not None:
+                part.link.stop(timeout_s)
+                unacked = part.link.counters.held_incoming
+            self._write(part, clean=True, unacked=unacked)
+            if unacked:
+                log.info("partition %d: %d messages left for redelivery", part.k, unacked)
+
+    def wake(self) -> None:
+        """Room in the ingest queue again: let the sessions offer what they hold."""
+        for part in self.parts.values():
+            if part.link is not None:
+                part.link.wake()
+
+    def use_model(self, sha256: str) -> None:
+        """Checkpoints from now on belong to this model (after a hot reload)."""
+        for part in self.parts.values():
+            part.checkpoint.model_sha256 = sha256
+            part.dirty.update(s.id for s in self.engine.streams.values() if s.partition == part.k)
+
+    @property
+    def connected(self) -> bool:
+        return all(p.link is not None and p.link.connected for p in self.parts.values())
