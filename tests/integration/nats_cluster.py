@@ -24,21 +24,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from daemon_harness import free_port
 from host_program import require
 
+from daemon.partition import nats_mapping
+
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 CLUSTER_NAME = "oteo"
-
-
-def mapping_line(partitions: int, input_prefix: str = "sensors", prefix: str = "part") -> str:
-    """The subject mapping that spreads `<input_prefix>/<id>/data` over `partitions`."""
-    source = f"{input_prefix}.*.data"
-    target = f"{prefix}.{{{{partition({partitions},1)}}}}.{input_prefix}.{{{{wildcard(1)}}}}.data"
-    return f'mappings = {{ "{source}": "{target}" }}'
 
 
 @dataclass
@@ -47,6 +42,7 @@ class NatsNode:
 
     name: str
     directory: Path
+    host = "127.0.0.1"  # (a class attribute) where every port listens
     client_port: int = field(default_factory=free_port)
     cluster_port: int = field(default_factory=free_port)
     mqtt_port: int = field(default_factory=free_port)
@@ -79,7 +75,7 @@ class NatsNode:
                 f"cluster {{ name: {CLUSTER_NAME}, listen: 127.0.0.1:{self.cluster_port}, "
                 f"routes: [{route_urls}] }}",
                 f'mqtt {{ listen: 127.0.0.1:{self.mqtt_port}, ack_wait: "{ack_wait_s:g}s" }}',
-                mapping_line(partitions),
+                f"mappings = {{ {nats_mapping(partitions)} }}",
                 "",
             ]
         )
@@ -115,15 +111,36 @@ class NatsNode:
             self._log.close()
             self._log = None
 
-    def jsz(self) -> dict[str, object] | None:
+    def jsz(self, query: str = "") -> dict[str, Any] | None:
         """The monitoring endpoint's JetStream report, or None while it does not answer."""
-        url = f"http://127.0.0.1:{self.http_port}/jsz"
+        url = f"http://127.0.0.1:{self.http_port}/jsz{query}"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
-                doc: dict[str, object] = json.load(response)
+                doc: dict[str, Any] = json.load(response)
                 return doc
         except (OSError, urllib.error.URLError, ValueError):
             return None
+
+    def subscribed_partitions(self, prefix: str = "part") -> set[int]:
+        """Partitions k with a QoS 1 MQTT subscription on `<prefix>/<k>/...` (a consumer of the
+        stream `$MQTT_msgs` filtered on it).
+
+        A session's messages are stored only once its subscription exists: a partition whose
+        session has connected but not yet subscribed loses what is published meanwhile.
+        """
+        doc = self.jsz("?accounts=true&streams=true&consumers=true&config=true") or {}
+        found: set[int] = set()
+        for account in doc.get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                if stream.get("name") != "$MQTT_msgs":
+                    continue
+                for consumer in stream.get("consumer_detail") or []:
+                    subject = str(consumer.get("config", {}).get("filter_subject", ""))
+                    head, _, tail = subject.partition(f"$MQTT.msgs.{prefix}.")
+                    k = tail.split(".", 1)[0]
+                    if not head and k.isdigit():
+                        found.add(int(k))
+        return found
 
     def meta_leader(self) -> str | None:
         doc = self.jsz()

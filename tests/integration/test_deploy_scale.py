@@ -14,15 +14,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import tomllib
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from host_program import require
-from test_deploy import bind_mounts, load_yaml, ok, run
+from daemon_harness import Metrics, oteo_command, reading, run_oteo, wait_until
+from host_program import SBIN, require
+from nats_cluster import NatsNode
+from nats_kit import MqttPublisher
+from test_deploy import bind_mounts, load_yaml, ok, private_copy, run
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -280,3 +286,127 @@ def test_run_local_is_valid_bash_and_refuses_bad_arguments() -> None:
     ):
         result = run(str(RUN_LOCAL), *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_scale_container_config_passes_check_config(tmp_path: Path) -> None:
+    """deploy/scale/oteo.toml as a container sees it (secrets, /models, state rewritten), and
+    the token file it names is a mounted secret in compose and in Kubernetes."""
+    text = SCALE_TOML.read_text(encoding="utf-8")
+    config = tomllib.loads(text)
+    token = config["http"]["token_file"]
+    assert token == "/run/secrets/http-token"
+    for name in ("oteo-0", "oteo-1"):
+        assert "http-token" in load_yaml(COMPOSE)["services"][name]["secrets"]
+    sts = k8s_docs("oteo.yaml")[("StatefulSet", "oteo")]
+    (container,) = pod_spec(sts)["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secret = {v["name"]: v for v in pod_spec(sts)["volumes"]}["secrets"]["secret"]
+    assert mounts["secrets"] == str(Path(token).parent) and secret["defaultMode"] & 0o004 == 0
+
+    text = text.replace(token, str(private_copy(DEPLOY / "secrets" / "http-token", tmp_path)))
+    text = text.replace('"/models/', f'"{REPO / "models"}/')
+    text = text.replace(f'"{config["state_dir"]}"', f'"{tmp_path / "state"}"')
+    (tmp_path / "oteo.toml").write_text(text, encoding="utf-8")
+    result = run_oteo("check-config", str(tmp_path / "oteo.toml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"count": 16' in result.stdout and '"of": 2' in result.stdout, result.stdout
+
+
+def run_local_env() -> dict[str, str]:
+    """PATH with this environment's `oteo` and Debian's sbin programs (nats-server) first."""
+    bin_dir = str(Path(oteo_command()[0]).parent)
+    return {**os.environ, "PATH": os.pathsep.join([bin_dir, *SBIN, os.environ["PATH"]])}
+
+
+def test_run_local_check_validates_its_configs(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(RUN_LOCAL), "--check", "--instances", "3", "--run-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, env=run_local_env(), check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "configs valid (3 NATS nodes, 3 oteo instances" in result.stdout
+    assert "of = 3" in (tmp_path / "oteo.toml").read_text()
+    scrape = load_yaml(tmp_path / "prometheus.yml")
+    targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == ["127.0.0.1:9110", "127.0.0.1:9111", "127.0.0.1:9112"]
+
+
+def http_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
+
+
+def test_run_local_serves_every_partition_once_and_prometheus_scrapes_it(tmp_path: Path) -> None:
+    """The real run on the committed loopback ports: 3 NATS nodes, 2 instances, Prometheus.
+    Each partition is owned by exactly one instance, readings of 20 streams are all scored,
+    Prometheus sees both instances up, and SIGTERM stops everything cleanly."""
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [str(RUN_LOCAL), "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=run_local_env(),
+        cwd=tmp_path, start_new_session=True,
+    )  # fmt: skip
+    urls = [f"http://127.0.0.1:{9110 + i}" for i in range(2)]
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in run_dir.glob("*.log"))
+
+    try:
+
+        def ready() -> bool:
+            try:
+                return all(
+                    urllib.request.urlopen(f"{u}/readyz", timeout=2).status == 200 for u in urls
+                )
+            except OSError:
+                return False
+
+        assert wait_until(ready, 60), f"instances not ready\n{logs()}"
+
+        def owned() -> dict[str, float]:
+            found: dict[str, float] = {}
+            for url in urls:
+                with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+                    metrics = Metrics(response.read().decode())
+                for labels, value in metrics.series("oteo_partition_owned"):
+                    found[labels["partition"]] = found.get(labels["partition"], 0) + value
+            return found
+
+        assert wait_until(lambda: owned() == {str(k): 1.0 for k in range(16)}, 30), owned()
+        node = NatsNode("nats-0", run_dir, client_port=14220, mqtt_port=11883, http_port=18220)
+        # Connected is not yet subscribed: a reading published before its partition's
+        # subscription exists is not stored (run-local waits for the same before it says ready).
+        assert wait_until(lambda: node.subscribed_partitions() == set(range(16)), 30), logs()
+        publisher = MqttPublisher(node)  # type: ignore[arg-type]
+        streams = [f"local-{i}" for i in range(20)]
+        for n in range(5):
+            for stream in streams:
+                publisher.send(f"sensors/{stream}/data", reading(1_767_225_600 + n, [1.0] * 8, n))
+        publisher.close()
+
+        def scored() -> float:
+            total = 0.0
+            for url in urls:
+                with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+                    total += Metrics(response.read().decode()).get("oteo_readings_total")
+            return total
+
+        assert wait_until(lambda: scored() == 100, 30), f"{scored()} of 100 readings\n{logs()}"
+
+        def both_up() -> bool:
+            try:
+                doc = http_json("http://127.0.0.1:9090/api/v1/query?query=up%7Bjob%3D%22oteo%22%7D")
+            except OSError:
+                return False
+            return sorted(r["value"][1] for r in doc["data"]["result"]) == ["1", "1"]
+
+        assert wait_until(both_up, 30), f"Prometheus does not see both instances up\n{logs()}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            output = process.communicate(timeout=60)[0].decode()
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output = process.communicate()[0].decode()
+    assert process.returncode == 0, output
+    assert "run-local: stopping" in output

@@ -24,6 +24,8 @@ from daemon_harness import wait_until
 from nats_cluster import NatsCluster, running_cluster
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from daemon.partition import partition_of
+
 PARTITIONS = 16
 STREAMS = 200
 ACK_WAIT_S = 3.0
@@ -124,6 +126,8 @@ def test_streams_stay_on_one_partition_and_survive_a_node_kill(cluster: NatsClus
         for partition, stream, _ in log:
             homes.setdefault(stream, set()).add(partition)
         assert all(len(parts) == 1 for parts in homes.values()), "a stream on two partitions"
+        for stream, parts in homes.items():
+            assert parts == {partition_of(stream, PARTITIONS)}, f"{stream}: not oteo's partition"
         used = {next(iter(parts)) for parts in homes.values()}
         assert len(used) == PARTITIONS, f"200 streams reached only partitions {sorted(used)}"
 
