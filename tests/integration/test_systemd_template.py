@@ -3,7 +3,8 @@
 `systemd-analyze verify` on the template and on an instance of it, `systemd-analyze security
 --offline=true` at most 2.0, and the directives that differ from oteo.service, each for a
 reason: the index on the command line, per-index state and HTTP port, a shared user and
-checkpoint directory. (test_systemd.py runs oteo.service's sandbox with the real daemon; the
+checkpoint directory; and an instance's command line running the real daemon on a real
+nats-server, owning its partitions. (test_systemd.py runs oteo.service's sandbox with the real daemon; the
 template's sandbox directives are the same lines, compared here one by one.)
 """
 
@@ -11,11 +12,24 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
+import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
-from daemon_harness import oteo_command
-from test_systemd import MAX_EXPOSURE, SANDBOX_KEYS, UNIT, UNIT_OTEO, analyze, the, unit_directives
+from daemon_harness import Metrics, daemon_config, free_port, oteo_command, toml_text, wait_until
+from nats_kit import NatsServer, mqtt_client
+from test_systemd import (
+    DEMO_MODEL,
+    MAX_EXPOSURE,
+    SANDBOX_KEYS,
+    UNIT,
+    UNIT_OTEO,
+    analyze,
+    the,
+    unit_directives,
+)
 
 TEMPLATE = UNIT.parent / "oteo@.service"
 # oteo.service settings the template deliberately changes, and why.
@@ -103,3 +117,46 @@ def test_template_security_exposure_is_at_most_2(tmp_path: Path) -> None:
         assert found, result.stdout + result.stderr
         print(f"{name} exposure: {found.group(1)}")
         assert float(found.group(1)) <= MAX_EXPOSURE and result.returncode == 0, result.stdout
+
+
+def test_an_instance_command_line_runs_the_daemon_with_its_partitions(tmp_path: Path) -> None:
+    """ExecStart of oteo@1 (this environment's oteo, a test config) on a real nats-server: the
+    daemon owns partitions 1 and 3 of 4 (index 1 of 2), serves on the port from its environment
+    file, and publishes its status under the instance name <host>-1."""
+    nats = NatsServer(tmp_path / "nats", count=4)
+    nats.start()
+    http_port = free_port()
+    config = tmp_path / "oteo.toml"
+    doc = daemon_config(tmp_path, nats.url, DEMO_MODEL, mqtt={"protocol": "3.1.1"})
+    doc["partitions"] = {"count": 4, "of": 2, "index": 0, "redelivery_wait_s": 0}
+    config.write_text(toml_text(doc), encoding="utf-8")
+    template = unit_directives(TEMPLATE.read_text(encoding="utf-8"))
+    args = instance_args(template, 1, "box-a", f"127.0.0.1:{http_port}")
+    args = [*oteo_command(), *args[1:]]
+    args[args.index("/etc/oteo/oteo.toml")] = str(config)
+    watcher = mqtt_client(nats)
+    statuses: list[str] = []
+    watcher.on_message = lambda _c, _u, msg: statuses.append(msg.topic)
+    watcher.subscribe("oteo/status/+", qos=1)
+    log = (tmp_path / "oteo.log").open("wb")
+    daemon = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def owned() -> dict[str, float]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics") as answer:
+                    metrics = Metrics(answer.read().decode())
+            except OSError:
+                return {}
+            return {labels["partition"]: v for labels, v in metrics.series("oteo_partition_owned")}
+
+        expected = {"1": 1.0, "3": 1.0}
+        assert wait_until(lambda: owned() == expected, 30), (tmp_path / "oteo.log").read_text()
+        assert wait_until(lambda: "oteo/status/box-a-1" in statuses, 10), statuses
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(30)
+        log.close()
+        watcher.loop_stop()
+        nats.stop()
+    assert code == 0, (tmp_path / "oteo.log").read_text()
