@@ -4,8 +4,8 @@
 --offline=true` at most 2.0, and the directives that differ from oteo.service, each for a
 reason: the index on the command line, per-index state and HTTP port, a shared user and
 checkpoint directory; and an instance's command line running the real daemon on a real
-nats-server, owning its partitions. (test_systemd.py runs oteo.service's sandbox with the real daemon; the
-template's sandbox directives are the same lines, compared here one by one.)
+nats-server, owning its partitions. (test_systemd.py runs oteo.service's sandbox with the real
+daemon; the template's sandbox directives are the same lines, compared here one by one.)
 """
 
 from __future__ import annotations
