@@ -140,7 +140,8 @@ def _doc(stream: Stream) -> dict[str, Any]:
 
 def _moving(stream: Stream) -> dict[str, Any]:
     snapshot = stream.detector.snapshot()
-    return {"baseline": snapshot["baseline"], "new_level": snapshot["new_level"]}
+    keys = ("baseline", "new_level", "episode")
+    return {key: snapshot[key] for key in keys}
 
 
 def _write_atomically(path: Path, text: str) -> None:

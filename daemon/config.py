@@ -174,7 +174,13 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 
 
 # Overrides of the detection stages (daemon.detector.Stages.overridden), not of the policy.
-MOVING = ("baseline_samples", "new_level_s")
+MOVING = (
+    "baseline_samples",
+    "new_level_s",
+    "warmup_s",
+    "warmup_factor",
+    "baseline_learns_accepted",
+)
 
 
 def apply_alarm_overrides(policy: AlarmPolicy, alarm: AlarmSection) -> AlarmPolicy:
