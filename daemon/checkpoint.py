@@ -19,7 +19,10 @@ import contextlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,10 @@ class Checkpoint:
 
     def write(self, streams: list[Stream], *, clean: bool = False, unacked: int = 0) -> None:
         """Replace the file with these streams' states (OSError if it cannot be written)."""
+        _write_atomically(self.path, self.render(streams, clean=clean, unacked=unacked))
+
+    def render(self, streams: list[Stream], *, clean: bool = False, unacked: int = 0) -> str:
+        """The file's text: these streams' states now, and the others' as last rendered."""
         docs = self._docs
         for stream in streams:
             docs[stream.id] = json.dumps(_doc(stream), separators=(",", ":"))
@@ -100,17 +107,21 @@ class Checkpoint:
             "unacked": unacked,
         }
         body = ",".join(f"{json.dumps(sid)}:{text}" for sid, text in docs.items())
-        text = json.dumps(head, separators=(",", ":"))[:-1] + ',"streams":{' + body + "}}"
-        _write_atomically(self.path, text)
+        return json.dumps(head, separators=(",", ":"))[:-1] + ',"streams":{' + body + "}}"
 
     def write_moving(self, streams: list[Stream]) -> None:
         """Replace the file of the streams' baseline buffers (OSError if it cannot)."""
+        _write_atomically(self.moving_path, self.moving(streams)())
+
+    def moving(self, streams: list[Stream]) -> Callable[[], str]:
+        """The baselines file's text, to render later in any thread (the snapshots are taken
+        now and belong to nobody else)."""
         doc = {
             "schema": SCHEMA,
             "model_sha256": self.model_sha256,
             "streams": {s.id: _moving(s) for s in streams},
         }
-        _write_atomically(self.moving_path, json.dumps(doc, separators=(",", ":")))
+        return lambda: json.dumps(doc, separators=(",", ":"))
 
     def _read_moving(self) -> dict[str, Any]:
         try:
@@ -131,6 +142,44 @@ class Checkpoint:
         """Mark the partition as still held (the file's mtime); errors are ignored."""
         with contextlib.suppress(OSError):
             os.utime(self.path)
+
+
+class FileWriter:
+    """Writes files (atomically, fsynced) in a thread of its own, so that the main loop never
+    waits for the disk; `done(ok)` is called in that thread after each write."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[Path, Callable[[], str], Callable[[bool], None]] | None]
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, path: Path, text: Callable[[], str], done: Callable[[bool], None]) -> None:
+        self._queue.put((path, text, done))
+
+    def flush(self) -> None:
+        """Wait until every submitted file is written."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(30.0)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            path, text, done = item
+            try:
+                _write_atomically(path, text())
+                ok = True
+            except OSError as exc:
+                log.warning("cannot write %s: %s", path, exc)
+                ok = False
+            try:
+                done(ok)
+            except Exception:
+                log.exception("after writing %s", path)
+            self._queue.task_done()
+        self._queue.task_done()
 
 
 def _doc(stream: Stream) -> dict[str, Any]:
