@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,9 +92,20 @@ class Checkpoint:
         """Replace the file with these streams' states (OSError if it cannot be written)."""
         _write_atomically(self.path, self.render(streams, clean=clean, unacked=unacked))
 
-    def render(self, streams: list[Stream], *, clean: bool = False, unacked: int = 0) -> str:
-        """The file's text: these streams' states now, and the others' as last rendered."""
+    def render(
+        self,
+        streams: list[Stream],
+        *,
+        clean: bool = False,
+        unacked: int = 0,
+        tracked: Container[str] | None = None,
+    ) -> str:
+        """The file's text: these streams' states now, and the others' as last rendered
+        (those not `tracked` any more, e.g. evicted, are left out)."""
         docs = self._docs
+        if tracked is not None:
+            for gone in [sid for sid in docs if sid not in tracked]:
+                del docs[gone]
         for stream in streams:
             docs[stream.id] = json.dumps(_doc(stream), separators=(",", ":"))
         head = {

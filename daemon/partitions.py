@@ -247,7 +247,8 @@ class Partitions:
             return
         self.engine.score_pending()  # windows ready but unscored would be lost at a crash
         streams = self.engine.streams
-        text = part.checkpoint.render([streams[s] for s in part.dirty if s in streams])
+        changed = [streams[s] for s in part.dirty if s in streams]
+        text = part.checkpoint.render(changed, tracked=streams)
         ticket, ledger, link = part.ticket, part.ledger, part.link
         part.dirty.clear()
         part.since = 0

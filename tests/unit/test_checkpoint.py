@@ -34,6 +34,7 @@ def test_a_checkpoint_brings_back_window_detector_and_baselines(tmp_path: Path) 
     cp.write([], clean=True, unacked=3)  # streams written before are kept
     saved = cp.read()
     assert saved.clean and saved.unacked == 3 and list(saved.streams) == ["a"]
+    assert '"a":' not in cp.render([], tracked={})  # no longer tracked (evicted): left out
 
 
 def test_a_checkpoint_of_another_model_or_count_starts_cold(tmp_path: Path) -> None:
