@@ -52,6 +52,8 @@ class Checkpoint:
         self.path = directory / f"{partition}.json"
         # The detectors' baseline buffers: large and slow to change, so written far less often.
         self.moving_path = directory / f"{partition}.baselines.json"
+        # How far each stream got since the checkpoint (the heartbeat writes it, no fsync).
+        self.progress_path = directory / f"{partition}.progress.json"
         self.partition = partition
         self.count = count
         self.model_sha256 = model_sha256
@@ -144,6 +146,22 @@ class Checkpoint:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("partition %d: %s unreadable (%s)", self.partition, self.moving_path, exc)
         return {}
+
+    def write_progress(self, last_ts: dict[str, float]) -> None:
+        """Note how far streams got since the checkpoint (best effort, errors ignored): after
+        a crash, the readings between the two are scored a second time, and counted."""
+        tmp = self.progress_path.with_name(self.progress_path.name + ".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(last_ts, separators=(",", ":")), encoding="utf-8")
+            os.replace(tmp, self.progress_path)
+
+    def read_progress(self) -> dict[str, float]:
+        """Streams' last timestamps as the dead run's last heartbeat saw them ({} if none)."""
+        try:
+            doc = json.loads(self.progress_path.read_text(encoding="utf-8"))
+            return {str(k): float(v) for k, v in doc.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
 
     def forget(self, stream_id: str) -> None:
         """Leave an evicted stream out of the next write."""

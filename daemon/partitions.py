@@ -132,6 +132,13 @@ class Partitions:
             resumed = 0
             for stream_id, doc in saved.streams.items():
                 resumed += self._resume(part, stream_id, doc)
+            if not saved.clean:
+                # Readings the dead run took after its checkpoint come back and are scored
+                # again: counted (oteo_rescored_readings_total) up to where its heartbeat saw it.
+                for stream_id, last_ts in part.checkpoint.read_progress().items():
+                    stream = self.engine.streams.get(stream_id)
+                    if stream is not None and stream.partition == part.k:
+                        stream.rescore_until_ts = last_ts
             if not saved.clean or saved.unacked:
                 part.connect_at = saved.alive + HEARTBEAT_S + self.section.redelivery_wait_s
             wait_s = max(0.0, part.connect_at - now)
@@ -233,8 +240,12 @@ class Partitions:
                 self._write_baselines(part)
         if now >= self._next_beat:
             self._next_beat = now + HEARTBEAT_S
+            streams = self.engine.streams
             for part in self.parts.values():
                 part.checkpoint.touch()
+                if part.dirty:
+                    dirty = (streams[s] for s in part.dirty if s in streams)
+                    part.checkpoint.write_progress({s.id: s.last_ts for s in dirty})
                 if part.ledger is not None:
                     held = len(part.ledger)
                     self.metrics.partition_acks_held.labels(partition=str(part.k)).set(held)

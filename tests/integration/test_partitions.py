@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,7 @@ def test_a_killed_daemon_loses_no_reading(nats_6s: NatsServer, fleet: Fleet) -> 
     assert wait_until(
         lambda: _total([a, b], "oteo_stream_readings_total") == dict.fromkeys(STREAMS, 100), 30.0
     )
+    time.sleep(1.3)  # a heartbeat notes how far each stream got since the checkpoint
     a.kill()  # SIGKILL: readings since its last checkpoint were never acknowledged
     mine = sorted(s for s in STREAMS if _owner(s) == 0)
     at_kill = _checkpoints(a)
@@ -284,6 +286,10 @@ def test_a_killed_daemon_loses_no_reading(nats_6s: NatsServer, fleet: Fleet) -> 
     m = a.metrics()
     assert m("oteo_seq_gaps_total") == 0  # nothing lost, counted by seq
     assert m("oteo_gap_resets_total") == 0
+    # Taken by the dead run after its checkpoint, redelivered, scored again: counted.
+    assert m("oteo_rescored_readings_total") == sum(
+        99 - at_kill[s]["window"]["last_seq"] for s in mine
+    )
     assert a.stop() == 0
     assert {s: d["window"]["last_seq"] for s, d in _checkpoints(a).items()} == dict.fromkeys(
         mine, 139
