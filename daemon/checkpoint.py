@@ -19,7 +19,10 @@ import contextlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,8 @@ class Checkpoint:
         self.path = directory / f"{partition}.json"
         # The detectors' baseline buffers: large and slow to change, so written far less often.
         self.moving_path = directory / f"{partition}.baselines.json"
+        # How far each stream got since the checkpoint (the heartbeat writes it, no fsync).
+        self.progress_path = directory / f"{partition}.progress.json"
         self.partition = partition
         self.count = count
         self.model_sha256 = model_sha256
@@ -87,7 +92,22 @@ class Checkpoint:
 
     def write(self, streams: list[Stream], *, clean: bool = False, unacked: int = 0) -> None:
         """Replace the file with these streams' states (OSError if it cannot be written)."""
+        _write_atomically(self.path, self.render(streams, clean=clean, unacked=unacked))
+
+    def render(
+        self,
+        streams: list[Stream],
+        *,
+        clean: bool = False,
+        unacked: int = 0,
+        tracked: Container[str] | None = None,
+    ) -> str:
+        """The file's text: these streams' states now, and the others' as last rendered
+        (those not `tracked` any more, e.g. evicted, are left out)."""
         docs = self._docs
+        if tracked is not None:
+            for gone in [sid for sid in docs if sid not in tracked]:
+                del docs[gone]
         for stream in streams:
             docs[stream.id] = json.dumps(_doc(stream), separators=(",", ":"))
         head = {
@@ -100,17 +120,21 @@ class Checkpoint:
             "unacked": unacked,
         }
         body = ",".join(f"{json.dumps(sid)}:{text}" for sid, text in docs.items())
-        text = json.dumps(head, separators=(",", ":"))[:-1] + ',"streams":{' + body + "}}"
-        _write_atomically(self.path, text)
+        return json.dumps(head, separators=(",", ":"))[:-1] + ',"streams":{' + body + "}}"
 
     def write_moving(self, streams: list[Stream]) -> None:
         """Replace the file of the streams' baseline buffers (OSError if it cannot)."""
+        _write_atomically(self.moving_path, self.moving(streams)())
+
+    def moving(self, streams: list[Stream]) -> Callable[[], str]:
+        """The baselines file's text, to render later in any thread (the snapshots are taken
+        now and belong to nobody else)."""
         doc = {
             "schema": SCHEMA,
             "model_sha256": self.model_sha256,
             "streams": {s.id: _moving(s) for s in streams},
         }
-        _write_atomically(self.moving_path, json.dumps(doc, separators=(",", ":")))
+        return lambda: json.dumps(doc, separators=(",", ":"))
 
     def _read_moving(self) -> dict[str, Any]:
         try:
@@ -123,6 +147,22 @@ class Checkpoint:
             log.warning("partition %d: %s unreadable (%s)", self.partition, self.moving_path, exc)
         return {}
 
+    def write_progress(self, last_ts: dict[str, float]) -> None:
+        """Note how far streams got since the checkpoint (best effort, errors ignored): after
+        a crash, the readings between the two are scored a second time, and counted."""
+        tmp = self.progress_path.with_name(self.progress_path.name + ".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(last_ts, separators=(",", ":")), encoding="utf-8")
+            os.replace(tmp, self.progress_path)
+
+    def read_progress(self) -> dict[str, float]:
+        """Streams' last timestamps as the dead run's last heartbeat saw them ({} if none)."""
+        try:
+            doc = json.loads(self.progress_path.read_text(encoding="utf-8"))
+            return {str(k): float(v) for k, v in doc.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
     def forget(self, stream_id: str) -> None:
         """Leave an evicted stream out of the next write."""
         self._docs.pop(stream_id, None)
@@ -131,6 +171,44 @@ class Checkpoint:
         """Mark the partition as still held (the file's mtime); errors are ignored."""
         with contextlib.suppress(OSError):
             os.utime(self.path)
+
+
+class FileWriter:
+    """Writes files (atomically, fsynced) in a thread of its own, so that the main loop never
+    waits for the disk; `done(ok)` is called in that thread after each write."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[Path, Callable[[], str], Callable[[bool], None]] | None]
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, path: Path, text: Callable[[], str], done: Callable[[bool], None]) -> None:
+        self._queue.put((path, text, done))
+
+    def flush(self) -> None:
+        """Wait until every submitted file is written."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(30.0)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            path, text, done = item
+            try:
+                _write_atomically(path, text())
+                ok = True
+            except OSError as exc:
+                log.warning("cannot write %s: %s", path, exc)
+                ok = False
+            try:
+                done(ok)
+            except Exception:
+                log.exception("after writing %s", path)
+            self._queue.task_done()
+        self._queue.task_done()
 
 
 def _doc(stream: Stream) -> dict[str, Any]:

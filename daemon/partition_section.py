@@ -5,6 +5,9 @@ The broker (nats-server's subject mapping) republishes `sensors/<stream>/data` o
 instance owns a fixed set of partitions (`owned`, or every k with k mod `of` = `index`) and holds
 one persistent MQTT 3.1.1 session per partition (client id `oteo-<group>-part-<k>`), so a
 partition and its backlog can move to another instance that connects with the same client id.
+Only `<input_prefix>/<stream>/data` readings are partitioned: with partitions on, per-channel
+topics are not subscribed to. Stream ids must not contain `.` (nats-server's subject separator:
+it closes the connection of an MQTT client publishing such a topic).
 """
 
 from __future__ import annotations

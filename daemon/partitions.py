@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon.checkpoint import Checkpoint
+from daemon.checkpoint import Checkpoint, FileWriter
 from daemon.config import Config
 from daemon.engine import Engine
 from daemon.intake import Intake, Work
@@ -85,6 +85,7 @@ class _Partition:
         self.dirty: set[str] = set()  # streams changed since the last checkpoint
         self.due = 0.0  # monotonic time of the next timed checkpoint
         self.baselines_due = time.monotonic() + BASELINES_EVERY_S
+        self.writing = False  # a checkpoint is with the writer (cleared by its thread)
 
 
 class Partitions:
@@ -117,18 +118,27 @@ class Partitions:
             for k in section.partitions
         }
         self._next_beat = 0.0
+        self.writer: FileWriter | None = None  # from start() on: the disk off the main loop
         self._stopping = False  # read by the links' threads: a clean stop loses no session
 
     # -- start -------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Load each partition's checkpoint; its session connects now or after the wait."""
+        self.writer = FileWriter()
         now = time.time()
         for part in self.parts.values():
             saved = part.checkpoint.read()
             resumed = 0
             for stream_id, doc in saved.streams.items():
                 resumed += self._resume(part, stream_id, doc)
+            if not saved.clean:
+                # Readings the dead run took after its checkpoint come back and are scored
+                # again: counted (oteo_rescored_readings_total) up to where its heartbeat saw it.
+                for stream_id, last_ts in part.checkpoint.read_progress().items():
+                    stream = self.engine.streams.get(stream_id)
+                    if stream is not None and stream.partition == part.k:
+                        stream.rescore_until_ts = last_ts
             if not saved.clean or saved.unacked:
                 part.connect_at = saved.alive + HEARTBEAT_S + self.section.redelivery_wait_s
             wait_s = max(0.0, part.connect_at - now)
@@ -230,20 +240,43 @@ class Partitions:
                 self._write_baselines(part)
         if now >= self._next_beat:
             self._next_beat = now + HEARTBEAT_S
+            streams = self.engine.streams
             for part in self.parts.values():
                 part.checkpoint.touch()
+                if part.dirty:
+                    dirty = (streams[s] for s in part.dirty if s in streams)
+                    part.checkpoint.write_progress({s.id: s.last_ts for s in dirty})
                 if part.ledger is not None:
                     held = len(part.ledger)
                     self.metrics.partition_acks_held.labels(partition=str(part.k)).set(held)
 
     def checkpoint(self, part: _Partition) -> None:
-        """Write partition k's checkpoint, then let its link acknowledge what it holds."""
-        self.engine.score_pending()  # windows ready but unscored would be lost at a crash
-        if not self._write(part):
+        """Hand partition k's checkpoint to the writer; once it is on disk, its link may
+        acknowledge the readings it holds. One write per partition at a time: while the disk
+        lags, acks wait (and the broker, at its max_ack_pending, waits too)."""
+        if part.writing or self.writer is None:
             return
-        if part.ledger is not None and part.link is not None:
-            part.ledger.cover(part.ticket)
-            part.link.wake()
+        self.engine.score_pending()  # windows ready but unscored would be lost at a crash
+        streams = self.engine.streams
+        changed = [streams[s] for s in part.dirty if s in streams]
+        text = part.checkpoint.render(changed, tracked=streams)
+        ticket, ledger, link = part.ticket, part.ledger, part.link
+        part.dirty.clear()
+        part.since = 0
+        part.due = time.monotonic() + self.section.checkpoint_s
+        part.writing = True
+
+        def done(ok: bool) -> None:  # the writer's thread
+            part.writing = False
+            if not ok:  # acks stay held: after a crash the broker redelivers
+                self.metrics.errors_total.labels(stage="checkpoint").inc()
+                return
+            self.metrics.checkpoints_total.inc()
+            if ledger is not None and link is not None:
+                ledger.cover(ticket)
+                link.wake()
+
+        self.writer.submit(part.checkpoint.path, lambda: text, done)
 
     def _write(self, part: _Partition, *, clean: bool = False, unacked: int = 0) -> bool:
         streams = self.engine.streams
@@ -263,17 +296,24 @@ class Partitions:
 
     def _write_baselines(self, part: _Partition) -> None:
         streams = [s for s in self.engine.streams.values() if s.partition == part.k]
-        try:
-            part.checkpoint.write_moving(streams)
-        except OSError as exc:
-            self.metrics.errors_total.labels(stage="checkpoint").inc()
-            log.warning("partition %d: baselines not written: %s", part.k, exc)
+        if self.writer is None:
+            return
+
+        def done(ok: bool) -> None:  # the writer's thread
+            if not ok:
+                self.metrics.errors_total.labels(stage="checkpoint").inc()
+
+        self.writer.submit(part.checkpoint.moving_path, part.checkpoint.moving(streams), done)
 
     def stop(self, timeout_s: float) -> None:
         """Clean stop (intake closed, queue drained): checkpoint, acknowledge, disconnect."""
+        if self.writer is None:
+            return
+        self.writer.flush()  # a write in flight makes checkpoint() skip: let it finish
         for part in self.parts.values():
             self.checkpoint(part)
             self._write_baselines(part)
+        self.writer.flush()
         self._stopping = True
         links = [p.link for p in self.parts.values() if p.link is not None]
         for link in links:
@@ -286,6 +326,7 @@ class Partitions:
             self._write(part, clean=True, unacked=unacked)
             if unacked:
                 log.info("partition %d: %d messages left for redelivery", part.k, unacked)
+        self.writer.close()
 
     def wake(self) -> None:
         """Room in the ingest queue again: let the sessions offer what they hold."""

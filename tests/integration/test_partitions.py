@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,7 @@ def test_a_killed_daemon_loses_no_reading(nats_6s: NatsServer, fleet: Fleet) -> 
     assert wait_until(
         lambda: _total([a, b], "oteo_stream_readings_total") == dict.fromkeys(STREAMS, 100), 30.0
     )
+    time.sleep(1.3)  # a heartbeat notes how far each stream got since the checkpoint
     a.kill()  # SIGKILL: readings since its last checkpoint were never acknowledged
     mine = sorted(s for s in STREAMS if _owner(s) == 0)
     at_kill = _checkpoints(a)
@@ -284,6 +286,10 @@ def test_a_killed_daemon_loses_no_reading(nats_6s: NatsServer, fleet: Fleet) -> 
     m = a.metrics()
     assert m("oteo_seq_gaps_total") == 0  # nothing lost, counted by seq
     assert m("oteo_gap_resets_total") == 0
+    # Taken by the dead run after its checkpoint, redelivered, scored again: counted.
+    assert m("oteo_rescored_readings_total") == sum(
+        99 - at_kill[s]["window"]["last_seq"] for s in mine
+    )
     assert a.stop() == 0
     assert {s: d["window"]["last_seq"] for s, d in _checkpoints(a).items()} == dict.fromkeys(
         mine, 139
@@ -326,3 +332,32 @@ def test_ops_answer_on_reply_to_over_nats(nats: NatsServer, fleet: Fleet) -> Non
     assert len(replies[0]["score"]) == 1
     sub.disconnect()
     sub.loop_stop()
+
+
+def test_partitions_moving_to_another_instance_on_the_box_resume_their_windows(
+    nats: NatsServer, fleet: Fleet, tmp_path: Path
+) -> None:
+    """N goes from 2 instances to 1 (same partition count): the one left takes every partition
+    and, with a checkpoint_dir shared on the box, resumes the others' windows too."""
+    shared = {"checkpoint_dir": str(tmp_path / "checkpoints")}
+    a, b = _daemon(fleet, nats, 0, **shared), _daemon(fleet, nats, 1, **shared)
+    pub = MqttPublisher(nats)
+    _send(pub, 0, 100)
+    assert wait_until(
+        lambda: _total([a, b], "oteo_stream_readings_total") == dict.fromkeys(STREAMS, 100), 30.0
+    )
+    assert a.stop() == 0 and b.stop() == 0
+    _send(pub, 100, 40)
+    alone = fleet(
+        nats.url,
+        mqtt={"protocol": "3.1.1"},
+        partitions={"count": COUNT, "index": 0, "of": 1, "checkpoint_s": 1.0,
+                    "redelivery_wait_s": 3.0, **shared},
+    )  # fmt: skip
+    expected = dict.fromkeys(STREAMS, 40)
+    assert wait_until(lambda: _per_stream(alone, "oteo_stream_windows_total") == expected, 20.0), (
+        _per_stream(alone, "oteo_stream_windows_total")
+    )  # every reading a window: no warm-up
+    assert _per_stream(alone, "oteo_stream_readings_total") == expected
+    assert alone.metrics()("oteo_seq_gaps_total") == 0
+    pub.close()

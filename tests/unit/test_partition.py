@@ -55,6 +55,13 @@ def test_oteo_partition_prints_the_partition() -> None:
     assert mapping.output == f"mappings = {{ {nats_mapping(4)} }}\n"
 
 
+def test_run_takes_the_config_once(tmp_path: Path) -> None:
+    path = tmp_path / "oteo.toml"
+    path.write_text('[model]\npath = "m.onnx"\n')
+    result = CliRunner().invoke(main, ["run", str(path), "--config", str(path)])
+    assert result.exit_code == 2 and "CONFIG or --config, not both" in result.output
+
+
 def _config(tmp_path: Path, **partitions: object) -> object:
     overrides: dict[str, object] = {
         "model.path": str(tmp_path / "m.onnx"),
