@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "suite": "training.bench.suite:suite",
     "recorder": "training.bench.recorder:recorder",
     "throughput": "training.bench.throughput:throughput",
+    "scale": "training.bench.scale:scale",
     "similar": "training.bench.similar:similar",
 }
 
@@ -41,4 +42,5 @@ class _LazyGroup(click.Group):
 @click.group(cls=_LazyGroup)
 def benchmark() -> None:
     """Benchmarks: detection quality on SKAB / NAB / SMAP-MSL and the suite of all three (give
-    the data folder), recorder overhead, throughput and similar-window search."""
+    the data folder), recorder overhead, throughput, partitioned instances on NATS (scale) and
+    similar-window search."""

@@ -62,7 +62,16 @@ def encode_payloads(
     return out
 
 
-def _client(client_id: str, clean: bool) -> paho.Client:
+def _client(client_id: str, clean: bool, v311: bool = False) -> paho.Client:
+    """An MQTT 5 client, or 3.1.1 (`v311`: nats-server's MQTT listener speaks only 3.1.1)."""
+    if v311:
+        return paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            clean_session=clean,
+            reconnect_on_failure=False,
+        )
     return paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -72,18 +81,34 @@ def _client(client_id: str, clean: bool) -> paho.Client:
 
 
 def _connect(client: paho.Client, port: int, clean: bool, receive_max: int | None = None) -> None:
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 0 if clean else 3600
-    if receive_max is not None:
-        props.ReceiveMaximum = receive_max
     connected: list[bool] = []
     client.on_connect = lambda c, u, f, reason, p: connected.append(not reason.is_failure)
-    client.connect("127.0.0.1", port, 60, clean_start=clean, properties=props)
+    if client.protocol == MQTTProtocolVersion.MQTTv311:
+        client.connect("127.0.0.1", port, 60)  # clean_session was given to the client
+    else:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0 if clean else 3600
+        if receive_max is not None:
+            props.ReceiveMaximum = receive_max
+        client.connect("127.0.0.1", port, 60, clean_start=clean, properties=props)
     deadline = time.monotonic() + 10
     while not connected and time.monotonic() < deadline:
         client.loop(0.05)
     if not connected or not connected[0]:
         raise SystemExit(f"cannot connect to 127.0.0.1:{port}")
+
+
+def _reconnect(client: paho.Client, persistent: bool) -> int:
+    """1 if a lost connection of a persistent-session client was opened again (paho re-sends
+    unacknowledged QoS 1 messages then), else 0."""
+    if not persistent or client.is_connected():
+        return 0
+    try:
+        client.reconnect()
+    except OSError:
+        time.sleep(0.2)
+        return 0
+    return 1
 
 
 @click.group()
@@ -104,6 +129,7 @@ def main() -> None:
 @click.option("--prefix", default="sensors", help="Topics are PREFIX/s{i}/data.")
 @click.option("--fault-every", type=int, default=0, help="Every N-th stream has faults.")
 @click.option("--times", type=click.Path(path_type=Path), help="Write publish times (.npy).")
+@click.option("--v311", is_flag=True, help="MQTT 3.1.1 (nats-server), not MQTT 5.")
 def publish(
     port: int,
     series: Path,
@@ -117,6 +143,7 @@ def publish(
     prefix: str,
     fault_every: int,
     times: Path | None,
+    v311: bool,
 ) -> None:
     """Publish every message at QoS 1 and wait until the broker acknowledged all of them."""
     values = np.load(series)
@@ -129,12 +156,15 @@ def publish(
         nonlocal acked
         acked += 1
 
-    client = _client(f"bench-pub-{first_stream}-{time.monotonic_ns()}", True)
+    # On 3.1.1 (NATS) a persistent session: a cluster node may drop the connection while its
+    # stream elects a leader; paho then re-sends what was not acknowledged after reconnecting.
+    client = _client(f"bench-pub-{first_stream}-{time.monotonic_ns()}", not v311, v311)
     client.max_inflight_messages_set(INFLIGHT)
     client.max_queued_messages_set(0)
     client.on_publish = on_publish
     _connect(client, port, clean=True)
     sent_at = np.zeros(len(messages)) if times is not None else None
+    reconnects = 0
     t0 = time.time()
     t_start = time.perf_counter()
     for i, (topic, payload) in enumerate(messages):
@@ -148,16 +178,18 @@ def publish(
         client.publish(topic, payload, qos=1)
         if i % LOOP_EVERY == 0:
             client.loop(0)
+            reconnects += _reconnect(client, v311)
     t_sent = time.time()
     deadline = time.monotonic() + 120
     while acked < len(messages) and time.monotonic() < deadline:
         client.loop(0.01)
+        reconnects += _reconnect(client, v311)
     t_acked = time.time()
     client.disconnect()
     if times is not None and sent_at is not None:
         np.save(times, sent_at)
     doc = {"sent": len(messages), "acked": acked, "t0": t0, "t_sent": t_sent, "t_acked": t_acked}
-    print(json.dumps(doc), flush=True)
+    print(json.dumps({**doc, "reconnects": reconnects}), flush=True)
 
 
 @main.command()
