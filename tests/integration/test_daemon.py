@@ -695,8 +695,14 @@ def test_metrics_parse_and_pass_promtool(
     assert daemon.post_json("/v1/ops/score", {"windows": windows})[0] == 200
     assert daemon.post_json("/v1/ops/score", {"windows": []})[0] == 400
     windows_scored = windows_for(rows, demo)
+    # Gauges are refreshed about once a second: under load the windows can be scored before
+    # the first refresh after the connect.
     m = daemon.wait_metric(
-        lambda m: m("oteo_windows_scored_total") >= windows_scored, 10, "windows scored"
+        lambda m: (
+            m("oteo_windows_scored_total") >= windows_scored and m("oteo_mqtt_connected") == 1
+        ),
+        10,
+        "windows scored, connected",
     )
 
     status, body = daemon.get("/metrics")
