@@ -212,6 +212,9 @@ class Daemon:
             f'[model]\npath = "{DEMO_MODEL}"\n'
             f'[mqtt]\nurl = "mqtt://127.0.0.1:{self.broker_port}"\n'
             f'[http]\nbind = "127.0.0.1"\nport = {self.http_port}\n'
+            # Every stream here is new and the latency run lasts less than the model's warm-up
+            # (300 s of data judged at 6x the thresholds): faults must alarm from the start.
+            "[alarm]\nwarmup_s = 0\n"
         )
         return path
 
