@@ -15,12 +15,15 @@ import sys
 import threading
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from daemon import __version__
 from daemon.distribution import DistributionError, check_distribution
+
+if TYPE_CHECKING:
+    from daemon.manifest import Detection
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus keeps it from restart-looping
@@ -115,6 +118,7 @@ def inspect(model_path: Path, as_json: bool, example_request: bool) -> None:
         f"alarm hop {alarm.hop}, {alarm.k} of {alarm.n} windows, clear after "
         f"{alarm.clear_windows}, cool-down {alarm.cooldown_windows}, "
         f"smoothing {alarm.smoothing_alpha:g}",
+        _detection_line(m.detection),
         f"false alarms/day on held-back data {cal.false_alarms_per_day:.2f} "
         f"over {cal.heldback_hours:.1f} h"
         + (
@@ -134,6 +138,22 @@ def inspect(model_path: Path, as_json: bool, example_request: bool) -> None:
         lines.append("near-constant channels " + ", ".join(m.constant_channels))
     lines += [f"warning: {w}" for w in cal.warnings]
     click.echo("\n".join(lines))
+
+
+def _detection_line(d: Detection | None) -> str:
+    """The stages that move a stream's thresholds, in one line."""
+    parts = []
+    if d is not None and d.baseline_samples:
+        parts.append(f"dynamic threshold ({d.baseline_rule}) over {d.baseline_samples} samples")
+    if d is not None and d.new_level_s:
+        learnt = d.baseline_learns_accepted and d.baseline_samples and not d.baseline_in_alarm
+        parts.append(f"new level {d.new_level_s:g} s{' (learnt when accepted)' if learnt else ''}")
+    if d is not None and d.new_normal_s:
+        parts.append(f"new normal after {d.new_normal_s:g} s")
+    if d is not None and d.warmup_s:
+        how = f"alarms above {d.warmup_factor:g} x the thresholds" if d.warmup_factor else "silent"
+        parts.append(f"warm-up {d.warmup_s:g} s ({how})")
+    return "detection " + ("; ".join(parts) if parts else "the calibrated thresholds only")
 
 
 def _roles_line(channels: list[str], roles: list[str]) -> str:

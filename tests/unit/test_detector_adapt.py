@@ -149,3 +149,23 @@ def test_a_config_can_set_the_warm_up_and_the_learning() -> None:
     assert not changed.baseline_learns_accepted
     with pytest.raises(ConfigError, match="warmup_factor"):
         load_config(None, {"model.path": "m.onnx", "alarm.warmup_factor": 0.5})
+
+
+def test_inspect_says_how_a_streams_thresholds_move() -> None:
+    from daemon.cli import _detection_line
+
+    shipped = Detection(
+        baseline_samples=2100,
+        baseline_rule="nonparametric",
+        new_level_s=800.0,
+        warmup_s=300.0,
+        warmup_factor=6.0,
+        baseline_learns_accepted=True,
+    )
+    assert _detection_line(shipped) == (
+        "detection dynamic threshold (nonparametric) over 2100 samples; new level 800 s (learnt "
+        "when accepted); warm-up 300 s (alarms above 6 x the thresholds)"
+    )
+    old = shipped.model_copy(update={"warmup_factor": 0.0, "baseline_learns_accepted": False})
+    assert _detection_line(old).endswith("new level 800 s; warm-up 300 s (silent)")
+    assert _detection_line(None) == "detection the calibrated thresholds only"
