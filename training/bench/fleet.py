@@ -268,8 +268,9 @@ def publish(
     return procs
 
 
-def finish(procs: list[subprocess.Popen[str]]) -> dict[str, float]:
-    """Wait for the publishers; what they sent, and at what rate the broker took it."""
+def finish(procs: list[subprocess.Popen[str]], strict: bool = True) -> dict[str, float]:
+    """Wait for the publishers; what they sent, what the broker acknowledged and how fast.
+    `strict`: every publication must have been acknowledged."""
     docs = []
     for proc in procs:
         out, _ = proc.communicate(timeout=900)
@@ -278,11 +279,12 @@ def finish(procs: list[subprocess.Popen[str]]) -> dict[str, float]:
         docs.append(json.loads(out.strip().splitlines()[-1]))
     sent = sum(d["sent"] for d in docs)
     acked = sum(d["acked"] for d in docs)
-    if acked != sent:
+    if strict and acked != sent:
         raise click.ClickException(f"the broker acknowledged {acked} of {sent} publications")
     elapsed = max(d["t_acked"] for d in docs) - min(d["t0"] for d in docs)
     reconnects = sum(d.get("reconnects", 0) for d in docs)
-    return {"sent": sent, "msgs_per_s": sent / max(elapsed, 1e-9), "reconnects": reconnects}
+    rate = sent / max(elapsed, 1e-9)
+    return {"sent": sent, "acked": acked, "msgs_per_s": rate, "reconnects": reconnects}
 
 
 class Collector:

@@ -98,10 +98,15 @@ def _connect(client: paho.Client, port: int, clean: bool, receive_max: int | Non
         raise SystemExit(f"cannot connect to 127.0.0.1:{port}")
 
 
-def _reconnect(client: paho.Client, persistent: bool) -> int:
-    """1 if a lost connection of a persistent-session client was opened again (paho re-sends
-    unacknowledged QoS 1 messages then), else 0."""
-    if not persistent or client.is_connected():
+STALL_S = 5.0  # no PUBACK for this long with publications pending: reconnect and re-send
+
+
+def _reconnect(client: paho.Client, persistent: bool, stalled: bool = False) -> int:
+    """1 if a persistent-session client's connection was opened again (paho re-sends the
+    unacknowledged QoS 1 messages then), else 0: when it was lost, or when PUBACKs stopped
+    coming (a nats-server node whose stream is electing a leader times the store out and
+    never acknowledges, while the connection stays up)."""
+    if not persistent or (client.is_connected() and not stalled):
         return 0
     try:
         client.reconnect()
@@ -152,9 +157,19 @@ def publish(
     )
     acked = 0
 
+    last_ack = time.monotonic()
+
     def on_publish(c: paho.Client, u: object, mid: int, reason: object, props: object) -> None:
-        nonlocal acked
+        nonlocal acked, last_ack
         acked += 1
+        last_ack = time.monotonic()
+
+    def stalled(sent: int) -> bool:
+        nonlocal last_ack
+        if acked < sent and time.monotonic() - last_ack > STALL_S:
+            last_ack = time.monotonic()  # one reconnect per stall period
+            return True
+        return False
 
     # On 3.1.1 (NATS) a persistent session: a cluster node may drop the connection while its
     # stream elects a leader; paho then re-sends what was not acknowledged after reconnecting.
@@ -178,12 +193,12 @@ def publish(
         client.publish(topic, payload, qos=1)
         if i % LOOP_EVERY == 0:
             client.loop(0)
-            reconnects += _reconnect(client, v311)
+            reconnects += _reconnect(client, v311, stalled(i + 1))
     t_sent = time.time()
     deadline = time.monotonic() + 120
     while acked < len(messages) and time.monotonic() < deadline:
         client.loop(0.01)
-        reconnects += _reconnect(client, v311)
+        reconnects += _reconnect(client, v311, stalled(len(messages)))
     t_acked = time.time()
     client.disconnect()
     if times is not None and sent_at is not None:
