@@ -167,13 +167,19 @@ def _overrides(model: Path | None, broker: str | None, http: str | None) -> dict
 
 
 @main.command()
-@click.argument("stream")
+@click.argument("stream", required=False)
 @click.option("--count", type=click.IntRange(min=1), required=True, help="Number of partitions P.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
-def partition(stream: str, count: int, as_json: bool) -> None:
+@click.option("--mapping", is_flag=True, help="Print nats-server's `mappings` entry instead.")
+def partition(stream: str | None, count: int, as_json: bool, mapping: bool) -> None:
     """Print the partition the broker's mapping puts STREAM's readings on (FNV-1a 32 mod P)."""
-    from daemon.partition import partition_of
+    from daemon.partition import nats_mapping, partition_of
 
+    if mapping:
+        click.echo(f"mappings = {{ {nats_mapping(count)} }}")
+        return
+    if stream is None:
+        raise click.UsageError("give a STREAM id (or --mapping)")
     k = partition_of(stream, count)
     if as_json:
         click.echo(json.dumps({"stream": stream, "count": count, "partition": k}))

@@ -73,7 +73,8 @@ class Config(Section):
     instance: TopicId = Field(
         default_factory=socket.gethostname,
         validate_default=True,
-        description="This daemon's id in topics and the MQTT client id; default the host name.",
+        description="This daemon's id in topics and the MQTT client id; default the host name "
+        "(`<host name>-<index>` with `[partitions] index`, so instances on one box differ).",
     )
     ingest: IngestSection = Field(default_factory=IngestSection, description="Intake limits.")
     scoring: ScoringSection = Field(default_factory=ScoringSection, description="Batching.")
@@ -99,6 +100,19 @@ class Config(Section):
         default_factory=PartitionsSection,
         description="Streams partitioned over instances by the broker (NATS subject mapping).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _instance_per_index(cls, data: Any) -> Any:
+        # Two instances of a systemd template unit on one box share the host name: their
+        # client ids (`oteo-{instance}`) would take each other's session, their state_dir the
+        # same outbox. The partition index tells them apart.
+        if isinstance(data, dict) and "instance" not in data:
+            part = data.get("partitions")
+            index = part.get("index") if isinstance(part, dict) else None
+            if type(index) is int:
+                return {**data, "instance": f"{socket.gethostname()}-{index}"}
+        return data
 
     @field_validator("state_dir", mode="before")
     @classmethod
@@ -160,7 +174,13 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
 
 
 # Overrides of the detection stages (daemon.detector.Stages.overridden), not of the policy.
-MOVING = ("baseline_samples", "new_level_s")
+MOVING = (
+    "baseline_samples",
+    "new_level_s",
+    "warmup_s",
+    "warmup_factor",
+    "baseline_learns_accepted",
+)
 
 
 def apply_alarm_overrides(policy: AlarmPolicy, alarm: AlarmSection) -> AlarmPolicy:

@@ -9,9 +9,12 @@ The stages, configured by the manifest's `detection` section and calibrated by t
    by the stream's sensitivity;
 4. alarm: k-of-n, hysteresis, clear time, cool-down (daemon/alarm.py);
 5. new normal: an alarm that has lasted `new_normal_s` ends, flagged, and the baseline takes
-   its level, so a sustained change is accepted visibly, never silently;
-6. warm-up: a new stream's first `warmup_s` of windows fill its trailing windows and raise no
-   alarm (a gap does not restart it; a model swap carries it over).
+   its level, so a sustained change is accepted visibly, never silently; an alarm ended by the
+   new-level window (`new_level_s`) is flagged too, and with `baseline_learns_accepted` the
+   dynamic threshold's trailing window takes in that episode's windows;
+6. warm-up: a new stream's first `warmup_s` of windows fill its trailing windows and are judged
+   only against `warmup_factor` x the calibrated thresholds (factor 0: no alarm at all); windows
+   in alarm are not learnt. A gap does not restart it; a model swap carries it over.
 
 The daemon, `oteo evaluate`, the trainer's calibration and the benchmarks all run `update`
 (`replay` loops over it), so offline numbers and live behaviour agree by construction.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +37,8 @@ from daemon.threshold import TrailingBaseline
 if TYPE_CHECKING:
     from daemon.section import AlarmSection
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: the active episode's windows (version 1 is still read)
+READABLE_VERSIONS = (1, 2)
 
 
 class SnapshotError(ValueError):
@@ -75,6 +80,12 @@ class Stages:
             update["baseline_samples"] = alarm.baseline_samples or None
         if alarm is not None and alarm.new_level_s is not None:
             update["new_level_s"] = alarm.new_level_s or None
+        if alarm is not None and alarm.warmup_s is not None:
+            update["warmup_s"] = alarm.warmup_s or None
+        if alarm is not None and alarm.warmup_factor is not None:
+            update["warmup_factor"] = alarm.warmup_factor
+        if alarm is not None and alarm.baseline_learns_accepted is not None:
+            update["baseline_learns_accepted"] = alarm.baseline_learns_accepted
         return replace(self, detection=self.detection.model_copy(update=update)) if update else self
 
 
@@ -137,6 +148,12 @@ class Detector:
         self._alarm = AlarmState(policy)
         self._smoothed: float | None = None
         self._alarm_windows = 0
+        # The smoothed scores of the active alarm, for the trailing window to take in if the
+        # new-level stage accepts the episode (only when that window does not take them anyway).
+        learns = d.baseline_learns_accepted and not d.baseline_in_alarm
+        self._episode: deque[float] | None = None
+        if learns and self._baseline is not None and self._level is not None:
+            self._episode = deque(maxlen=self._baseline.size)
 
     @property
     def active(self) -> bool:
@@ -147,15 +164,19 @@ class Detector:
         """The enter threshold in force for this stream now (after its sensitivity)."""
         return self._thresholds()[0]
 
-    def _thresholds(self) -> tuple[float, float]:
+    def _thresholds(self, level: bool = True) -> tuple[float, float]:
+        """Enter / exit thresholds in force (without the new-level window's if not `level`)."""
         p, sens = self.policy, self.sensitivity
         enter, leave = p.enter_threshold / sens, p.exit_threshold / sens
+        if self._seen < self._warmup_windows:
+            factor = self.stages.detection.warmup_factor
+            enter, leave = enter * max(factor, 1.0), leave * max(factor, 1.0)
         if self._baseline is not None:
             moving = self._baseline.level / sens
             enter, leave = max(enter, moving), max(leave, moving * self._ratio)
-        if self._level is not None:
-            level = self._level.level / sens
-            enter, leave = max(enter, level), max(leave, level * self._ratio)
+        if level and self._level is not None:
+            high = self._level.level / sens
+            enter, leave = max(enter, high), max(leave, high * self._ratio)
         return enter, leave
 
     def update(
@@ -178,48 +199,77 @@ class Detector:
         s = value if self._smoothed is None else a * value + (1 - a) * self._smoothed
         self._smoothed = s
         enter, leave = self._thresholds()
-        if self._seen < self._warmup_windows:
-            # Warm-up: the trailing windows learn the stream's own level before it is judged.
+        warming = self._seen < self._warmup_windows
+        if warming and not self.stages.detection.warmup_factor:
+            # Silent warm-up: the trailing windows learn the stream's own level, no alarm.
             self._seen += 1
-            for buffer in (self._baseline, self._level):
-                if buffer is not None:
-                    buffer.add(s)
+            self._learn(s, in_alarm=False)
             return Decision(s, enter, False, None)
-        self._seen = self._warmup_windows
         transition = self._alarm.step(s, enter, leave)
         new_normal = False
         if transition is Transition.START:
             self._alarm_windows = 0
+            if self._episode is not None:
+                self._episode.clear()
         if self._alarm.active:
             self._alarm_windows += 1
+            if self._episode is not None:
+                self._episode.append(s)
             if self._new_normal_windows and self._alarm_windows >= self._new_normal_windows:
                 # The level has lasted the configured time: it is the stream's normal now.
                 self._alarm.end()
                 self._accept(s)
                 transition, new_normal = Transition.END, True
         elif transition is Transition.END:
-            # Ended while still above the calibrated exit: the moving baseline ended it.
+            # Ended while still above the calibrated exit: a moving threshold ended it.
             new_normal = s >= self.policy.exit_threshold / self.sensitivity
-        if self._baseline is not None and (
-            not self._alarm.active or self.stages.detection.baseline_in_alarm
-        ):
+            if new_normal:
+                self._learn_if_accepted(s)
+        if warming:
+            self._seen += 1
+            # A fault at a stream's start must not become its normal: alarm windows stay out.
+            if not self._alarm.active:
+                self._learn(s, in_alarm=False)
+        else:
+            self._seen = self._warmup_windows
+            self._learn(s, in_alarm=self._alarm.active)
+        if transition is Transition.END:
+            self._alarm_windows = 0
+            if self._episode is not None:
+                self._episode.clear()
+        return Decision(s, enter, self._alarm.active, transition, new_normal)
+
+    def _learn(self, s: float, in_alarm: bool) -> None:
+        """The trailing windows take one window's smoothed score (the dynamic threshold's only
+        from normal windows unless baseline_in_alarm; the new-level window from all)."""
+        if self._baseline is not None and (not in_alarm or self.stages.detection.baseline_in_alarm):
             self._baseline.add(s)
         if self._level is not None:
             self._level.add(s)
-        if transition is Transition.END:
-            self._alarm_windows = 0
-        return Decision(s, enter, self._alarm.active, transition, new_normal)
+
+    def _learn_if_accepted(self, s: float) -> None:
+        """At an END above the calibrated exit: if only the new-level window held `s` above the
+        exit, it accepted this level, and the dynamic threshold learns the episode as normal."""
+        if self._episode is None or self._baseline is None:
+            return
+        if s >= self._thresholds(level=False)[1]:
+            for value in self._episode:
+                self._baseline.add(value)
 
     def _accept(self, level: float) -> None:
         for buffer in (self._baseline, self._level):
             if buffer is not None:
                 buffer.fill(level)
+        if self._episode is not None:
+            self._episode.clear()
 
     def reset(self) -> None:
         """A gap: smoothing and the alarm restart (the caller emits the end); baselines stay."""
         self._smoothed = None
         self._alarm.reset()
         self._alarm_windows = 0
+        if self._episode is not None:
+            self._episode.clear()
 
     def follow(self, previous: Detector) -> None:
         """After a model swap: carry the previous detector's alarm state and warm-up progress
@@ -231,8 +281,9 @@ class Detector:
         else:
             self._seen = min(previous._seen, self._warmup_windows)
 
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-able state, to survive a restart."""
+    def snapshot(self, *, moving: bool = True) -> dict[str, Any]:
+        """JSON-able state, to survive a restart. `moving=False` leaves out the baseline and
+        new-level buffers (the bulk: thousands of values; a restore then keeps its own)."""
         return {
             "version": SNAPSHOT_VERSION,
             "model": self.stages.model_id,
@@ -240,13 +291,14 @@ class Detector:
             "alarm": self._alarm.snapshot(),
             "alarm_windows": self._alarm_windows,
             "seen": self._seen,
-            "baseline": None if self._baseline is None else self._baseline.snapshot(),
-            "new_level": None if self._level is None else self._level.snapshot(),
+            "baseline": None if self._baseline is None or not moving else self._baseline.snapshot(),
+            "new_level": None if self._level is None or not moving else self._level.snapshot(),
+            "episode": None if self._episode is None or not moving else list(self._episode),
         }
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Take a snapshot back; SnapshotError if it is another model's or unreadable."""
-        if snapshot.get("version") != SNAPSHOT_VERSION:
+        if snapshot.get("version") not in READABLE_VERSIONS:
             raise SnapshotError(f"detector snapshot version {snapshot.get('version')!r}")
         if snapshot.get("model") != self.stages.model_id:
             raise SnapshotError("detector snapshot belongs to another model")
@@ -261,6 +313,11 @@ class Detector:
                 self._baseline.restore(snapshot["baseline"])
             if self._level is not None and snapshot.get("new_level") is not None:
                 self._level.restore(snapshot["new_level"])
+            episode = snapshot.get("episode")
+            if self._episode is not None and episode is not None:
+                # Version 1 had no episode: an alarm then active is learnt from here on only.
+                self._episode.clear()
+                self._episode.extend(float(v) for v in episode)
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"detector snapshot is malformed ({exc!r})") from exc
 

@@ -230,6 +230,8 @@ class Engine:
         stream.late_run = 0
         m.readings_total.inc()
         stream.readings_metric.inc()
+        if ts <= stream.rescore_until_ts:
+            m.rescored_readings_total.inc()
         if out.seq_gap:
             m.seq_gaps_total.inc(out.seq_gap)
         if out.filled:

@@ -208,9 +208,26 @@ class Detection(_Strict):
     warmup_s: float | None = Field(
         None,
         gt=0,
-        description="A new stream's first seconds of data teach its trailing windows and raise "
-        "no alarm: a stream whose normal level differs from the training data's settles before "
-        "it is judged. None: alarms from the first window.",
+        description="A new stream's first seconds of data teach its trailing windows before "
+        "they judge it: a stream whose normal level differs from the training data's settles "
+        "first. During it only a score above warmup_factor x the calibrated thresholds alarms. "
+        "None: judged from the first window.",
+    )
+    warmup_factor: float = Field(
+        0.0,
+        ge=0,
+        description="During the warm-up, windows are judged against the calibrated enter / exit "
+        "thresholds x this factor (never below the thresholds otherwise in force), and windows "
+        "in alarm do not enter the trailing windows: a gross fault at a stream's start alarms "
+        "and is not learnt (one below this factor x the threshold is). 0: the warm-up raises no "
+        "alarm (files exported before this field).",
+    )
+    baseline_learns_accepted: bool = Field(
+        False,
+        description="When the new-level stage ends an alarm as a new normal, the dynamic "
+        "threshold's trailing window takes in that episode's windows, so the accepted level is "
+        "the stream's normal for it too. Alarms that end by themselves or through the dynamic "
+        "threshold teach it nothing. False: it learns from normal windows only.",
     )
     new_normal_s: float | None = Field(
         None,
@@ -234,6 +251,8 @@ class Detection(_Strict):
     def _check(self) -> Detection:
         if self.channel_level is not None and any(v <= 0 for v in self.channel_level):
             raise ValueError("channel_level values must be > 0")
+        if 0 < self.warmup_factor < 1:
+            raise ValueError("warmup_factor must be 0 (a silent warm-up) or at least 1")
         if self.new_normal_s is not None and self.baseline_samples is None:
             raise ValueError("new_normal_s needs baseline_samples: a new normal is a baseline")
         return self

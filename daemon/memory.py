@@ -110,10 +110,11 @@ def restore_stream(stream: Stream, doc: dict[str, Any]) -> bool:
     return True
 
 
-def stream_doc(stream: Stream) -> dict[str, Any]:
-    """What a stream has learnt (detector, alarm), JSON-able."""
+def stream_doc(stream: Stream, *, moving: bool = True) -> dict[str, Any]:
+    """What a stream has learnt (detector, alarm), JSON-able; `moving=False` leaves out the
+    detector's baseline buffers (`Detector.snapshot`)."""
     alarm = stream.alarm
-    doc: dict[str, Any] = {"detector": stream.detector.snapshot(), "alarm": None}
+    doc: dict[str, Any] = {"detector": stream.detector.snapshot(moving=moving), "alarm": None}
     if alarm is not None:
         p = alarm.peak
         doc["alarm"] = {

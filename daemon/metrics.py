@@ -306,6 +306,17 @@ class Metrics:
             "Readings received on a partition's session.",
             ["partition"],
         )
+        self.rescored_readings_total = self._counter(
+            "oteo_rescored_readings_total",
+            "Readings scored a second time after an unclean restart: taken by the dead run "
+            "after its last checkpoint (as far as its heartbeat saw), redelivered, scored again.",
+        )
+        self.partition_sessions_lost_total = self._counter(
+            "oteo_partition_sessions_lost_total",
+            "Established partition sessions that were lost (a broker restart, the network, or "
+            "another instance connecting with the same client id: two owners of a partition).",
+            ["partition"],
+        )
         self.partition_acks_held = self._gauge(
             "oteo_partition_acks_held",
             "Readings of a partition taken but not yet acknowledged (awaiting a checkpoint).",

@@ -5,6 +5,9 @@ The broker (nats-server's subject mapping) republishes `sensors/<stream>/data` o
 instance owns a fixed set of partitions (`owned`, or every k with k mod `of` = `index`) and holds
 one persistent MQTT 3.1.1 session per partition (client id `oteo-<group>-part-<k>`), so a
 partition and its backlog can move to another instance that connects with the same client id.
+Only `<input_prefix>/<stream>/data` readings are partitioned: with partitions on, per-channel
+topics are not subscribed to. Stream ids must not contain `.` (nats-server's subject separator:
+it closes the connection of an MQTT client publishing such a topic).
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class PartitionsSection(Section):
 
     @model_validator(mode="after")
     def _check_ownership(self) -> PartitionsSection:
+        if self.ack_after_checkpoint and 0 < self.redelivery_wait_s <= self.checkpoint_s:
+            # Acks held longer than the broker's ack_wait come back as redeliveries.
+            raise ValueError("checkpoint_s must be below redelivery_wait_s (the broker's ack_wait)")
         if self.count is None:
             given = [n for n in ("owned", "index", "of") if getattr(self, n) is not None]
             if given:

@@ -235,6 +235,31 @@ class AlarmSection(Section):
         description="A level that lasts about half this long (seconds) ends its alarm as a new "
         "normal, flagged; 0: never (an alarm lasts as long as the level).",
     )
+    warmup_s: float | None = Field(
+        None,
+        ge=0,
+        description="A new stream's first seconds that teach its trailing windows before they "
+        "judge it; 0: judged from the first window.",
+    )
+    warmup_factor: float | None = Field(
+        None,
+        ge=0,
+        description="During the warm-up only a score above this x the calibrated thresholds "
+        "alarms; 0: the warm-up raises no alarm.",
+    )
+    baseline_learns_accepted: bool | None = Field(
+        None,
+        description="A level accepted as a new normal also enters the dynamic threshold's "
+        "trailing window.",
+    )
+
+    @field_validator("warmup_factor")
+    @classmethod
+    def _factor_zero_or_above_one(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < 1:
+            raise ValueError("must be 0 (a silent warm-up) or at least 1")
+        return value
+
     sensitivity: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
         description="Per-stream factor dividing both thresholds: > 1 alarms sooner.",

@@ -33,12 +33,11 @@ from daemon.journal import Journal, JournalError
 from daemon.memory import StreamMemory
 from daemon.messages import Status, format_ts
 from daemon.metrics import Metrics
-from daemon.mqtt import Incoming, LinkState, MqttLink, Outgoing
-from daemon.mqtt.ledger import AckLedger
+from daemon.mqtt import LinkState, MqttLink, Outgoing
 from daemon.notify import Notifier
 from daemon.ops import OpsHandler
 from daemon.outbox import Outbox, OutboxError
-from daemon.partitions import Partitions
+from daemon.partitions import Partitions, session_factory
 from daemon.publisher import Publisher, Topics
 from daemon.recall import Recall
 from daemon.recorder import Recorder
@@ -116,8 +115,9 @@ class Daemon:
         )
         self.partitions: Partitions | None = None
         if cfg.partitions.enabled:
+            make_link = session_factory(cfg, self.topics, self._status)
             self.partitions = Partitions(
-                cfg, self.engine, self.intake, self.metrics, self.model.sha256, self._partition_link
+                cfg, self.engine, self.intake, self.metrics, self.model.sha256, make_link
             )
             self.drain.noted = self.partitions.note
         self._loop_alive = time.monotonic()
@@ -192,29 +192,6 @@ class Daemon:
                 outbox=self.outbox,
                 on_state=self._on_link_state,
             )
-        )
-
-    def _partition_link(
-        self,
-        k: int,
-        ledger: AckLedger | None,
-        on_message: Callable[[Incoming], bool],
-        on_state: Callable[[LinkState, str], None],
-    ) -> MqttLink:
-        """Partition k's session (MQTT 3.1.1, persistent), its status under the instance's."""
-        cfg = self.cfg
-        status = f"{self.topics.status}/part/{k}"
-        return MqttLink(
-            cfg.mqtt,
-            client_id=cfg.partitions.client_id(k),
-            subscriptions=[(cfg.partitions.topic(k, self.topics.input_prefix), 1)],
-            status_topic=status,
-            online_payload=self._status("online"),
-            offline_payload=self._status("offline"),
-            on_message=on_message,
-            on_state=on_state,
-            ledger=ledger,
-            max_queued=1000,
         )
 
     def _wake_links(self) -> None:
@@ -386,13 +363,17 @@ class Daemon:
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         ok, info = self._health()
         connected = self.link.connected
-        if self.partitions is not None:
-            connected = connected and self.partitions.connected
+        extra = {}
+        sessions_up = True
+        if self.partitions is not None:  # every owned partition's session, too
+            extra["partitions"] = self.partitions.sessions()
+            sessions_up = all(extra["partitions"].values())
         assert self.engine.serving is not None
-        return ok and connected, {
+        return ok and connected and sessions_up, {
             **info,
             "mqtt_connected": connected,
             "model": self.engine.serving.ref.model_dump(),
+            **extra,
         }
 
     # -- reload ------------------------------------------------------------------------------
@@ -410,6 +391,8 @@ class Daemon:
             if reread_config and self._config_path is not None:
                 cfg = load_config(self._config_path, self._overrides)
             model = check_startup(cfg).model  # what `check-config` checks
+            if cfg.partitions != self.cfg.partitions:
+                log.warning("[partitions] changes take effect at the next start, not at a reload")
             self.engine.cfg = cfg
             self.engine.use_model(model)  # checks the alarm overrides first: may raise
         except REFUSALS as exc:

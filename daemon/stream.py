@@ -79,6 +79,7 @@ class Stream:
     readings_metric: Any = None
     windows_metric: Any = None
     partition: int = -1  # the partition session its readings come on (-1: none)
+    rescore_until_ts: float = 0.0  # readings up to here were scored before an unclean restart
 
 
 def new_buffer(

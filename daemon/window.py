@@ -12,6 +12,7 @@ written in place into a preallocated ring; the only allocations are the ones the
 
 from __future__ import annotations
 
+import base64
 import enum
 import heapq
 import math
@@ -226,7 +227,8 @@ class StreamBuffer:
         rows = [(self._pos - back) % self._capacity for back in range(n - 1, -1, -1)]
         return {
             "last_ts": self.last_ts,
-            "values": self._buf[rows].tolist(),
+            # float32 bytes, base64: exact, and ~10x cheaper to write than a list of floats
+            "values": base64.b64encode(self._buf[rows].astype("<f4").tobytes()).decode("ascii"),
             "received": [self._received[r] for r in rows],
             "until_ready": self._until_ready,
             "last_seq": self._last_seq,
@@ -235,7 +237,8 @@ class StreamBuffer:
 
     def restore(self, doc: dict[str, Any]) -> None:
         """Take a `snapshot` back (ValueError/KeyError/TypeError if it does not fit)."""
-        values = np.asarray(doc["values"], dtype=np.float32).reshape(-1, self.channels)
+        raw = base64.b64decode(doc["values"], validate=True)
+        values = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(-1, self.channels)
         n = len(values)
         received = [bool(r) for r in doc["received"]]
         until_ready = int(doc["until_ready"])

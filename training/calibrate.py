@@ -253,6 +253,8 @@ def requested(opts: TrainOptions) -> tuple[AlarmPolicy, Detection]:
         new_level_s=opts.new_level_s or None,
         new_normal_s=opts.new_normal_s or None,
         warmup_s=opts.warmup_s or None,
+        warmup_factor=opts.warmup_factor,
+        baseline_learns_accepted=opts.baseline_learns_accepted,
     )
     return policy, detection
 

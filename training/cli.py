@@ -93,8 +93,11 @@ def _setting_options(command: Any) -> Any:
             "baseline_rule": BASELINE_RULES,
             "discrete_role": ROLES,
         }
-        if f.type in ("bool", bool):
-            option = click.option(flag, f.name, is_flag=True, help=f.metadata["help"])
+        if f.type in ("bool", bool):  # --name / --no-name: a setting may default to on
+            option = click.option(
+                f"{flag}/--no-{flag[2:]}", f.name, default=f.default, show_default=True,
+                help=f.metadata["help"],
+            )  # fmt: skip
         elif isinstance(f.default, tuple):  # a list of names: --targets a,b
             option = click.option(
                 flag, f.name, default=",".join(f.default), callback=_names,

@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +335,9 @@ def scorecard(
     """False alarms per day on the evaluation series and detection rate per fault kind."""
     policy = _policy(model, opts)
     stages = Stages.of(model.manifest).overridden(opts.alarm)  # with the config's overrides
+    # Each series and fault trial is a period of a stream already running, not a new stream:
+    # replayed without the warm-up (as calibration checks its false-alarm rate).
+    stages = replace(stages, detection=stages.detection.model_copy(update={"warmup_s": None}))
     events = rows = in_alarm = windows = 0
     for s in series:
         active = _alarm(model, s, policy, stages)
@@ -535,6 +538,9 @@ def detection_options(d: Detection) -> dict[str, Any]:
         "baseline_in_alarm": d.baseline_in_alarm,
         "new_level_s": d.new_level_s or 0.0,
         "new_normal_s": d.new_normal_s or 0.0,
+        "warmup_s": d.warmup_s or 0.0,
+        "warmup_factor": d.warmup_factor,
+        "baseline_learns_accepted": d.baseline_learns_accepted,
     }
 
 

@@ -140,9 +140,11 @@ def test_daemon_walkthrough_runs_with_test_ports(tmp_path: Path, mosquitto) -> N
     substitutions = {
         "1883": str(mosquitto.port),
         "9108": str(http),
-        # A shorter run: 25 s instead of 120, the fault 8 s in for 10 s (still 100 samples).
+        # A shorter run: 25 s instead of 120 at twice the rate, the fault 17 s in for 5 s: rows
+        # 340..440, after the model's 300 s warm-up as the README's (row 600) is.
+        "--rate 10": "--rate 20",
         "--duration 120": "--duration 25",
-        "@60+30": "@8+10",
+        "@60+30": "@17+5",
     }
 
     def adapt(command: str) -> str:
@@ -175,7 +177,7 @@ def test_daemon_walkthrough_runs_with_test_ports(tmp_path: Path, mosquitto) -> N
             time.sleep(0.2)
         sim = run(adapt(simulate_cmd), tmp_path, timeout_s=90)
         assert sim.returncode == 0, sim.stderr
-        assert "published 5000 readings to 20 streams (5000 acknowledged" in sim.stdout
+        assert "published 10000 readings to 20 streams (10000 acknowledged" in sim.stdout
 
         def scrape() -> tuple[str, dict[str, float]]:
             out = run(adapt(curl_cmd), tmp_path).stdout

@@ -290,27 +290,35 @@ def test_no_heldback_window_without_cross_fitting_is_a_clear_error(
         train_tiny(tmp_path / "x.onnx", table=table, cross_fit=False, window=64)
 
 
-def test_a_warm_up_reaches_the_model_file_and_only_the_first_minutes_go_unjudged(
-    train_tiny: Trainer, tmp_path: Path
+def test_the_warm_up_reaches_the_model_file_and_only_a_gross_fault_is_judged_during_it(
+    tiny_model_path: Path,
 ) -> None:
-    """`warmup_s` in the manifest; the exported model's own replay judges nothing before it and
-    catches a fault after it, where the same stages without it catch both."""
+    """The trainer's warm-up defaults in the manifest; the exported model's own replay judges the
+    first 300 s only against 6 x its thresholds: a moderate fault there goes unjudged (the same
+    stages without a warm-up catch it), a gross one alarms (a silent warm-up would hide it), and
+    a fault after the warm-up alarms."""
     from dataclasses import replace
 
     from daemon.detector import Stages
     from training.evaluate import decide_rows
 
-    result = train_tiny(tmp_path / "warm.onnx", options={"warmup_s": 300.0})
-    model = Model.load(result.path)
-    assert model.manifest.detection is not None and model.manifest.detection.warmup_s == 300.0
-    values = simulate(3000, seed=5).values
-    shift = 8 * values[:, 0].std()  # a level shift of channel 0, inside and after the warm-up
-    values[100:250, 0] += shift
-    values[2000:2300, 0] += shift
-    table = from_array(values, 1.0, channels=CHANNELS)
-    warm = decide_rows(model, table).alarm
+    model = Model.load(tiny_model_path)
+    d = model.manifest.detection
+    assert d is not None and (d.warmup_s, d.warmup_factor) == (300.0, 6.0)
+    assert d.baseline_learns_accepted
     stages = Stages.of(model.manifest)
-    cold_stages = replace(stages, detection=stages.detection.model_copy(update={"warmup_s": None}))
-    cold = decide_rows(model, table, stages=cold_stages).alarm
+
+    def alarm(shift_sd: float, update: dict[str, Any] | None = None) -> np.ndarray:
+        values = simulate(3000, seed=5).values
+        sd = values[:, 0].std()
+        values[100:250, 0] += shift_sd * sd  # a level shift of channel 0 inside the warm-up
+        values[2000:2300, 0] += 8 * sd  # and one after it
+        table = from_array(values, 1.0, channels=CHANNELS)
+        changed = replace(stages, detection=d.model_copy(update=update or {}))
+        return decide_rows(model, table, stages=changed).alarm
+
+    warm, cold = alarm(5.0), alarm(5.0, {"warmup_s": None})
     assert cold[100:300].any() and not warm[:300].any()
     assert warm[2000:2330].any() and cold[2000:2330].any()
+    gross, silent = alarm(20.0), alarm(20.0, {"warmup_factor": 0.0})
+    assert gross[100:300].any() and not silent[:300].any()

@@ -62,7 +62,12 @@ def champion(train_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     table = from_array(simulate_runs(6000, seed=1, runs=2).values, 1.0, channels=CHANNELS)
     out = tmp_path_factory.mktemp("champion") / "pump.onnx"
-    train_tiny(out, table=table, epochs=10, hidden=32, options={"new_level_s": 0.0})
+    # No warm-up: with it the champion raises 26 alarm starts instead of 29 (its trailing windows
+    # learn each pump's first 300 s), and the challenger, trained on the periods it did not mark,
+    # misses the one confirmed fault of this set-up (measured; the retrain scorecard itself
+    # replays without the warm-up).
+    options = {"new_level_s": 0.0, "warmup_s": 0.0}
+    train_tiny(out, table=table, epochs=10, hidden=32, options=options)
     return out
 
 

@@ -176,6 +176,57 @@ def test_silent_stream_goes_stale_not_anomalous(model, normal_rows, tmp_path):
     assert capture.events("a") == []
 
 
+def test_a_stream_cut_off_past_stale_after_keeps_its_window(model, normal_rows, tmp_path):
+    # A partition's backlog arriving after a failover: silent on this host for longer than
+    # stale_after_s, yet on the same grid. Its windows go on; no gap reset, no warm-up.
+    engine, capture, metrics, clock = make_engine(model, tmp_path)
+    feed(engine, "a", normal_rows[:40])
+    scored = value(metrics, "oteo_windows_scored_total")
+    clock.now += 3600
+    engine.tick()
+    assert capture.states("a")[-1] == "stale"
+    feed(engine, "a", normal_rows[40:45], t0=40, seq0=40)
+    assert value(metrics, "oteo_windows_scored_total") == scored + 5
+    assert value(metrics, "oteo_gap_resets_total") == 0
+    assert capture.states("a")[-1] == "normal"
+
+
+def test_a_real_gap_after_going_stale_still_restarts_the_window(model, normal_rows, tmp_path):
+    engine, _, metrics, clock = make_engine(model, tmp_path)
+    feed(engine, "a", normal_rows[:40])
+    scored = value(metrics, "oteo_windows_scored_total")
+    clock.now += 3600
+    engine.tick()
+    feed(engine, "a", normal_rows[40:45], t0=3640, seq0=40)  # an hour missing in data time
+    assert value(metrics, "oteo_gap_resets_total") == 1
+    assert value(metrics, "oteo_windows_scored_total") == scored
+
+
+def test_readings_redelivered_on_a_partition_are_counted_as_duplicates(
+    model, normal_rows, tmp_path
+):
+    engine, _, metrics, _ = make_engine(model, tmp_path)
+
+    def push(rows: np.ndarray, t0: int, seq: bool) -> None:
+        readings = [
+            ParsedReading(float(t0 + i), t0 + i if seq else None, row) for i, row in enumerate(rows)
+        ]
+        w = work(model, "a", readings)
+        w.partition = 3
+        engine.handle(w)
+
+    push(normal_rows[:60], 0, seq=True)
+    accepted = value(metrics, "oteo_readings_total")
+    push(normal_rows[10:20], 10, seq=True)  # in the window: duplicates by slot and seq
+    # Beyond the window, without seq: by timestamp; a window's worth of them in a row would
+    # otherwise read as a clock that jumped back (and restart the window).
+    push(normal_rows[:30], 0, seq=False)
+    assert value(metrics, "oteo_redelivered_duplicates_total") == 40
+    assert value(metrics, "oteo_readings_total") == accepted
+    assert value(metrics, "oteo_gap_resets_total") == 0  # no "clock jumped back" restart
+    assert value(metrics, "oteo_messages_total", result="late") == 0
+
+
 def test_mute_suppresses_events_and_publishes_muted(model, normal_rows, tmp_path):
     engine, capture, _, _ = make_engine(model, tmp_path)
     feed(engine, "a", normal_rows[:20])

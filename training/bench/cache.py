@@ -57,6 +57,8 @@ DETECTION_SETTINGS = frozenset(
         "new_normal_s",
         "new_level_s",
         "warmup_s",
+        "warmup_factor",
+        "baseline_learns_accepted",
         "baseline_in_alarm",
     }
 )
