@@ -8,6 +8,7 @@ one thread (publish and loop in turn: QoS 1 publishes from another thread stall 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -91,10 +92,17 @@ def _connect(client: paho.Client, port: int, clean: bool, receive_max: int | Non
         if receive_max is not None:
             props.ReceiveMaximum = receive_max
         client.connect("127.0.0.1", port, 60, clean_start=clean, properties=props)
-    deadline = time.monotonic() + 10
-    while not connected and time.monotonic() < deadline:
+    # 30 s, retrying a refusal or a dropped connection: right after a nats-server node died the
+    # others answer a CONNECT only once the session stream has a new leader.
+    deadline = time.monotonic() + 30
+    while not (connected and connected[-1]) and time.monotonic() < deadline:
         client.loop(0.05)
-    if not connected or not connected[0]:
+        if (connected and not connected[-1]) or (not client.is_connected() and connected):
+            connected.clear()
+            time.sleep(0.5)
+            with contextlib.suppress(OSError):
+                client.reconnect()
+    if not connected or not connected[-1]:
         raise SystemExit(f"cannot connect to 127.0.0.1:{port}")
 
 

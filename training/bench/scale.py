@@ -164,11 +164,18 @@ def fault_phase(
         # after the kill must arrive.
         say("kill -9 of NATS node 3, then more readings")
         cluster.nodes[2].stop(9)
+        cluster.wait_ready()
         after = finish(
             publish(ports, series, STREAMS, AFTER_NODE_KILL, start + sizes.live_per_stream),
             strict=False,
         )
         wait_quiet(instances, 5.0, 120.0)
+        owned_after = sum(
+            v
+            for i in instances
+            for k, v in i.metrics().items()
+            if k.startswith("oteo_partition_owned{")
+        )
         dropped = sum(i.metrics().get("oteo_redelivered_duplicates_total", 0.0) for i in instances)
     finally:
         for instance in instances:
@@ -191,7 +198,11 @@ def fault_phase(
         # Acknowledged by the broker but never scored (which ones were acknowledged is not
         # known, so counted: scored readings can only come from stored publications).
         "after_node_kill_lost": max(0, int(after["acked"]) - len(later)),
-        "node_kill_continued": len(later) >= after["acked"] > 0,
+        "after_node_kill_publishers_failed": after["failed"],
+        # The instances' 16 sessions stayed (or came back) connected through the node kill, and
+        # whatever the broker acknowledged afterwards was scored.
+        "owned_after_node_kill": owned_after,
+        "node_kill_continued": owned_after == 16 and len(later) >= after["acked"],
         "publisher_reconnects": published["reconnects"] + after["reconnects"],
         **alarm_counts(starts, start, sizes.live_per_stream),
         # The same counts for the streams of the instance that was never killed: what the
