@@ -69,6 +69,8 @@ ELSEWHERE = {
     "journalctl": "needs systemd as PID 1",
     "oteo benchmark throughput": "tests/integration/test_throughput_benchmark.py (--quick --json)",
     "oteo benchmark similar": "tests/integration/test_similar_benchmark.py (--quick --json)",
+    "oteo benchmark scale": "tests/integration/test_scale_out.py (--quick --json)",
+    "deploy/scale/run-local": "tests/integration/test_deploy_scale.py runs it (and --check)",
 }
 TRAINING = "oteo simulate --csv normal.csv"
 DAEMON = "oteo run --model models/demo.onnx"

@@ -268,21 +268,32 @@ def publish(
     return procs
 
 
-def finish(procs: list[subprocess.Popen[str]]) -> dict[str, float]:
-    """Wait for the publishers; what they sent, and at what rate the broker took it."""
-    docs = []
+def finish(procs: list[subprocess.Popen[str]], strict: bool = True) -> dict[str, float]:
+    """Wait for the publishers; what they sent, what the broker acknowledged and how fast.
+    `strict`: every publisher must succeed and every publication be acknowledged; otherwise a
+    publisher that failed (it could not connect) is counted in `failed` and sent nothing."""
+    docs, failed = [], 0
     for proc in procs:
         out, _ = proc.communicate(timeout=900)
         if proc.returncode != 0:
-            raise click.ClickException("a publisher process failed")
+            if strict:
+                raise click.ClickException("a publisher process failed")
+            failed += 1
+            continue
         docs.append(json.loads(out.strip().splitlines()[-1]))
     sent = sum(d["sent"] for d in docs)
     acked = sum(d["acked"] for d in docs)
-    if acked != sent:
+    if strict and acked != sent:
         raise click.ClickException(f"the broker acknowledged {acked} of {sent} publications")
-    elapsed = max(d["t_acked"] for d in docs) - min(d["t0"] for d in docs)
+    elapsed = max((d["t_acked"] for d in docs), default=0.0) - min(
+        (d["t0"] for d in docs), default=0.0
+    )
     reconnects = sum(d.get("reconnects", 0) for d in docs)
-    return {"sent": sent, "msgs_per_s": sent / max(elapsed, 1e-9), "reconnects": reconnects}
+    rate = sent / max(elapsed, 1e-9)
+    return {
+        "sent": sent, "acked": acked, "msgs_per_s": rate, "reconnects": reconnects,
+        "failed": failed,
+    }  # fmt: skip
 
 
 class Collector:

@@ -8,6 +8,7 @@ one thread (publish and loop in turn: QoS 1 publishes from another thread stall 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -91,17 +92,29 @@ def _connect(client: paho.Client, port: int, clean: bool, receive_max: int | Non
         if receive_max is not None:
             props.ReceiveMaximum = receive_max
         client.connect("127.0.0.1", port, 60, clean_start=clean, properties=props)
-    deadline = time.monotonic() + 10
-    while not connected and time.monotonic() < deadline:
+    # 30 s, retrying a refusal or a dropped connection: right after a nats-server node died the
+    # others answer a CONNECT only once the session stream has a new leader.
+    deadline = time.monotonic() + 30
+    while not (connected and connected[-1]) and time.monotonic() < deadline:
         client.loop(0.05)
-    if not connected or not connected[0]:
+        if (connected and not connected[-1]) or (not client.is_connected() and connected):
+            connected.clear()
+            time.sleep(0.5)
+            with contextlib.suppress(OSError):
+                client.reconnect()
+    if not connected or not connected[-1]:
         raise SystemExit(f"cannot connect to 127.0.0.1:{port}")
 
 
-def _reconnect(client: paho.Client, persistent: bool) -> int:
-    """1 if a lost connection of a persistent-session client was opened again (paho re-sends
-    unacknowledged QoS 1 messages then), else 0."""
-    if not persistent or client.is_connected():
+STALL_S = 5.0  # no PUBACK for this long with publications pending: reconnect and re-send
+
+
+def _reconnect(client: paho.Client, persistent: bool, stalled: bool = False) -> int:
+    """1 if a persistent-session client's connection was opened again (paho re-sends the
+    unacknowledged QoS 1 messages then), else 0: when it was lost, or when PUBACKs stopped
+    coming (a nats-server node whose stream is electing a leader times the store out and
+    never acknowledges, while the connection stays up)."""
+    if not persistent or (client.is_connected() and not stalled):
         return 0
     try:
         client.reconnect()
@@ -152,9 +165,19 @@ def publish(
     )
     acked = 0
 
+    last_ack = time.monotonic()
+
     def on_publish(c: paho.Client, u: object, mid: int, reason: object, props: object) -> None:
-        nonlocal acked
+        nonlocal acked, last_ack
         acked += 1
+        last_ack = time.monotonic()
+
+    def stalled(sent: int) -> bool:
+        nonlocal last_ack
+        if acked < sent and time.monotonic() - last_ack > STALL_S:
+            last_ack = time.monotonic()  # one reconnect per stall period
+            return True
+        return False
 
     # On 3.1.1 (NATS) a persistent session: a cluster node may drop the connection while its
     # stream elects a leader; paho then re-sends what was not acknowledged after reconnecting.
@@ -178,12 +201,12 @@ def publish(
         client.publish(topic, payload, qos=1)
         if i % LOOP_EVERY == 0:
             client.loop(0)
-            reconnects += _reconnect(client, v311)
+            reconnects += _reconnect(client, v311, stalled(i + 1))
     t_sent = time.time()
     deadline = time.monotonic() + 120
     while acked < len(messages) and time.monotonic() < deadline:
         client.loop(0.01)
-        reconnects += _reconnect(client, v311)
+        reconnects += _reconnect(client, v311, stalled(len(messages)))
     t_acked = time.time()
     client.disconnect()
     if times is not None and sent_at is not None:
