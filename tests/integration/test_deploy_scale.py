@@ -140,7 +140,7 @@ def test_scale_compose_instances_nodes_and_scrapes_agree() -> None:
         state = [v.split(":")[0] for v in service["volumes"] if v.endswith(config["state_dir"])]
         assert state and state[0] in volumes
         states.add(state[0])
-        assert service["command"] == ["run", "--config", "/etc/oteo/oteo.toml"]
+        assert tuple(service["command"]) == ("run", "--config", "/etc/oteo/oteo.toml")
     assert sorted(indices) == list(range(len(oteos))), "indices must be 0..of-1, each once"
     assert len(states) == len(oteos), "instances must not share a state volume"
 
