@@ -121,6 +121,11 @@ def _reconnect(client: paho.Client, persistent: bool, stalled: bool = False) -> 
     except OSError:
         time.sleep(0.2)
         return 0
+    # Until the CONNACK: is_connected() stays False before it, and another reconnect then
+    # would drop this connection again.
+    deadline = time.monotonic() + 10
+    while not client.is_connected() and time.monotonic() < deadline:
+        client.loop(0.05)
     return 1
 
 

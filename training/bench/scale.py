@@ -46,7 +46,7 @@ class Sizes:
 
 
 QUICK = Sizes(drain_per_stream=30, live_per_stream=100, live_rate=1500.0)
-FULL = Sizes(drain_per_stream=400, live_per_stream=480, live_rate=2000.0)
+FULL = Sizes(drain_per_stream=400, live_per_stream=360, live_rate=1500.0)
 
 
 def readings_total(instances: list[Instance]) -> float:
@@ -157,7 +157,9 @@ def fault_phase(
         killed_at = time.monotonic()
         instances[1].start()
         back = wait_owned(instances[1], 8, ACK_WAIT_S * 3 + 30)
-        published = finish(pubs)
+        # Not strict: under this load nats-server now and then never acknowledges a publication
+        # (it timed out storing it); `lost` is then counted, not matched by seq (below).
+        published = finish(pubs, strict=False)
         # The node goes after the publishers are done: killed under publishing load, the
         # surviving nodes took seconds per QoS 1 publication here and publishers stalled
         # (docs/scale-out.md). The instances' sessions must carry on, and readings published
@@ -186,9 +188,18 @@ def fault_phase(
     expected = {(f"s{s}", start + r) for s in range(STREAMS) for r in range(n)}
     later = {key for key in scores if start + n <= key[1] < start + n + AFTER_NODE_KILL}
     starts = [(stream, seq) for kind, stream, seq in rows if kind == "start"]
+    unscored = len(expected - set(scores))
+    if published["acked"] < published["sent"]:
+        # Which publications were acknowledged is not known: lost = acknowledged but unscored,
+        # counted (a scored reading was stored, so it can only lower the count).
+        lost = max(0, int(published["acked"]) - len(expected & set(scores)))
+    else:
+        lost = unscored
     return {
         "readings": readings,
-        "lost": len(expected - set(scores)),
+        "acknowledged": published["acked"],
+        "unscored": unscored,
+        "lost": lost,
         "duplicates": sum(c - 1 for c in scores.values() if c > 1),
         "redelivered_duplicates_dropped": dropped,
         "restart_to_owned_s": back - killed_at if back else None,
@@ -349,7 +360,8 @@ def table(r: dict[str, Any]) -> str:
         f"(NATS/Mosquitto {r['nats_over_mosquitto_1']:.2f})",
         f"  streams on two instances {r['streams_on_two_instances']} "
         f"(of {r['streams_scored']}; with 2: {r['streams_per_instance_2']})",
-        f"kill -9 of an instance + restart, kill -9 of a NATS node ({r['readings']} readings):",
+        f"kill -9 of an instance + restart, kill -9 of a NATS node ({r['readings']} readings, "
+        f"{r['acknowledged']:.0f} acknowledged by the broker, {r['unscored']} never scored):",
         f"  after the node kill: {r['after_node_kill_acked']} of {r['after_node_kill_sent']} "
         f"acknowledged, {r['after_node_kill_scored']} scored",
         f"  lost {r['lost']}, duplicates {r['duplicates']} (scored twice), "
