@@ -169,6 +169,9 @@ class Instance:
             f"[topics]\npublish_scores = {'true' if self.publish_scores else 'false'}\n"
             # Every stream its own series: which instance scored it is read from them.
             "[metrics]\nmax_stream_labels = 1000\n"
+            # Every stream is new to the instance and faults recur from its first minutes: no
+            # warm-up (300 s of data judged at 6x the thresholds would hide them).
+            "[alarm]\nwarmup_s = 0\n"
         )
         if self.partitions:
             text += (
