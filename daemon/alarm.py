@@ -46,6 +46,11 @@ class AlarmState:
         self._below = 0
         self._cooldown = 0
 
+    @property
+    def cooling(self) -> bool:
+        """In the cool-down after an alarm: windows above the threshold raise no new alarm."""
+        return self._cooldown > 0
+
     def step(self, value: float, enter: float, leave: float) -> Transition | None:
         """Take one window's score against its enter / exit thresholds; the edge, if any."""
         p = self.policy

@@ -205,6 +205,7 @@ class Detector:
             self._seen += 1
             self._learn(s, in_alarm=False)
             return Decision(s, enter, False, None)
+        cooling = self._alarm.cooling
         transition = self._alarm.step(s, enter, leave)
         new_normal = False
         if transition is Transition.START:
@@ -225,14 +226,18 @@ class Detector:
             new_normal = s >= self.policy.exit_threshold / self.sensitivity
             if new_normal:
                 self._learn_if_accepted(s)
+        # A window at or above the enter threshold during a cool-down raises no alarm, yet it is
+        # not normal: the dynamic threshold does not learn it, or a recurring fault whose onsets
+        # fall in the cool-down lifts the threshold over itself.
+        high = cooling and s >= enter
         if warming:
             self._seen += 1
             # A fault at a stream's start must not become its normal: alarm windows stay out.
-            if not self._alarm.active:
+            if not self._alarm.active and not high:
                 self._learn(s, in_alarm=False)
         else:
             self._seen = self._warmup_windows
-            self._learn(s, in_alarm=self._alarm.active)
+            self._learn(s, in_alarm=self._alarm.active or high)
         if transition is Transition.END:
             self._alarm_windows = 0
             if self._episode is not None:

@@ -169,3 +169,20 @@ def test_inspect_says_how_a_streams_thresholds_move() -> None:
     old = shipped.model_copy(update={"warmup_factor": 0.0, "baseline_learns_accepted": False})
     assert _detection_line(old).endswith("new level 800 s; warm-up 300 s (silent)")
     assert _detection_line(None) == "detection the calibrated thresholds only"
+
+
+def test_a_recurring_fault_whose_onsets_fall_in_the_cool_down_is_not_learnt() -> None:
+    # Normal 0.1; a fault of 5.0 for 10 windows in every 30. The alarm ends 2 windows after each
+    # fault and cools down for 20: the next onset comes during the cool-down, raising no alarm.
+    # Those windows are above the threshold all the same: the dynamic threshold must not take
+    # them, or it climbs over the fault and every later onset is missed.
+    # The nonparametric rule (the trainer's default) reacts to a few high values in its window.
+    cycle = [0.1] * 20 + [5.0] * 10
+    d = Detector(
+        stages(**dict(ADAPTIVE, baseline_rule="nonparametric")), policy(cooldown_windows=20)
+    )
+    decisions = run(d, [0.1] * 200 + cycle * 20)
+    late = decisions[-300:]  # the last ten cycles
+    assert sum(1 for x in late if x.transition is Transition.START) == 10
+    # The two windows before each START (k = 3 of 5) are learnt, as before: below the fault still.
+    assert max(x.threshold for x in late) < 5.0
