@@ -92,24 +92,24 @@ def plot_scores(
     _save(fig, path)
 
 
-def plot_likelihood(
+def plot_anomaly_score(
     path: Path,
     score: np.ndarray,
-    likelihood: np.ndarray,
+    anomaly: np.ndarray,
     windows: list[tuple[int, int]],
     probation: int,
     thresholds: dict[str, float],
 ) -> None:
-    """Window score and anomaly likelihood per row, with thresholds, labelled windows and the
+    """Detection score and anomaly score per row, with thresholds, labelled windows and the
     probationary period (rows, not time: some benchmark files step back in time)."""
     fig = _figure(12, 5.5)
     top, bottom = fig.subplots(2, 1, sharex=True)
-    rows = np.arange(len(likelihood))
-    top.plot(rows, score, color="tab:blue", lw=0.6, label="window score")
+    rows = np.arange(len(anomaly))
+    top.plot(rows, score, color="tab:blue", lw=0.6, label="detection score")
     if _spans_decades(np.asarray(score, dtype=np.float64)):
         top.set_yscale("log")
     top.set(ylabel=SCORE_LABEL)
-    bottom.plot(rows, likelihood, color="tab:blue", lw=0.6, label="anomaly likelihood")
+    bottom.plot(rows, anomaly, color="tab:blue", lw=0.6, label="anomaly score")
     for (name, value), colour in zip(thresholds.items(), (ENTER_COLOUR, EXIT_COLOUR), strict=False):
         bottom.axhline(value, color=colour, lw=1.0, ls="--", label=f"{name} threshold {value:.3g}")
     for ax in (top, bottom):
@@ -120,7 +120,7 @@ def plot_likelihood(
             )
     bottom.set(
         xlabel="row (grey: probationary period, not scored)",
-        ylabel="likelihood",
+        ylabel="anomaly score",
         ylim=(-0.02, 1.02),
     )
     bottom.legend(loc="upper left", fontsize="small")

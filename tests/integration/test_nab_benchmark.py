@@ -16,7 +16,13 @@ import pytest
 from click.testing import CliRunner
 
 from training.bench import benchmark
-from training.bench.nab import DetectorConfig, likelihood, read_corpus, report_rises, run_file
+from training.bench.nab import (
+    DetectorConfig,
+    anomaly_score,
+    read_corpus,
+    report_rises,
+    run_file,
+)
 
 DATASETS = Path(
     os.environ.get("OTEO_DATASETS", Path(__file__).parents[2].parent / "shared/datasets")
@@ -47,7 +53,7 @@ def small_nab(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @needs_nab
-def test_command_prints_scores_for_three_profiles_and_writes_likelihoods_and_plots(
+def test_command_prints_scores_for_three_profiles_and_writes_anomaly_scores_and_plots(
     small_nab: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
@@ -64,34 +70,43 @@ def test_command_prints_scores_for_three_profiles_and_writes_likelihoods_and_plo
     for f in read_corpus(small_nab):
         lines = (out / f.labelled.name).read_text().splitlines()
         assert lines[0] == "timestamp,anomaly_score" and len(lines) == f.labelled.rows + 1
-        lik = np.array([float(line.split(",")[1]) for line in lines[1:]])
-        assert ((lik >= 0) & (lik <= 1)).all()
-        assert not lik[: f.labelled.probation].any()
+        anomaly = np.array([float(line.split(",")[1]) for line in lines[1:]])
+        assert ((anomaly >= 0) & (anomaly < 1)).all()
+        assert not anomaly[: f.labelled.probation].any()
+        assert anomaly.any()  # the detector's score is non-zero after the probation
         assert [line.split(",")[0] for line in lines[1:]] == f.stamps
         plot = (out / f.labelled.name).with_suffix(".png")
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @needs_nab
-def test_later_rows_never_change_earlier_likelihoods(small_nab: Path, tmp_path: Path) -> None:
+def test_later_rows_never_change_earlier_anomaly_scores(small_nab: Path, tmp_path: Path) -> None:
     f = next(f for f in read_corpus(small_nab) if f.labelled.name.endswith("speed_7578.csv"))
     cut = 700
-    before = run_file(f, DetectorConfig(), tmp_path).likelihood
+    before = run_file(f, DetectorConfig(), tmp_path).anomaly
     f.values = f.values.copy()
     f.values[cut:] = f.values[cut:][::-1] * 3.0  # a different future, same length
-    after = run_file(f, DetectorConfig(), tmp_path).likelihood
+    after = run_file(f, DetectorConfig(), tmp_path).anomaly
     np.testing.assert_array_equal(before[:cut], after[:cut])
     assert not np.array_equal(before[cut:], after[cut:])
 
 
-def test_likelihood_and_reporting_are_causal() -> None:
+def test_anomaly_score_is_half_at_the_threshold_and_rises_are_reported_causally() -> None:
     rng = np.random.default_rng(1)
-    scores, history, cfg = rng.lognormal(size=3000), rng.lognormal(size=200), DetectorConfig()
-    full = report_rises(likelihood(scores, history, cfg), cfg.quiet)
+    threshold = rng.uniform(1.0, 3.0, size=3000)
+    detection = rng.lognormal(size=3000)
+    detection[:5] = np.nan  # no window yet
+    score = anomaly_score(detection, threshold)
+    assert not score[:5].any() and ((score >= 0) & (score < 1)).all()
+    at = anomaly_score(np.array([2.0, 1.0, 4.0]), np.array([2.0, 2.0, 2.0]))
+    np.testing.assert_allclose(at, [0.5, 1 / 3, 2 / 3])
+    full = report_rises(score, 288)
     for k in (1, 250, 2999):
-        part = report_rises(likelihood(scores[:k], history, cfg), cfg.quiet)
-        np.testing.assert_array_equal(part, full[:k])
-    assert ((full >= 0) & (full <= 1)).all()
+        np.testing.assert_array_equal(report_rises(score[:k], 288), full[:k])
+    # A row is kept only where it beats the previous 288 rows, so every 288 rows hold few.
+    kept = np.flatnonzero(full)
+    assert 0 < len(kept) < 3000 / 288 * 12
+    assert all(full[i] > score[max(0, i - 288) : i].max(initial=-1) for i in kept)
 
 
 def test_preset_default_trains_what_oteo_train_does() -> None:

@@ -1,20 +1,21 @@
 """`oteo benchmark nab DIR`: the NAB v1.1 protocol, run with the product's own trainer.
 
 Per file, a fresh detector: `training.pipeline.train` on the probationary period only (the first
-15 % of rows, at most 750), then every row's window score from the exported model through
-`training.evaluate.causal_decisions`, then an anomaly likelihood in [0, 1] per row:
-- as NAB's HTM detector does (Ahmad et al. 2017), how far the recent log score lies above the
-  distribution of the previous `long` ones, as a Gaussian tail probability p, on NAB's log scale
-  min(1, -log10(p) / 10). The distribution adapts, so a model fitted on two days still gives
-  usable likelihoods weeks later, where a fixed p-value table from training would saturate. It
-  starts from the held-back scores of the probationary period;
-- a rise is reported once: a row keeps its likelihood only if it beats every likelihood of the
-  previous `quiet` rows (else 0), as an alarm's cool-down would. NAB charges every detected row
-  outside a window as a false positive, so a long excursion would otherwise cost dozens.
+15 % of rows, at most 750), then every row decided causally by the product's detection stages
+(`training.bench.detection.detect`: the same calibration and `daemon.detector` code the daemon
+runs, its dynamic threshold adapting to the series), then one anomaly score in [0, 1) per row:
+- the detector's own score in units of the enter threshold in force, r = score / threshold,
+  mapped to r / (1 + r): 0.5 is exactly where the product raises an alarm. The threshold adapts
+  (the trailing window of the series' own scores), so a model fitted on two days still gives
+  usable scores weeks later;
+- a rise is reported once: a row keeps its score only if it beats every score of the previous
+  `quiet` rows (else 0), as an alarm's cool-down would. NAB charges every detected row outside a
+  window as a false positive, so a long excursion would otherwise cost dozens.
 Row t uses rows <= t only.
 
-The fixed threshold, chosen before any result was seen, is 0.5, i.e. p = 1e-5: the likelihood
-level (0.99999) at which Numenta's own HTM deployments raise an alert.
+The fixed threshold is 0.5: the product's own enter threshold, so the "fixed" scores are the
+product's alarms as shipped (their onsets); "optimised" sweeps the threshold per profile over the
+corpus, as NAB's scoreboard does.
 
 Rows, not timestamps, are the time axis, as in NAB's protocol and scorer: a few files step back in
 time (machine_temperature), repeat timestamps (ec2_request_latency) or report irregularly
@@ -25,7 +26,6 @@ NAB (window 32, 32 hidden units, a 4-unit code, 30 epochs, thresholds from held-
 `--preset default` is what `oteo train` does with no options (128 hidden units, a 16-unit code,
 60 epochs, cross-fitted calibration scores when the held-back windows are few, as they are in a
 probationary period), which the benchmark suite runs; `--preset small` the trainer's small preset.
-The likelihood's calibration history starts from the scorer's calibration scores either way.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ if TYPE_CHECKING:
     from training.bench.detection import Evidence
     from training.bench.scorer import WindowScorer
     from training.config import TrainOptions
+    from training.evaluate import RowDecisions
 
-# NAB's log scale: p = 1e-5 sits at 0.5 and p <= 1e-10 at 1.
-LOG_SCALE_DECADES = 10.0
+# r / (1 + r) is 0.5 where the detector's score meets its enter threshold (r = 1).
 FIXED_THRESHOLD = 0.5
 
 
@@ -76,12 +76,6 @@ class DetectorConfig:
     # The probationary period is at most 750 rows: a few hundred steps converge.
     max_epochs: int = 30
     patience: int = 6
-    # Recent level: the newest window score alone (it already averages `window` samples; HTM
-    # averages 10 raw scores), against the last 8640 (30 days of 5-minute data, as HTM).
-    short: int = 1
-    long: int = 8640
-    # Floor on the spread of log scores: a change of under 10 % in error is never news.
-    min_std: float = 0.1
     # A rise is reported once per day of 5-minute data.
     quiet: int = 288
     seed: int = 0
@@ -102,13 +96,13 @@ class NabFile:
 
 @dataclass
 class FileRun:
-    """One file's likelihood per row (all 0 if training failed, with the error)."""
+    """One file's anomaly score per row (all 0 if training failed, with the error)."""
 
     file: NabFile
-    likelihood: np.ndarray  # [T] in [0, 1]
+    anomaly: np.ndarray  # [T] in [0, 1)
     seconds: float
     error: str | None = None
-    score: np.ndarray | None = None  # [T] window score (NaN: no window yet), for the plot
+    score: np.ndarray | None = None  # [T] detection score (NaN: no window yet), for the plot
 
 
 def read_corpus(root: Path) -> list[NabFile]:
@@ -149,23 +143,12 @@ def _unix(stamp: str) -> float:
     return float((pd.Timestamp(stamp, tz="UTC") - pd.Timestamp(0, tz="UTC")).total_seconds())
 
 
-def likelihood(scores: np.ndarray, history: np.ndarray, cfg: DetectorConfig) -> np.ndarray:
-    """Log-scale likelihood per score: the `short` mean vs the previous `long` log scores."""
-    from scipy import stats
-
-    seq = np.log(np.maximum(np.r_[history, scores], 1e-12))
-    c1, c2 = np.r_[0.0, np.cumsum(seq)], np.r_[0.0, np.cumsum(seq**2)]
-    at = len(history) + np.arange(len(scores))
-    lo = np.maximum(at - cfg.short + 1, 0)
-    recent = (c1[at + 1] - c1[lo]) / (at + 1 - lo)
-    lo = np.maximum(at - cfg.long, 0)
-    count = np.maximum(at - lo, 1)
-    mean = (c1[at] - c1[lo]) / count
-    std = np.sqrt(np.maximum((c2[at] - c2[lo]) / count - mean**2, 0.0))
-    z = (recent - mean) / np.maximum(std, cfg.min_std)
-    z = np.where(at > lo, z, -np.inf)  # no history yet: no evidence
-    decades = -stats.norm.logsf(z) / np.log(10.0)
-    return np.clip(decades / LOG_SCALE_DECADES, 0.0, 1.0)
+def anomaly_score(detection: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """r / (1 + r) per row with r = detection / threshold in force (0 where there is no window)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.nan_to_num(detection / threshold, nan=0.0, posinf=0.0, neginf=0.0)
+    r = np.maximum(r, 0.0)
+    return r / (1.0 + r)
 
 
 def report_rises(lik: np.ndarray, quiet: int) -> np.ndarray:
@@ -193,19 +176,19 @@ def train_options(cfg: DetectorConfig, name: str) -> TrainOptions:
             max_epochs=cfg.max_epochs, patience=cfg.patience, seed=cfg.seed, progress=False
         ),
         name=name,
-        # Held-back windows seed the likelihood; cross-fitting would cost 4 more fits per file.
+        # Thresholds from held-back windows; cross-fitting would cost 4 more fits per file.
         cross_fit=False,
     )
 
 
-def window_scores(
+def decisions(
     f: NabFile,
     cfg: DetectorConfig,
     workdir: Path,
     scorer: WindowScorer | None = None,
     cache: ScoreCache | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the causal window score (NaN: none yet), and the scorer's calibration scores."""
+) -> RowDecisions:
+    """Every row decided causally by the product's stages (NaN scores: no window yet)."""
     from training.bench.cache import ScoreCache, array_digest
     from training.bench.detection import detect, evidence
     from training.bench.scorer import Autoencoder, scorer_failures
@@ -226,8 +209,7 @@ def window_scores(
     cache = cache or ScoreCache(None)
     key = cache.key("nab", f.labelled.name, scorer.name, opts, array_digest(f.values))
     found = cache.get("nab", key, compute, scorer_failures())
-    score = detect(found, opts).rows.score
-    return score, np.concatenate([s.score for s in found.calibration])
+    return detect(found, opts).rows
 
 
 def run_file(
@@ -237,14 +219,13 @@ def run_file(
     scorer: WindowScorer | None = None,
     cache: ScoreCache | None = None,
 ) -> FileRun:
-    """Train on the probationary period, score every row causally, return likelihoods."""
+    """Train on the probationary period, decide every row causally, return anomaly scores."""
     t0 = time.perf_counter()
-    score, seeds = window_scores(f, cfg, workdir, scorer, cache)
-    usable = np.arange(len(score)) >= f.labelled.probation
-    usable &= ~np.isnan(score)
-    out = np.zeros(len(score))
-    out[usable] = report_rises(likelihood(score[usable], seeds, cfg), cfg.quiet)
-    return FileRun(f, out, time.perf_counter() - t0, score=score)
+    rows = decisions(f, cfg, workdir, scorer, cache)
+    anomaly = anomaly_score(rows.detection, rows.threshold)
+    anomaly[: f.labelled.probation] = 0.0  # not scored by NAB; never blocks a later rise
+    out = report_rises(anomaly, cfg.quiet)
+    return FileRun(f, out, time.perf_counter() - t0, score=rows.detection)
 
 
 def run_or_fail(
@@ -267,7 +248,7 @@ def run_or_fail(
 def summarise(files: list[NabFile], runs: list[FileRun], root: Path, fixed: float) -> dict:  # type: ignore[type-arg]
     """Scores for the three profiles, optimised and at the fixed threshold, and what failed."""
     labelled = [f.labelled for f in files]
-    liks = [r.likelihood for r in runs]
+    liks = [r.anomaly for r in runs]
     profiles_path = root / "config" / "profiles.json"
     profiles = load_profiles(profiles_path) if profiles_path.exists() else PROFILES
     summary: dict = {"fixed": {"threshold": fixed}, "optimised": {}}  # type: ignore[type-arg]
@@ -297,18 +278,18 @@ def summarise(files: list[NabFile], runs: list[FileRun], root: Path, fixed: floa
 
 def write_outputs(run: FileRun, out: Path, thresholds: dict[str, float]) -> None:
     """NAB's results layout (timestamp,anomaly_score per row) and a plot beside it."""
-    from training.report import plot_likelihood
+    from training.report import plot_anomaly_score
 
     path = out / run.file.labelled.name
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["timestamp,anomaly_score"]
-    lines += [f"{s},{v:.6f}" for s, v in zip(run.file.stamps, run.likelihood, strict=True)]
+    lines += [f"{s},{v:.6f}" for s, v in zip(run.file.stamps, run.anomaly, strict=True)]
     path.write_text("\n".join(lines) + "\n")
     f = run.file.labelled
     score = run.score if run.score is not None else np.full(f.rows, np.nan)
     windows = list(f.windows)
-    plot_likelihood(
-        path.with_suffix(".png"), score, run.likelihood, windows, f.probation, thresholds
+    plot_anomaly_score(
+        path.with_suffix(".png"), score, run.anomaly, windows, f.probation, thresholds
     )
 
 
@@ -319,12 +300,13 @@ def write_outputs(run: FileRun, out: Path, thresholds: dict[str, float]) -> None
     "--fixed-threshold",
     default=FIXED_THRESHOLD,
     show_default=True,
-    help="Likelihood threshold reported besides the optimised one (0.5 = p 1e-5).",
+    help="Anomaly-score threshold reported besides the optimised one "
+    "(0.5: the product's own enter threshold).",
 )
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
-    help="Write per-file likelihoods (timestamp,anomaly_score) and plots here.",
+    help="Write per-file anomaly scores (timestamp,anomaly_score) and plots here.",
 )
 @click.option(
     "--preset",

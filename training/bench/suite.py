@@ -15,11 +15,10 @@ Per set, each detector on the same protocol as the set's own command:
   row causally, score rows 400..end: pooled F1, FAR, MAR, and the changepoint score (standard,
   low FP, low FN).
 - NAB v1.1 (`oteo benchmark nab --preset default`): per file, fit on the probationary period; the
-  window score per row comes from the shared stages, then NAB's post-processing as in that command:
-  an anomaly likelihood of the log score against its own last 8,640 values (seeded with the
-  scorer's calibration scores), reported once per day of 5-minute data; NAB's scorer at the
-  threshold optimised per profile over the corpus, and at the fixed threshold 0.5 (p = 1e-5).
-  The alarm policy's thresholds are not used here.
+  detector's score per row in units of its enter threshold in force (both from the shared
+  stages), r / (1 + r), a rise reported once per day of 5-minute data, as in that command; NAB's
+  scorer at the threshold optimised per profile over the corpus, and at the fixed threshold 0.5,
+  the product's own enter threshold.
 - SMAP/MSL dev (`oteo benchmark smap`): per channel, fit on the train array (all 25 columns),
   decide every test row causally; runs of alarms are predicted sequences, scored by telemanom's
   event rule: precision, recall, F0.5, F1 pooled and per spacecraft; channels that failed to train
@@ -161,7 +160,7 @@ def run_skab(root: Path, run: Run, echo: Echo) -> SetResult:
 
 
 def run_nab(root: Path, run: Run, echo: Echo) -> SetResult:
-    """NAB v1.1: the set's likelihood post-processing on the detector's window scores."""
+    """NAB v1.1: the detector's score over its threshold in force, a rise reported once."""
     from training.bench import nab
 
     folder = root / "nab"
