@@ -198,8 +198,8 @@ def run(
 ) -> None:
     """Run the daemon in the foreground (for systemd); SIGTERM or Ctrl-C stop it cleanly."""
     from daemon.config import load_config
-    from daemon.service import Daemon, StartupError
-    from daemon.startup import REFUSALS
+    from daemon.service import Daemon
+    from daemon.startup import REFUSALS, StartupError
 
     if config_file is not None and config_path is not None:
         raise click.UsageError("give the config file once: CONFIG or --config, not both")
