@@ -54,6 +54,10 @@ class PushOutcome:
     seq_gap: int  # readings missing according to `seq`
     filled: int  # samples synthesised by interpolation
 
+    def windows_only(self) -> PushOutcome:
+        """This outcome with its counts cleared: a drained reading was counted on arrival."""
+        return PushOutcome(PushResult.ACCEPTED, self.windows_ready, 0, 0)
+
 
 _ACCEPTED = PushOutcome(PushResult.ACCEPTED, 0, 0, 0)
 _READY = PushOutcome(PushResult.ACCEPTED, 1, 0, 0)
