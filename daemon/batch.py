@@ -59,8 +59,13 @@ class WindowBatch:
         self.items.append(item)
 
     def forget(self, stream: Stream) -> None:
-        """Drop the windows of a stream that is no longer tracked."""
-        self.items = [p for p in self.items if p.stream is not stream]
+        """Drop the windows of a stream that is no longer tracked; the others keep their order."""
+        kept = [i for i, p in enumerate(self.items) if p.stream is not stream]
+        if len(kept) == len(self.items):
+            return
+        # Row i belongs to item i: the windows behind a dropped one move up with their items.
+        self.windows[: len(kept)] = self.windows[kept]
+        self.items = [self.items[i] for i in kept]
 
     def run(self, model: Scorer) -> tuple[list[Pending], npt.NDArray[np.float32], ScoreBatch]:
         """Empty the batch through the model: its items, their windows and the model's outputs.
