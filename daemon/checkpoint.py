@@ -29,6 +29,7 @@ from typing import Any
 
 from daemon.memory import stream_doc
 from daemon.stream import Stream
+from daemon.window_state import snapshot_window
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class FileWriter:
 
 def _doc(stream: Stream) -> dict[str, Any]:
     doc = stream_doc(stream, moving=False)
-    return {"window": stream.buffer.snapshot(), "last_ts": stream.last_ts, **doc}
+    return {"window": snapshot_window(stream.buffer), "last_ts": stream.last_ts, **doc}
 
 
 def _moving(stream: Stream) -> dict[str, Any]:

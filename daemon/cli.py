@@ -15,15 +15,12 @@ import sys
 import threading
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import click
 
 from daemon import __version__
 from daemon.distribution import DistributionError, check_distribution
-
-if TYPE_CHECKING:
-    from daemon.manifest import Detection
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus keeps it from restart-looping
@@ -92,6 +89,8 @@ def load_model_or_exit(path: Path) -> Any:
 )
 def inspect(model_path: Path, as_json: bool, example_request: bool) -> None:
     """Print a model file's manifest (validated by the same loader the daemon uses)."""
+    from daemon.inspect_text import describe
+
     model = load_model_or_exit(model_path)
     m = model.manifest
     if example_request:
@@ -102,72 +101,7 @@ def inspect(model_path: Path, as_json: bool, example_request: bool) -> None:
         doc = {"path": str(model_path), "sha256": model.sha256, "manifest": m.model_dump()}
         click.echo(json.dumps(doc, indent=2))
         return
-    cal, alarm = m.calibration, m.alarm
-    lines = [
-        f"{model_path}  sha256 {model.sha256}",
-        f"name {m.name}  version {m.version}  created {m.created}",
-        f"model {m.architecture} / {m.variant} (noise {m.noise} {m.noise_level:g}), "
-        f"code {m.code_size}{' (hashable)' if m.hashable else ''}",
-        f"window {m.window} samples x {len(m.channels)} channels, "
-        f"sample period {m.sample_period_s:g} s",
-        "channels " + ", ".join(m.channels),
-        _roles_line(m.channels, m.channel_roles()),
-        f"thresholds enter {alarm.enter_threshold:.4g}  exit {alarm.exit_threshold:.4g}  "
-        f"(rule {cal.rule}, q {cal.quantile}, {cal.windows} windows"
-        f"{', cross-fitted' if cal.cross_fitted else ''})",
-        f"alarm hop {alarm.hop}, {alarm.k} of {alarm.n} windows, clear after "
-        f"{alarm.clear_windows}, cool-down {alarm.cooldown_windows}, "
-        f"smoothing {alarm.smoothing_alpha:g}",
-        _detection_line(m.detection),
-        f"false alarms/day on held-back data {cal.false_alarms_per_day:.2f} "
-        f"over {cal.heldback_hours:.1f} h"
-        + (
-            f" (target {cal.target_false_alarms_per_day:g})"
-            if cal.target_false_alarms_per_day is not None
-            else ""
-        ),
-        f"trained on {m.provenance.rows} rows ({m.provenance.source}), "
-        f"{m.provenance.epochs} epochs, seed {m.provenance.seed}, "
-        f"{m.provenance.train_seconds:.1f} s",
-        f"loss train {m.validation.train_loss:.4g}  held-back {m.validation.heldback_loss:.4g}  "
-        f"parity {m.validation.parity_max_rel_error:.1e}",
-    ]
-    if m.validation.code_binariness is not None:
-        lines.append(f"code binariness {m.validation.code_binariness:.1%}")
-    if m.constant_channels:
-        lines.append("near-constant channels " + ", ".join(m.constant_channels))
-    lines += [f"warning: {w}" for w in cal.warnings]
-    click.echo("\n".join(lines))
-
-
-def _detection_line(d: Detection | None) -> str:
-    """The stages that move a stream's thresholds, in one line."""
-    parts = []
-    if d is not None and d.baseline_samples:
-        parts.append(f"dynamic threshold ({d.baseline_rule}) over {d.baseline_samples} samples")
-    if d is not None and d.new_level_s:
-        learnt = d.baseline_learns_accepted and d.baseline_samples and not d.baseline_in_alarm
-        parts.append(f"new level {d.new_level_s:g} s{' (learnt when accepted)' if learnt else ''}")
-    if d is not None and d.new_normal_s:
-        parts.append(f"new normal after {d.new_normal_s:g} s")
-    if d is not None and d.warmup_s:
-        how = f"alarms above {d.warmup_factor:g} x the thresholds" if d.warmup_factor else "silent"
-        parts.append(f"warm-up {d.warmup_s:g} s ({how})")
-    return "detection " + ("; ".join(parts) if parts else "the calibrated thresholds only")
-
-
-def _roles_line(channels: list[str], roles: list[str]) -> str:
-    """`roles target a, b; context c; ignore d` (long lists shortened)."""
-    if all(r == "target" for r in roles):
-        return "roles every channel is a target (scored)"
-    parts = []
-    for role in ("target", "context", "ignore"):
-        names = [c for c, r in zip(channels, roles, strict=True) if r == role]
-        if len(names) > 8:
-            names = [*names[:6], "...", f"{names[-1]} ({len(names)})"]
-        if names:
-            parts.append(f"{role} " + ", ".join(names))
-    return "roles " + "; ".join(parts)
+    click.echo(describe(model_path, model.sha256, m))
 
 
 def _overrides(model: Path | None, broker: str | None, http: str | None) -> dict[str, Any]:
@@ -264,8 +198,8 @@ def run(
 ) -> None:
     """Run the daemon in the foreground (for systemd); SIGTERM or Ctrl-C stop it cleanly."""
     from daemon.config import load_config
-    from daemon.service import Daemon, StartupError
-    from daemon.startup import REFUSALS
+    from daemon.service import Daemon
+    from daemon.startup import REFUSALS, StartupError
 
     if config_file is not None and config_path is not None:
         raise click.UsageError("give the config file once: CONFIG or --config, not both")

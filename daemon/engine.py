@@ -12,12 +12,12 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from daemon.aligner import ChannelAligner
+from daemon.batch import Pending, WindowBatch
 from daemon.config import Config, apply_alarm_overrides
 from daemon.detector import Detector, Stages
 from daemon.drift import DriftMeter
@@ -35,13 +35,6 @@ log = logging.getLogger(__name__)
 
 # Consecutive late readings (at least a window's worth) after which a stream re-anchors.
 LATE_RESET_MIN = 10
-
-
-@dataclass(slots=True)
-class _Pending:
-    stream: Stream
-    ts: float
-    arrival: float
 
 
 class Engine:
@@ -69,8 +62,6 @@ class Engine:
             alarm_log_every_s=cfg.log.alarm_every_s,
             clock=clock,
         )
-        self._pending: list[_Pending] = []
-        self._pending_since = 0.0  # clock() when the first pending window was queued
         self._sensitivity: dict[str, float] = dict(cfg.alarm.sensitivity)
         self.windows_scored = 0
         # Drift: windows above the normal p99, counted here and folded into the meter by tick().
@@ -120,7 +111,9 @@ class Engine:
         self.serving = self.episodes.serving = Serving.of(model, policy)
         self.episodes.publish_scores = self.cfg.topics.publish_scores
         self._channels = tuple(m.channels)
-        self._batch = np.empty((self.cfg.scoring.max_batch, m.window, len(m.channels)), np.float32)
+        self._batch = WindowBatch(
+            self.cfg.scoring.max_batch, m.window, len(m.channels), self.metrics, self.clock
+        )
         self.metrics.set_model(m.name, m.version, model.sha256)
         for stream in self.streams.values():
             previous, stream.detector = stream.detector, self._new_detector(stream.id)
@@ -180,10 +173,7 @@ class Engine:
         # A batch goes when it is full or its first window has waited `max_wait_s` (the main
         # loop also scores whenever the queue runs dry); under a steady stream the queue rarely
         # does, and windows would otherwise wait for a full batch.
-        if self._pending and (
-            len(self._pending) >= self.cfg.scoring.max_batch
-            or now - self._pending_since >= self.cfg.scoring.max_wait_s
-        ):
+        if self._batch.due(now, self.cfg.scoring):
             self.score_pending()
         return True
 
@@ -243,12 +233,9 @@ class Engine:
         # Oldest first: after a filled gap several windows are ready, and each is scored.
         hop_s = self.serving.policy.hop * self.model.manifest.sample_period_s  # type: ignore[union-attr]
         for back in reversed(range(out.windows_ready)):
-            if len(self._pending) >= self.cfg.scoring.max_batch:
+            if len(self._batch) >= self.cfg.scoring.max_batch:
                 self.score_pending()
-            if not self._pending:
-                self._pending_since = self.clock()
-            stream.buffer.take_at(back, out=self._batch[len(self._pending)])
-            self._pending.append(_Pending(stream, ts - back * hop_s, arrival))
+            self._batch.add(stream.buffer, back, Pending(stream, ts - back * hop_s, arrival))
         if not out.windows_ready and stream.state == "stale":
             self.episodes.set_state(stream, "warming_up", ts)
 
@@ -294,7 +281,7 @@ class Engine:
     def _evict(self) -> None:
         oldest = min(self.streams.values(), key=lambda s: s.last_seen)
         log.warning("max_streams reached: evicting stream %s (least recently seen)", oldest.id)
-        self._pending = [p for p in self._pending if p.stream is not oldest]
+        self._batch.forget(oldest)
         del self.streams[oldest.id]
         self.sink(StreamGone(oldest.id))
         self.metrics.forget_stream(oldest.id)
@@ -304,15 +291,10 @@ class Engine:
 
     def score_pending(self) -> int:
         """Score every queued window in one onnxruntime call; returns how many."""
-        n = len(self._pending)
-        if n == 0:
+        if not self._batch.items:
             return 0
-        pending, self._pending = self._pending, []
-        t0 = time.perf_counter()
-        out = self.model.run(self._batch[:n])
-        self.metrics.inference_duration_seconds.observe(time.perf_counter() - t0)
-        self.metrics.batch_size_windows.observe(n)
-        self.metrics.windows_scored_total.inc(n)
+        pending, windows, out = self._batch.run(self.model)
+        n = len(pending)
         self.windows_scored += n
         p99 = self.serving.p99  # type: ignore[union-attr]
         # Hash bits and signatures only for batches with a remembered (recorded) stream.
@@ -321,7 +303,7 @@ class Engine:
         words = sigs = None
         if recall is not None and any(kept):
             words = recall.words(out.code)
-            sigs = recall.signatures(self._batch[:n], out.reconstruction, out.channel_score)
+            sigs = recall.signatures(windows, out.reconstruction, out.channel_score)
         for i, item in enumerate(pending):
             score = float(out.score[i])
             if not math.isfinite(score):
@@ -338,7 +320,7 @@ class Engine:
                 item.arrival,
                 score,
                 out.channel_score[i],
-                self._batch[i, -1],
+                windows[i, -1],
                 out.reconstruction[i, -1],
                 int(words[i]) if words is not None and kept[i] else None,
                 int(sigs[i]) if sigs is not None and kept[i] else None,
@@ -363,7 +345,7 @@ class Engine:
                 for out in stream.buffer.drain():
                     # Held readings were counted when they arrived; only their windows remain.
                     if out.windows_ready:
-                        self._account(stream, _windows_only(out), stream.last_ts, 0.0)
+                        self._account(stream, out.windows_only(), stream.last_ts, 0.0)
             if stream.state != "stale" and silent_s > stale_s:
                 # The alarm ends, but the window stays: readings that resume on the same grid
                 # (a partition's backlog after a failover, a link that was cut) carry on from
@@ -396,8 +378,3 @@ class Engine:
         return [
             self.episodes.state_message(s, s.last_ts or time.time()) for s in self.streams.values()
         ]
-
-
-def _windows_only(out: PushOutcome) -> PushOutcome:
-    """A drained outcome with its counts cleared (the reading was counted on arrival)."""
-    return PushOutcome(PushResult.ACCEPTED, out.windows_ready, 0, 0)

@@ -22,7 +22,7 @@ import numpy as np
 from daemon.alarm import Transition
 from daemon.detector import Decision
 from daemon.journal import Journal
-from daemon.manifest import AlarmPolicy, Quantiles
+from daemon.manifest import AlarmPolicy
 from daemon.messages import (
     LABELS,
     ChannelContribution,
@@ -38,6 +38,7 @@ from daemon.messages import (
 from daemon.metrics import Metrics
 from daemon.model import Scorer
 from daemon.publisher import Output
+from daemon.quantiles import Quantiles
 from daemon.recall import Recall
 from daemon.stream import Alarm, Peak, Stream, top_contributions
 

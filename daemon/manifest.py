@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from daemon.quantiles import ChannelQuantiles, Quantiles
 
 SCHEMA_VERSION = 1
 METADATA_KEY = "oteo"
@@ -97,39 +98,6 @@ class Calibration(_Strict):
     )
     heldback_hours: float = Field(ge=0, description="Duration of the held-back data.")
     warnings: list[str] = Field(default_factory=list)
-
-
-class Quantiles(_Strict):
-    """Quantiles of scores of normal windows: turn a score into a p-value or a normalised value."""
-
-    levels: list[float] = Field(description="Increasing probabilities in (0, 1).")
-    values: list[float] = Field(description="Score at each level (non-decreasing).")
-
-    @model_validator(mode="after")
-    def _check(self) -> Quantiles:
-        if len(self.levels) != len(self.values) or len(self.levels) < 2:
-            raise ValueError("levels and values must have the same length (at least 2)")
-        if any(b <= a for a, b in zip(self.levels, self.levels[1:], strict=False)):
-            raise ValueError("levels must increase")
-        return self
-
-    @cached_property
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        # Converted once: p_value runs for every published score.
-        return np.asarray(self.levels), np.asarray(self.values)
-
-    def p_value(self, score: float) -> float:
-        """P(normal score >= score), interpolated between the tabulated quantiles."""
-        lv, vals = self._arrays
-        # Beyond the last tabulated value the p-value is floored at 1 - levels[-1].
-        return 1.0 - float(np.interp(score, vals, lv, left=0.0, right=lv[-1]))
-
-
-class ChannelQuantiles(_Strict):
-    """Per-channel quantiles of normal channel scores (one list of values per channel)."""
-
-    levels: list[float]
-    values: list[list[float]] = Field(description="values[c][i]: channel c at levels[i].")
 
 
 class Detection(_Strict):

@@ -30,6 +30,7 @@ from daemon.metrics import Metrics
 from daemon.mqtt import Incoming, LinkState, MqttLink
 from daemon.mqtt.ledger import AckLedger
 from daemon.publisher import Topics
+from daemon.window_state import restore_window
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class Partitions:
         stream = self.engine.adopt(stream_id)
         stream.partition = part.k
         try:
-            stream.buffer.restore(doc["window"])  # type: ignore[arg-type]
+            restore_window(stream.buffer, doc["window"])  # type: ignore[arg-type]
             stream.last_ts = float(doc["last_ts"])  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("stream %s: checkpointed window not used (%s)", stream_id, exc)

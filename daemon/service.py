@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import logging
 import signal
-import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import prometheus_client
 
@@ -28,32 +26,24 @@ from daemon.drain import Drain
 from daemon.engine import Engine
 from daemon.http import HttpServer
 from daemon.intake import Intake
-from daemon.journal import FILE_NAME as JOURNAL_FILE
-from daemon.journal import Journal, JournalError
 from daemon.memory import StreamMemory
 from daemon.messages import Status, format_ts
 from daemon.metrics import Metrics
 from daemon.mqtt import LinkState, MqttLink, Outgoing
 from daemon.notify import Notifier
 from daemon.ops import OpsHandler
-from daemon.outbox import Outbox, OutboxError
 from daemon.partitions import Partitions, session_factory
 from daemon.publisher import Publisher, Topics
 from daemon.recall import Recall
-from daemon.recorder import Recorder
 from daemon.responder import Responder
-from daemon.startup import REFUSALS, check_startup
+from daemon.startup import REFUSALS, StartupError, check_startup, startup_step
+from daemon.state_dir import open_journal, open_outbox, open_recorder
 from daemon.telemetry import LinkMirror, Summary
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 TICK_S = 1.0
 MODEL_POLL_S = 2.0
-
-
-class StartupError(RuntimeError):
-    """The daemon cannot start; the message is one line naming what and how to fix it."""
 
 
 class Daemon:
@@ -75,19 +65,19 @@ class Daemon:
         # `_created` series double the exposition and nobody graphs them (process-wide switch).
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.metrics = Metrics(max_stream_labels=cfg.metrics.max_stream_labels)
-        self.model = _startup(lambda: check_startup(cfg).model)  # what `check-config` checks
+        self.model = startup_step(lambda: check_startup(cfg).model)  # what `check-config` checks
         self._model_stamp = _stamp(cfg.model.path)
         self.topics = Topics(cfg.topics.input_prefix, cfg.topics.output_prefix, cfg.instance)
         self.controls = Controls(
             on_error=lambda: self.metrics.errors_total.labels(stage="control").inc()
         )
         self.publisher = Publisher(self.topics, self._send, self.metrics, qos=cfg.mqtt.qos)
-        self.engine = _startup(lambda: Engine(self.model, cfg, self.publisher, self.metrics))
+        self.engine = startup_step(lambda: Engine(self.model, cfg, self.publisher, self.metrics))
         self.engine.memory = StreamMemory(cfg.state_dir, self.model.sha256)
-        self.outbox = self._open_outbox()  # makes state_dir
+        self.outbox = open_outbox(cfg)  # makes state_dir
         self.engine.memory.load()
-        self.recorder = self._open_recorder()
-        self.journal = self._open_journal()
+        self.recorder = open_recorder(cfg, self.metrics, self.model.manifest)
+        self.journal = open_journal(cfg)
         self.recall = Recall(cfg.similar, self.journal, self.recorder, self.metrics)
         self.recall.use_model(self.model.manifest, self.model.sha256)
         self.engine.episodes.recall, self.engine.episodes.journal = self.recall, self.journal
@@ -122,44 +112,9 @@ class Daemon:
             self.drain.noted = self.partitions.note
         self._loop_alive = time.monotonic()
 
-    def _open_outbox(self) -> Outbox:
-        cfg = self.cfg
-        try:
-            cfg.state_dir.mkdir(parents=True, exist_ok=True)
-            return Outbox(
-                cfg.state_dir / "outbox.sqlite3",
-                max_events=cfg.outbox.max_events,
-                max_bytes=cfg.outbox.max_bytes,
-            )
-        except (OSError, OutboxError) as exc:
-            raise StartupError(
-                f"state_dir: cannot use {cfg.state_dir} for the outbox ({exc}); "
-                "make it writable or set state_dir"
-            ) from exc
-
-    def _open_recorder(self) -> Recorder | None:
-        cfg = self.cfg
-        if not cfg.record.streams:
-            return None
-        try:
-            recorder = Recorder(cfg.record, cfg.state_dir, self.metrics)
-        except (OSError, sqlite3.Error) as exc:
-            raise StartupError(
-                f"record: cannot use {cfg.state_dir} for the recording ({exc}); "
-                "make it writable or set state_dir"
-            ) from exc
-        recorder.use_layout(self.model.manifest.channels, self.model.manifest.sample_period_s)
-        return recorder
-
-    def _open_journal(self) -> Journal:
-        try:
-            return Journal(self.cfg.state_dir / JOURNAL_FILE)
-        except JournalError as exc:  # one line naming the file and what to do
-            raise StartupError(f"state_dir: {exc}") from exc
-
     def _make_http(self) -> HttpServer:
         cfg = self.cfg
-        token = _startup(cfg.http.token)
+        token = startup_step(cfg.http.token)
         return HttpServer(
             cfg.http.bind,
             cfg.http.port,
@@ -180,7 +135,7 @@ class Daemon:
         subscriptions = self.topics.subscriptions(cfg.mqtt.qos, cfg.topics.per_channel)
         if cfg.partitions.enabled:  # readings come on the partitions' sessions only
             subscriptions = [(f"{self.topics.ops}/+", 1)]
-        return _startup(
+        return startup_step(
             lambda: MqttLink(
                 cfg.mqtt,
                 client_id=f"oteo-{cfg.instance}",
@@ -416,14 +371,6 @@ class Daemon:
         self.link.set_status(self._status("online"), self._status("offline"))
         log.info("reloaded (%s): model %s %s sha256 %s", why, m.name, m.version, model.sha256)
         self.notifier.send("READY=1", f"STATUS=model {m.name} {m.version}")
-
-
-def _startup(build: Callable[[], _T]) -> _T:
-    """Run a start-up step; a config or model-file problem becomes one StartupError line."""
-    try:
-        return build()
-    except REFUSALS as exc:
-        raise StartupError(str(exc)) from exc
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

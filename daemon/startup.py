@@ -3,21 +3,37 @@
 In order: the config file, its secret and TLS files, the model file, then what needs both: the
 config's alarm overrides against the model's own alarm policy. A refusal is a ConfigError or a
 ModelFileError (`REFUSALS`) with a one-line message. The daemon runs the same checks on every
-reload; a failed reload keeps the old model serving.
+reload; a failed reload keeps the old model serving. At start-up, `startup_step` turns a
+refusal into a StartupError, which is also how the daemon's own parts (its state directory, its
+HTTP port) refuse to start.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from daemon.config import Config, ConfigError, MqttSection, apply_alarm_overrides, load_config
 from daemon.manifest import AlarmPolicy
 from daemon.model import Model, ModelFileError
 
 REFUSALS = (ConfigError, ModelFileError)
+_T = TypeVar("_T")
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message is one line naming what and how to fix it."""
+
+
+def startup_step(build: Callable[[], _T]) -> _T:
+    """Run a start-up step; a config or model-file problem becomes one StartupError line."""
+    try:
+        return build()
+    except REFUSALS as exc:
+        raise StartupError(str(exc)) from exc
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ written in place into a preallocated ring; the only allocations are the ones the
 
 from __future__ import annotations
 
-import base64
 import enum
 import heapq
 import math
@@ -54,6 +53,10 @@ class PushOutcome:
     windows_ready: int  # windows that became ready; fetch them with `take_at(0 .. n - 1)`
     seq_gap: int  # readings missing according to `seq`
     filled: int  # samples synthesised by interpolation
+
+    def windows_only(self) -> PushOutcome:
+        """This outcome with its counts cleared: a drained reading was counted on arrival."""
+        return PushOutcome(PushResult.ACCEPTED, self.windows_ready, 0, 0)
 
 
 _ACCEPTED = PushOutcome(PushResult.ACCEPTED, 0, 0, 0)
@@ -216,49 +219,6 @@ class StreamBuffer:
             self._ready.append(self._total)
             return _READY
         return self._commit(ts, slot, values, seq)
-
-    def snapshot(self) -> dict[str, Any]:
-        """The newest window's samples and the grid's phase, JSON-able (a checkpoint's tail).
-
-        Enough to go on as if never stopped: the next window is made of these samples and the
-        ones still to come. Held (reordering) readings are kept too.
-        """
-        n = min(self._count, self.window)
-        rows = [(self._pos - back) % self._capacity for back in range(n - 1, -1, -1)]
-        return {
-            "last_ts": self.last_ts,
-            # float32 bytes, base64: exact, and ~10x cheaper to write than a list of floats
-            "values": base64.b64encode(self._buf[rows].astype("<f4").tobytes()).decode("ascii"),
-            "received": [self._received[r] for r in rows],
-            "until_ready": self._until_ready,
-            "last_seq": self._last_seq,
-            "held": [(ts, seq, self._stage[row].tolist()) for ts, _, row, seq in self._held],
-        }
-
-    def restore(self, doc: dict[str, Any]) -> None:
-        """Take a `snapshot` back (ValueError/KeyError/TypeError if it does not fit)."""
-        raw = base64.b64decode(doc["values"], validate=True)
-        values = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(-1, self.channels)
-        n = len(values)
-        received = [bool(r) for r in doc["received"]]
-        until_ready = int(doc["until_ready"])
-        if n > self.window or len(received) != n or not 1 <= until_ready <= self.window:
-            raise ValueError("window snapshot does not fit this buffer")
-        last_seq = doc["last_seq"]
-        self.reset()
-        self._last_seq = None if last_seq is None else int(last_seq)
-        if n:
-            last_ts = float(doc["last_ts"])
-            self._anchor = last_ts - (n - 1) * self.period_s
-            self._last_slot = n - 1
-            self._buf[:n] = values
-            self._received[:n] = received
-            self._pos = n - 1
-            self._count = self._total = n
-            self._until_ready = until_ready
-        for ts, seq, row in doc["held"]:
-            self.push(float(ts), np.asarray(row, dtype=np.float64), seq)
-        self._ready.clear()  # windows a held reading completed were scored before the stop
 
     def drain(self, now_ts: float | None = None) -> list[PushOutcome]:
         """Commit held readings: all of them, or those older than `now_ts - tolerance`.

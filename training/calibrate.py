@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from training.config import TrainOptions
 
 from daemon.detector import Replay, Stages, replay
-from daemon.manifest import AlarmPolicy, Calibration, ChannelQuantiles, Detection, Quantiles
+from daemon.manifest import AlarmPolicy, Calibration, Detection
+from daemon.quantiles import ChannelQuantiles, Quantiles
 
 MIN_EXCEEDANCES = 20
 # The POT fit starts at this empirical quantile (or lower, to keep MIN_EXCEEDANCES excesses).

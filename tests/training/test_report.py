@@ -13,12 +13,11 @@ import pytest
 from daemon.manifest import (
     AlarmPolicy,
     Calibration,
-    ChannelQuantiles,
     Manifest,
     Provenance,
-    Quantiles,
     Validation,
 )
+from daemon.quantiles import ChannelQuantiles, Quantiles
 from training.report import FIGURES, bucket_max, plot_scores, write_report
 
 T0 = 1_583_748_873.0  # 2020-03-09 10:14:33 UTC

@@ -14,14 +14,13 @@ import numpy as np
 from daemon.manifest import (
     AlarmPolicy,
     Calibration,
-    ChannelQuantiles,
     Detection,
     Manifest,
     Provenance,
-    Quantiles,
     Validation,
 )
 from daemon.model import ScoreBatch
+from daemon.quantiles import ChannelQuantiles, Quantiles
 
 CODE_SIZE = 4
 

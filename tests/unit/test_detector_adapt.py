@@ -152,7 +152,7 @@ def test_a_config_can_set_the_warm_up_and_the_learning() -> None:
 
 
 def test_inspect_says_how_a_streams_thresholds_move() -> None:
-    from daemon.cli import _detection_line
+    from daemon.inspect_text import detection_line
 
     shipped = Detection(
         baseline_samples=2100,
@@ -162,13 +162,13 @@ def test_inspect_says_how_a_streams_thresholds_move() -> None:
         warmup_factor=6.0,
         baseline_learns_accepted=True,
     )
-    assert _detection_line(shipped) == (
+    assert detection_line(shipped) == (
         "detection dynamic threshold (nonparametric) over 2100 samples; new level 800 s (learnt "
         "when accepted); warm-up 300 s (alarms above 6 x the thresholds)"
     )
     old = shipped.model_copy(update={"warmup_factor": 0.0, "baseline_learns_accepted": False})
-    assert _detection_line(old).endswith("new level 800 s; warm-up 300 s (silent)")
-    assert _detection_line(None) == "detection the calibrated thresholds only"
+    assert detection_line(old).endswith("new level 800 s; warm-up 300 s (silent)")
+    assert detection_line(None) == "detection the calibrated thresholds only"
 
 
 def test_a_recurring_fault_whose_onsets_fall_in_the_cool_down_is_not_learnt() -> None:

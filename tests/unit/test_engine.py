@@ -296,6 +296,33 @@ def test_scores_do_not_depend_on_batching(model, normal_rows, tmp_path):
     assert len(scores(cap_big)) == 3 * (80 - model.window + 1)
 
 
+def test_a_window_queued_behind_an_evicted_streams_is_scored_as_its_own(
+    model, normal_rows, tmp_path
+):
+    w = model.window
+    alone, cap_alone, _, _ = make_engine(model, tmp_path, **{"topics.publish_scores": True})
+    feed(alone, "b", normal_rows[:w])
+    engine, capture, _, clock = make_engine(
+        model,
+        tmp_path,
+        **{"ingest.max_streams": 2, "scoring.max_wait_s": 1000.0, "topics.publish_scores": True},
+    )
+    far_off = normal_rows[:w] + 100.0
+    for name, rows in (("a", far_off), ("b", normal_rows[:w]), ("c", normal_rows[100 : 100 + w])):
+        readings = [ParsedReading(float(i), i, row) for i, row in enumerate(rows)]
+        engine.handle(work(model, name, readings))  # one window each, queued: the batch waits
+        clock.now += 1
+    assert sorted(engine.streams) == ["b", "c"]  # c's first reading evicted a, window queued
+
+    engine.score_pending()
+
+    def scores(capture: Capture, stream: str) -> list[float]:
+        return [p["score"] for t, p, _, _ in capture.messages if t == f"oteo/{stream}/score"]
+
+    assert scores(capture, "b") == scores(cap_alone, "b")  # not a's far-off window's score
+    assert len(scores(capture, "c")) == 1
+
+
 def test_model_swap_scores_every_window_once(model, normal_rows, tmp_path):
     engine, _, metrics, _ = make_engine(model, tmp_path)
     readings = [ParsedReading(float(i), i, row) for i, row in enumerate(normal_rows[:100])]

@@ -101,7 +101,7 @@ class Intake:
         """Back to no queued message, no stream, no recorded batch (counters stay)."""
         while not self.daemon.intake.queue.empty():
             self.daemon.intake.queue.get_nowait()
-        self.daemon.engine._pending.clear()
+        self.daemon.engine._batch.items.clear()
         self.daemon.engine.streams.clear()
         self.model.batches.clear()
 

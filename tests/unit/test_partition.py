@@ -16,6 +16,7 @@ from daemon.config import ConfigError, load_config
 from daemon.mqtt.ledger import AckLedger
 from daemon.partition import fnv1a_32, nats_mapping, partition_of
 from daemon.window import StreamBuffer
+from daemon.window_state import restore_window, snapshot_window
 
 
 @pytest.mark.parametrize(
@@ -185,7 +186,7 @@ def test_a_restored_window_goes_on_as_if_never_stopped() -> None:
     for t in range(13):
         push(before, t)
     after = _buffer()
-    after.restore(json.loads(json.dumps(before.snapshot())))
+    restore_window(after, json.loads(json.dumps(snapshot_window(before))))
     resumed = [w for t in range(13, 30) if (w := push(after, t)) is not None]
     assert len(resumed) == 6
     assert all(np.array_equal(a, b) for a, b in zip(expected[-6:], resumed, strict=True))
@@ -199,7 +200,7 @@ def test_a_warming_window_restores_its_warm_up_progress() -> None:
     for t in range(5):
         before.push(1000.0 + t, np.zeros(2), t)
     after = _buffer()
-    after.restore(before.snapshot())
+    restore_window(after, snapshot_window(before))
     outs = [after.push(1000.0 + t, np.zeros(2), t).windows_ready for t in range(5, 8)]
     assert outs == [0, 0, 1]  # the 8th sample completes the first window
 
@@ -209,7 +210,7 @@ def test_a_snapshot_of_another_window_size_is_refused() -> None:
     for t in range(16):
         big.push(1000.0 + t, np.zeros(2), t)
     with pytest.raises(ValueError, match="does not fit"):
-        _buffer().restore(big.snapshot())
+        restore_window(_buffer(), snapshot_window(big))
 
 
 def test_instances_of_one_box_get_their_index_in_the_default_instance_name(

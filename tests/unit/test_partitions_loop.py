@@ -17,6 +17,7 @@ from daemon.intake import Intake
 from daemon.mqtt import Incoming, LinkCounters
 from daemon.mqtt.ledger import AckLedger
 from daemon.partitions import Partitions
+from daemon.window_state import snapshot_window
 from training.simulator import MachineSimulator
 
 ROWS = MachineSimulator(seed=5).step(120)
@@ -127,6 +128,6 @@ def test_an_unclean_stop_delays_the_session_by_the_redelivery_wait(tmp_path: Pat
     assert 24.0 < waits[1] <= 26.0  # 30 s after its last sign of life (+1 s heartbeat)
     assert 29.0 < waits[0] <= 31.0
     stream = again.engine.streams["b"]
-    assert stream.buffer.snapshot()["last_seq"] == 9  # the checkpoint after the 10th reading
+    assert snapshot_window(stream.buffer)["last_seq"] == 9  # the checkpoint after the 10th reading
     assert np.isclose(stream.last_ts, 9.0)
     again.stop(timeout_s=1.0)

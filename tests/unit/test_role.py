@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scorer_stub import make_manifest
 
-from daemon.cli import _roles_line
+from daemon.inspect_text import roles_line
 from daemon.manifest import Manifest, ManifestError
 from training.role import RoleError, assign_roles, kind_of
 
@@ -182,8 +182,8 @@ def test_manifest_refuses_roles_that_do_not_fit(roles: list[str], message: str) 
 
 def test_inspect_line_lists_each_role_and_shortens_long_lists() -> None:
     channels = [f"c{i}" for i in range(25)]
-    line = _roles_line(channels, ["target"] + ["ignore"] * 24)
+    line = roles_line(channels, ["target"] + ["ignore"] * 24)
     assert line == "roles target c0; ignore c1, c2, c3, c4, c5, c6, ..., c24 (24)"
     assert (
-        _roles_line(["a", "b"], ["target", "target"]) == "roles every channel is a target (scored)"
+        roles_line(["a", "b"], ["target", "target"]) == "roles every channel is a target (scored)"
     )
