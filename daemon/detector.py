@@ -204,6 +204,7 @@ class Detector:
             # Silent warm-up: the trailing windows learn the stream's own level, no alarm.
             self._seen += 1
             self._learn(s, in_alarm=False)
+            self._end_warmup()
             return Decision(s, enter, False, None)
         cooling = self._alarm.cooling
         transition = self._alarm.step(s, enter, leave)
@@ -235,6 +236,7 @@ class Detector:
             # A fault at a stream's start must not become its normal: alarm windows stay out.
             if not self._alarm.active and not high:
                 self._learn(s, in_alarm=False)
+            self._end_warmup()
         else:
             self._seen = self._warmup_windows
             self._learn(s, in_alarm=self._alarm.active or high)
@@ -251,6 +253,15 @@ class Detector:
             self._baseline.add(s)
         if self._level is not None:
             self._level.add(s)
+
+    def _end_warmup(self) -> None:
+        """At the warm-up's last window the trailing windows describe the stream's own level:
+        what it taught them fills the slots the calibrated seed still holds, if the stream sat
+        above that seed and most of its warm-up was normal (windows in alarm are not learnt)."""
+        if self._seen == self._warmup_windows:
+            for buffer in (self._baseline, self._level):
+                if buffer is not None:
+                    buffer.spread(minimum=(self._warmup_windows + 1) // 2)
 
     def _learn_if_accepted(self, s: float) -> None:
         """At an END above the calibrated exit: if only the new-level window held `s` above the

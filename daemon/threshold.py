@@ -9,7 +9,8 @@ per window small):
   below the largest value under it / (1 - PRUNE), since an excursion that does not stand clear
   of the stream's normal ones is pruned as noise.
 The buffer starts full of the calibrated normal level (`seed`), so a new stream adapts only once
-it has seen enough of its own windows.
+it has seen enough of its own windows; `spread` (at the end of a stream's warm-up) lets the
+windows it has seen take the seed's slots when they sit above it.
 """
 
 from __future__ import annotations
@@ -76,6 +77,22 @@ class TrailingBaseline:
         self._values = np.full(self.size, value, dtype=np.float64)
         self._next = 0
         self._since = 0
+        self._written = 0  # slots holding added values (the others still hold the fill)
+        self._update()
+
+    def spread(self, minimum: int = 1) -> None:
+        """Slots still holding the fill take the values added so far, repeated in time order:
+        the buffer then describes the stream's own level, not the seed's (after a warm-up).
+        Only with at least `minimum` (and one refresh) of its own, and above the seed."""
+        if not max(minimum, self.refresh) <= self._written < self.size:
+            return  # too few of its own to describe a level, or already full
+        ordered = np.roll(self._values, -self._next)  # oldest first: the fill, then the added
+        added = ordered[self.size - self._written :]
+        if np.median(added) <= self.seed:
+            return  # at or under its calibrated level: the calibrated seed stays (no lower bar)
+        self._values = np.resize(added, self.size)  # added, added, ... (time order repeats)
+        self._next = 0
+        self._written = self.size
         self._update()
 
     def _update(self) -> None:
@@ -90,6 +107,7 @@ class TrailingBaseline:
         self._values[self._next] = value
         self._next = (self._next + 1) % self.size
         self._since += 1
+        self._written = min(self._written + 1, self.size)
         if self._since >= self.refresh:
             self._since = 0
             self._update()
@@ -97,7 +115,8 @@ class TrailingBaseline:
     def snapshot(self) -> dict[str, Any]:
         # Oldest first, so a restored buffer of another size keeps the newest values.
         ordered = np.roll(self._values, -self._next)
-        return {"values": ordered.tolist(), "since": self._since, "level": self.level}
+        state = {"values": ordered.tolist(), "since": self._since, "level": self.level}
+        return {**state, "written": self._written}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Take a snapshot back; a buffer of another size keeps the newest values."""
@@ -106,4 +125,6 @@ class TrailingBaseline:
         self.fill(self.seed)
         self._values[self.size - len(kept) :] = kept  # oldest first: slot 0 is overwritten next
         self._since = int(state["since"]) % self.refresh
+        # Older snapshots have no count: that stream had been judged for a while.
+        self._written = min(int(state.get("written", self.size)), self.size)
         self.level = float(state["level"])

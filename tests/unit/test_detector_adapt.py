@@ -186,3 +186,19 @@ def test_a_recurring_fault_whose_onsets_fall_in_the_cool_down_is_not_learnt() ->
     assert sum(1 for x in late if x.transition is Transition.START) == 10
     # The two windows before each START (k = 3 of 5) are learnt, as before: below the fault still.
     assert max(x.threshold for x in late) < 5.0
+
+
+def test_a_stream_above_its_calibrated_level_teaches_its_trailing_window_that_level() -> None:
+    # Calibration's normal is 0.1; this stream's own normal is 0.4 +- 0.1, well below the
+    # calibrated threshold 1.0. After the 200-window warm-up its dynamic threshold describes
+    # its own level at once, not 200 of its values among 200 seeds of its 400-window buffer.
+    rng = np.random.default_rng(0)
+    own = (0.4 + 0.1 * rng.standard_normal(200)).tolist()
+    spread = dict(WARM, baseline_samples=400, baseline_rule="median")
+    d = Detector(stages(**spread), policy())
+    run(d, own)
+    values = d.snapshot()["baseline"]["values"]
+    assert 0.1 not in values and dynamic_level(d) == pytest.approx(3 * np.median(own))
+    under = Detector(stages(**spread), policy())
+    run(under, [0.05] * 200)  # under the calibrated level: the seed stays
+    assert under.snapshot()["baseline"]["values"].count(0.1) == 200

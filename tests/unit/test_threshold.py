@@ -60,3 +60,42 @@ def test_a_buffer_recomputes_every_refresh_values() -> None:
     assert b.level == first  # nine new values: not yet
     b.add(5.0)
     assert b.level != first
+
+
+def test_spread_lets_a_stream_above_its_seed_fill_the_seeds_slots_in_time_order() -> None:
+    b = TrailingBaseline(size=12, refresh=3, seed=0.1, rule="median")
+    for v in (1.0, 2.0, 3.0, 4.0):
+        b.add(v)
+    b.spread()
+    assert b.snapshot()["values"] == [1.0, 2.0, 3.0, 4.0] * 3  # oldest first, no seed left
+    assert b.level == pytest.approx(2.5)  # the stream's median, not the seed's 0.1
+    b.add(9.0)  # the oldest goes first, as for any full buffer
+    assert b.snapshot()["values"] == [2.0, 3.0, 4.0] + [1.0, 2.0, 3.0, 4.0] * 2 + [9.0]
+
+
+def test_spread_keeps_the_seed_for_a_stream_at_or_under_it_or_with_too_few_values() -> None:
+    under = TrailingBaseline(size=12, refresh=3, seed=5.0, rule="median")
+    few = TrailingBaseline(size=12, refresh=3, seed=0.1, rule="median")
+    for v in (1.0, 2.0, 3.0, 4.0):
+        under.add(v)
+    few.add(7.0)
+    few.add(7.0)  # fewer than one refresh of its own
+    for b, seed in ((under, 5.0), (few, 0.1)):
+        before = b.snapshot()["values"]
+        b.spread()
+        assert b.snapshot()["values"] == before and before.count(seed) >= 8
+
+
+def test_a_restored_buffer_remembers_how_much_is_its_own() -> None:
+    b = TrailingBaseline(size=12, refresh=3, seed=0.1, rule="median")
+    for v in (1.0, 2.0, 3.0, 4.0):
+        b.add(v)
+    again = TrailingBaseline(size=12, refresh=3, seed=0.1, rule="median")
+    again.restore(b.snapshot())
+    again.spread()
+    assert again.snapshot()["values"] == [1.0, 2.0, 3.0, 4.0] * 3
+    old = {k: v for k, v in b.snapshot().items() if k != "written"}  # a snapshot before spread
+    legacy = TrailingBaseline(size=12, refresh=3, seed=0.1, rule="median")
+    legacy.restore(old)
+    legacy.spread()  # a stream judged before: its seed slots stay as they were
+    assert legacy.snapshot()["values"] == old["values"]
