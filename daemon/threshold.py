@@ -115,8 +115,12 @@ class TrailingBaseline:
     def snapshot(self) -> dict[str, Any]:
         # Oldest first, so a restored buffer of another size keeps the newest values.
         ordered = np.roll(self._values, -self._next)
-        state = {"values": ordered.tolist(), "since": self._since, "level": self.level}
-        return {**state, "written": self._written}
+        return {
+            "values": ordered.tolist(),
+            "since": self._since,
+            "level": self.level,
+            "written": self._written,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Take a snapshot back; a buffer of another size keeps the newest values."""
