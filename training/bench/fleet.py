@@ -328,7 +328,7 @@ def main() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def collect(port: int, out: Path) -> None:
     """Record [kind, stream, seq] of every score and event on oteo/+/score|event until SIGTERM."""
-    from training.bench.loadgen import _client, _connect
+    from training.bench.loadgen import _client, _connect, subscribe_ready
 
     rows: list[list[Any]] = []
     stop: list[bool] = []
@@ -343,12 +343,7 @@ def collect(port: int, out: Path) -> None:
     client = _client(f"bench-collect-{os.getpid()}", True, v311=True)
     client.on_message = on_message
     _connect(client, port, clean=True)
-    subscribed: list[bool] = []
-    client.on_subscribe = lambda *a: subscribed.append(True)
-    client.subscribe([("oteo/+/score", 1), ("oteo/+/event", 1)])
-    while not subscribed:
-        client.loop(0.05)
-    print(json.dumps({"ready": True}), flush=True)
+    subscribe_ready(client, [("oteo/+/score", 1), ("oteo/+/event", 1)])
     while not stop:
         client.loop(0.05)
     client.disconnect()

@@ -109,6 +109,16 @@ def _connect(client: paho.Client, port: int, clean: bool, receive_max: int | Non
 STALL_S = 5.0  # no PUBACK for this long with publications pending: reconnect and re-send
 
 
+def subscribe_ready(client: paho.Client, subscriptions: list[tuple[str, int]]) -> None:
+    """Subscribe, wait for the broker's SUBACK, then tell the parent process: {"ready": true}."""
+    subscribed: list[bool] = []
+    client.on_subscribe = lambda *a: subscribed.append(True)
+    client.subscribe(subscriptions)
+    while not subscribed:
+        client.loop(0.05)
+    print(json.dumps({"ready": True}), flush=True)
+
+
 def _reconnect(client: paho.Client, persistent: bool, stalled: bool = False) -> int:
     """1 if a persistent-session client's connection was opened again (paho re-sends the
     unacknowledged QoS 1 messages then), else 0: when it was lost, or when PUBACKs stopped
@@ -298,12 +308,7 @@ def scores(port: int, topics: tuple[str, ...], seconds: float, out: Path, readin
 
     client.on_message = on_message
     _connect(client, port, clean=True, receive_max=100 if readings else None)
-    subscribed: list[bool] = []
-    client.on_subscribe = lambda *a: subscribed.append(True)
-    client.subscribe([(t, 1 if readings else 0) for t in topics])
-    while not subscribed:
-        client.loop(0.05)
-    print(json.dumps({"ready": True}), flush=True)
+    subscribe_ready(client, [(t, 1 if readings else 0) for t in topics])
     deadline = time.time() + 30 + seconds
     while time.time() < (rows[0][2] + seconds if rows else deadline):
         client.loop(0.05)
