@@ -130,6 +130,7 @@ def describe(engine: Engine) -> list[dict[str, Any]]:
             "state": s.state,
             "score": s.last_score,
             "threshold": s.detector.threshold,
+            "threshold_source": s.detector.threshold_source,
             "sensitivity": s.detector.sensitivity,
             "event_id": s.alarm.event_id if s.alarm else None,
             "suppressed_by": s.alarm.suppressed_by if s.alarm else None,

@@ -6,7 +6,7 @@ The stages, configured by the manifest's `detection` section and calibrated by t
 2. smoothing: an EWMA (the alarm policy's `smoothing_alpha`);
 3. threshold: the calibrated enter / exit thresholds, raised to a threshold that moves with the
    stream's recent smoothed scores when `baseline_samples` is set (daemon/threshold.py); all divided
-   by the stream's sensitivity;
+   by the stream's sensitivity; the stage whose bar is in force is named (`threshold_source`);
 4. alarm: k-of-n, hysteresis, clear time, cool-down (daemon/alarm.py);
 5. new normal: an alarm that has lasted `new_normal_s` ends, flagged, and the baseline takes
    its level, so a sustained change is accepted visibly, never silently; an alarm ended by the
@@ -32,6 +32,7 @@ import numpy as np
 
 from daemon.alarm import AlarmState, Transition
 from daemon.manifest import AlarmPolicy, Detection, Manifest
+from daemon.messages import ThresholdSource
 from daemon.threshold import TrailingBaseline
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 SNAPSHOT_VERSION = 2  # 2: the active episode's windows (version 1 is still read)
 READABLE_VERSIONS = (1, 2)
+Bar = tuple[ThresholdSource, float, float]  # a stage's enter and exit threshold
 
 
 class SnapshotError(ValueError):
@@ -164,20 +166,31 @@ class Detector:
         """The enter threshold in force for this stream now (after its sensitivity)."""
         return self._thresholds()[0]
 
-    def _thresholds(self, level: bool = True) -> tuple[float, float]:
-        """Enter / exit thresholds in force (without the new-level window's if not `level`)."""
+    @property
+    def threshold_source(self) -> ThresholdSource:
+        """The stage whose bar is the enter threshold in force (the first of equal ones)."""
+        return max(self._bars(), key=lambda bar: bar[1])[0]
+
+    def _bars(self, level: bool = True) -> list[Bar]:
+        """(stage, enter, exit) of each stage's bar, after sensitivity: the calibrated one (x
+        warmup_factor in the warm-up), the dynamic one, the new level's (only if `level`)."""
         p, sens = self.policy, self.sensitivity
-        enter, leave = p.enter_threshold / sens, p.exit_threshold / sens
-        if self._seen < self._warmup_windows:
-            factor = self.stages.detection.warmup_factor
-            enter, leave = enter * max(factor, 1.0), leave * max(factor, 1.0)
+        warm = self._seen < self._warmup_windows
+        f = max(self.stages.detection.warmup_factor, 1.0) if warm else 1.0
+        enter, leave = p.enter_threshold / sens * f, p.exit_threshold / sens * f
+        bars: list[Bar] = [("warm_up" if warm else "calibrated", enter, leave)]
         if self._baseline is not None:
             moving = self._baseline.level / sens
-            enter, leave = max(enter, moving), max(leave, moving * self._ratio)
+            bars.append(("dynamic", moving, moving * self._ratio))
         if level and self._level is not None:
             high = self._level.level / sens
-            enter, leave = max(enter, high), max(leave, high * self._ratio)
-        return enter, leave
+            bars.append(("new_level", high, high * self._ratio))
+        return bars
+
+    def _thresholds(self, level: bool = True) -> tuple[float, float]:
+        """Enter / exit thresholds in force: the highest bar of the stages, each on its own."""
+        bars = self._bars(level)
+        return max(bar[1] for bar in bars), max(bar[2] for bar in bars)
 
     def update(
         self, score: float, channel_score: np.ndarray, newest: np.ndarray | None = None
@@ -292,10 +305,8 @@ class Detector:
         (a stream already judged is not blind again), not its baselines."""
         self._alarm.restore(previous._alarm.snapshot())
         self._alarm_windows = previous._alarm_windows
-        if previous._seen >= previous._warmup_windows:
-            self._seen = self._warmup_windows
-        else:
-            self._seen = min(previous._seen, self._warmup_windows)
+        done = previous._seen >= previous._warmup_windows
+        self._seen = self._warmup_windows if done else min(previous._seen, self._warmup_windows)
 
     def snapshot(self, *, moving: bool = True) -> dict[str, Any]:
         """JSON-able state, to survive a restart. `moving=False` leaves out the baseline and
@@ -383,10 +394,6 @@ def replay(
             detector.reset()
             continue
         d = detector.decide(value)
-        smoothed[i], threshold[i], active[i], accepted[i] = (
-            d.score,
-            d.threshold,
-            d.active,
-            d.new_normal,
-        )
+        smoothed[i], threshold[i] = d.score, d.threshold
+        active[i], accepted[i] = d.active, d.new_normal
     return Replay(smoothed, threshold, active, accepted)

@@ -251,6 +251,7 @@ class Episodes:
             score=max(0.0, score),
             peak_score=max(0.0, alarm.peak.score),
             threshold=stream.detector.threshold,
+            threshold_source=stream.detector.threshold_source,
             p_value=serving.p_values.p_value(score),
             top_channels=top,
             model=serving.ref,

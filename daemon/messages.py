@@ -22,6 +22,8 @@ STATES: tuple[StateName, ...] = get_args(StateName)
 EventKind = Literal["start", "update", "end"]
 EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
 EndReason = Literal["cleared", "new_normal", "interrupted"]
+# Which detection stage sets a stream's enter threshold (daemon/detector.py).
+ThresholdSource = Literal["calibrated", "warm_up", "dynamic", "new_level"]
 Label = Literal["false_alarm", "confirmed"]
 LABELS: tuple[Label, ...] = get_args(Label)
 
@@ -129,6 +131,13 @@ class Event(OutputMessage):
     score: float = Field(ge=0, description="Smoothed score of the window behind this message.")
     peak_score: float = Field(ge=0, description="Highest smoothed score since the start.")
     threshold: float = Field(gt=0, description="Enter threshold in force (after sensitivity).")
+    threshold_source: ThresholdSource | None = Field(
+        None,
+        description="The stage that sets `threshold`: calibrated (the model file's, from held-back "
+        "normal data), warm_up (calibrated x warmup_factor while a new stream teaches its trailing "
+        "windows), dynamic (the stream's trailing scores), new_level (its trailing median x "
+        "baseline_factor, which also accepts a lasting level as the new normal).",
+    )
     p_value: Share = Field(description="P(a normal window scores at least `score`).")
     top_channels: list[ChannelContribution] = Field(
         description="The channels behind the alarm's peak window (the highest score since the "

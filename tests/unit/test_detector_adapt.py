@@ -202,3 +202,20 @@ def test_a_stream_above_its_calibrated_level_teaches_its_trailing_window_that_le
     under = Detector(stages(**spread), policy())
     run(under, [0.05] * 200)  # under the calibrated level: the seed stays
     assert under.snapshot()["baseline"]["values"].count(0.1) == 200
+
+
+def test_the_threshold_in_force_names_the_stage_that_sets_it() -> None:
+    # The new level: 100 windows; the dynamic threshold does not learn what it accepts.
+    d = Detector(stages(**dict(WARM, new_level_s=50.0, baseline_learns_accepted=False)), policy())
+    assert (d.threshold_source, d.threshold) == ("warm_up", pytest.approx(6.0))
+    run(d, [0.1] * 200)  # the warm-up at the seed's level: the seed stays
+    assert (d.threshold_source, d.threshold) == ("calibrated", pytest.approx(1.0))
+    run(d, [0.5] * 300)  # a higher normal level: 3 x its median beats the calibrated 1.0
+    assert (d.threshold_source, d.threshold) == ("dynamic", pytest.approx(1.5))
+    fault: list[Decision] = []  # alarms, then the new-level window accepts it: stop there
+    for _ in range(200):
+        fault += run(d, [5.0])
+        if fault[-1].transition is Transition.END:
+            break
+    assert edges(fault)[0][1] is Transition.START and fault[-1].new_normal
+    assert (d.threshold_source, d.threshold) == ("new_level", pytest.approx(15.0))

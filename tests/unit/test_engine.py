@@ -11,7 +11,7 @@ import pytest
 from scorer_stub import StubScorer, stub_for
 
 from daemon.config import load_config
-from daemon.control import apply
+from daemon.control import apply, describe
 from daemon.engine import Engine
 from daemon.intake import Work, new_layout
 from daemon.metrics import Metrics
@@ -117,6 +117,11 @@ def test_fault_raises_one_start_and_one_end_with_one_event_id_naming_the_channel
     assert events[0]["top_channels"][0]["channel"] == model.manifest.channels[2]
     assert events[0]["top_channels"][0]["direction"] == "high"
     assert 0.0 <= events[0]["p_value"] <= 1.0
+    # A model file without moving thresholds: every message names its calibrated threshold.
+    calibrated = (model.manifest.alarm.enter_threshold, "calibrated")
+    assert {(e["threshold"], e["threshold_source"]) for e in events} == {calibrated}
+    (row,) = [r for r in describe(engine) if r["stream"] == "a"]
+    assert (row["threshold"], row["threshold_source"]) == calibrated
     assert all(e["schema"] == 1 for e in events)
     assert "anomalous" in capture.states("a")
     assert capture.states("a")[-1] == "normal"
