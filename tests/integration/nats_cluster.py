@@ -125,8 +125,9 @@ class NatsNode:
         """Partitions k with a QoS 1 MQTT subscription on `<prefix>/<k>/...` (a consumer of the
         stream `$MQTT_msgs` filtered on it).
 
-        A session's messages are stored only once its subscription exists: a partition whose
-        session has connected but not yet subscribed loses what is published meanwhile.
+        A session's messages are stored only once its subscription exists and the consumer has
+        a leader (its deliver policy is "new": it starts at the stream's next message when its
+        leader creates it): a partition short of either loses what is published meanwhile.
         """
         doc = self.jsz("?accounts=true&streams=true&consumers=true&config=true") or {}
         found: set[int] = set()
@@ -138,7 +139,8 @@ class NatsNode:
                     subject = str(consumer.get("config", {}).get("filter_subject", ""))
                     head, _, tail = subject.partition(f"$MQTT.msgs.{prefix}.")
                     k = tail.split(".", 1)[0]
-                    if not head and k.isdigit():
+                    led = (consumer.get("cluster") or {"leader": "single node"}).get("leader")
+                    if not head and k.isdigit() and led:
                         found.add(int(k))
         return found
 
