@@ -119,7 +119,8 @@ class NatsCluster:
         raise click.ClickException("the NATS cluster has no JetStream leader after 30 s")
 
     def subscribed_partitions(self) -> set[int]:
-        """Partitions whose MQTT session has subscribed (a consumer of `$MQTT_msgs`)."""
+        """Partitions whose MQTT session has subscribed: a consumer of `$MQTT_msgs` with a leader
+        (deliver policy new: it starts at the stream's next message when its leader creates it)."""
         found: set[int] = set()
         for node in self.nodes:
             if node.proc is None or node.proc.poll() is not None:
@@ -132,7 +133,8 @@ class NatsCluster:
                     for consumer in stream.get("consumer_detail") or []:
                         subject = consumer.get("config", {}).get("filter_subject", "")
                         parts = subject.split(".")
-                        if subject.startswith("$MQTT.msgs.part.") and parts[3].isdigit():
+                        led = (consumer.get("cluster") or {"leader": "single node"}).get("leader")
+                        if subject.startswith("$MQTT.msgs.part.") and parts[3].isdigit() and led:
                             found.add(int(parts[3]))
             return found
         return found
