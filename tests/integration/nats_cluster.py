@@ -121,28 +121,14 @@ class NatsNode:
         except (OSError, urllib.error.URLError, ValueError):
             return None
 
-    def subscribed_partitions(self, prefix: str = "part") -> set[int]:
-        """Partitions k with a QoS 1 MQTT subscription on `<prefix>/<k>/...` (a consumer of the
-        stream `$MQTT_msgs` filtered on it).
+    def subscribed_partitions(self) -> set[int]:
+        """Partitions with a QoS 1 MQTT subscription whose consumer has a leader (readings of
+        the others are not stored yet): training/bench/fleet.py's reading of /jsz."""
+        from training.bench.fleet import subscribed_partitions
 
-        A session's messages are stored only once its subscription exists and the consumer has
-        a leader (its deliver policy is "new": it starts at the stream's next message when its
-        leader creates it): a partition short of either loses what is published meanwhile.
-        """
-        doc = self.jsz("?accounts=true&streams=true&consumers=true&config=true") or {}
-        found: set[int] = set()
-        for account in doc.get("account_details") or []:
-            for stream in account.get("stream_detail") or []:
-                if stream.get("name") != "$MQTT_msgs":
-                    continue
-                for consumer in stream.get("consumer_detail") or []:
-                    subject = str(consumer.get("config", {}).get("filter_subject", ""))
-                    head, _, tail = subject.partition(f"$MQTT.msgs.{prefix}.")
-                    k = tail.split(".", 1)[0]
-                    led = (consumer.get("cluster") or {"leader": "single node"}).get("leader")
-                    if not head and k.isdigit() and led:
-                        found.add(int(k))
-        return found
+        return subscribed_partitions(
+            self.jsz("?accounts=true&streams=true&consumers=true&config=true") or {}
+        )
 
     def meta_leader(self) -> str | None:
         doc = self.jsz()

@@ -93,6 +93,26 @@ class Node:
                 self.proc.wait(5)
 
 
+def subscribed_partitions(jsz: dict[str, Any]) -> set[int]:
+    """Partitions k with a QoS 1 MQTT subscription on `part/<k>/...` in a NATS node's /jsz
+    document (accounts, streams, consumers, config): a consumer of the stream `$MQTT_msgs`
+    filtered on it, with a leader. A partition short of either loses what is published
+    meanwhile: the consumer's deliver policy is "new", it starts at the stream's next message
+    when its leader creates it."""
+    found: set[int] = set()
+    for account in jsz.get("account_details") or []:
+        for stream in account.get("stream_detail") or []:
+            if stream.get("name") != "$MQTT_msgs":
+                continue
+            for consumer in stream.get("consumer_detail") or []:
+                subject = str(consumer.get("config", {}).get("filter_subject", ""))
+                parts = subject.split(".")
+                led = (consumer.get("cluster") or {"leader": "single node"}).get("leader")
+                if subject.startswith("$MQTT.msgs.part.") and parts[3].isdigit() and led:
+                    found.add(int(parts[3]))
+    return found
+
+
 class NatsCluster:
     """Three nats-server nodes with JetStream clustered, the MQTT listener and the mapping."""
 
@@ -119,25 +139,13 @@ class NatsCluster:
         raise click.ClickException("the NATS cluster has no JetStream leader after 30 s")
 
     def subscribed_partitions(self) -> set[int]:
-        """Partitions whose MQTT session has subscribed: a consumer of `$MQTT_msgs` with a leader
-        (deliver policy new: it starts at the stream's next message when its leader creates it)."""
-        found: set[int] = set()
+        """Partitions whose MQTT session has subscribed, as the first running node sees them."""
         for node in self.nodes:
-            if node.proc is None or node.proc.poll() is not None:
-                continue
-            doc = node.jsz("?accounts=true&streams=true&consumers=true&config=true")
-            for account in doc.get("account_details") or []:
-                for stream in account.get("stream_detail") or []:
-                    if stream.get("name") != "$MQTT_msgs":
-                        continue
-                    for consumer in stream.get("consumer_detail") or []:
-                        subject = consumer.get("config", {}).get("filter_subject", "")
-                        parts = subject.split(".")
-                        led = (consumer.get("cluster") or {"leader": "single node"}).get("leader")
-                        if subject.startswith("$MQTT.msgs.part.") and parts[3].isdigit() and led:
-                            found.add(int(parts[3]))
-            return found
-        return found
+            if node.proc is not None and node.proc.poll() is None:
+                return subscribed_partitions(
+                    node.jsz("?accounts=true&streams=true&consumers=true&config=true")
+                )
+        return set()
 
     def stop(self) -> None:
         for node in self.nodes:
