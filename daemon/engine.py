@@ -29,6 +29,7 @@ from daemon.metrics import Metrics
 from daemon.model import Scorer
 from daemon.publisher import Output, StreamGone
 from daemon.stream import Stream, new_buffer
+from daemon.throttle import Throttle
 from daemon.window import PushOutcome, PushResult, StreamBuffer
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Engine:
         self._drift_above = 0
         self._drift_counted = 0
         self._dropped = metrics.messages_total.labels(result="model_changed")
+        self._late_log = Throttle()
         self.serving: Serving | None = None
         self.memory: StreamMemory | None = None  # streams' saved states (the daemon sets it)
         # What makes windows of two models incompatible: window, channels, hop, sample period.
@@ -208,9 +210,24 @@ class Engine:
                 m.redelivered_duplicates_total.inc()
             return
         if out.result is PushResult.LATE:
+            if out.missed:
+                # Never taken, and newer readings of its stream came first (not a clock that
+                # jumped back). On a partition: the broker redelivered it after them, a
+                # failover whose wait was too short. Lost.
+                m.messages_total.labels(result="late").inc()
+                if stream.partition < 0:
+                    return
+                m.redelivered_late_total.inc()
+                if self._late_log.ready():
+                    log.warning(
+                        "stream %s: a reading redelivered after newer ones was dropped unscored "
+                        "(oteo_redelivered_late_total); raise [partitions] redelivery_wait_s",
+                        stream.id,
+                    )
+                return
             if stream.partition >= 0 and ts <= stream.last_ts:
-                # A partition's broker redelivers what a crashed owner never acknowledged:
-                # readings at or before the newest one taken are seen already.
+                # A partition's broker redelivers what a crashed owner never acknowledged;
+                # beyond the window's ring it is taken as seen already.
                 m.messages_total.labels(result="duplicate").inc()
                 m.redelivered_duplicates_total.inc()
                 return

@@ -215,6 +215,13 @@ class Metrics:
         self.mqtt_publish_acks_total = self._counter(
             "oteo_mqtt_publish_acks_total", "QoS 1 publications acknowledged by the broker."
         )
+        self.mqtt_publish_dropped_total = self._counter(
+            "oteo_mqtt_publish_dropped_total",
+            "Messages not published, by reason: not_connected (window scores, states and replies "
+            "while the broker link is down; events wait in the outbox instead) or queue_full.",
+            ["reason"],
+        )
+        _touch(self.mqtt_publish_dropped_total, ("not_connected", "queue_full"))
 
     def _add_model(self) -> None:
         self.model_info = self._gauge(
@@ -329,6 +336,12 @@ class Metrics:
             "oteo_redelivered_duplicates_total",
             "Readings on partition sessions dropped as already seen (by seq, or by a timestamp "
             "at or before the stream's newest): redeliveries after a failover or a crash.",
+        )
+        self.redelivered_late_total = self._counter(
+            "oteo_redelivered_late_total",
+            "Readings on partition sessions never taken that arrived after newer ones of their "
+            "stream (a redelivery after a crash came too late): dropped unscored. Above 0, raise "
+            "[partitions] redelivery_wait_s.",
         )
 
     def stream_label(self, stream: str) -> str:

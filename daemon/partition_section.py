@@ -65,19 +65,23 @@ class PartitionsSection(Section):
         "(the broker redelivers; readings the checkpoint already holds are dropped as duplicates).",
     )
     redelivery_wait_s: float = Field(
-        30.0,
+        45.0,
         ge=0,
         le=3600,
-        description="After an unclean stop, wait this long after the dead run's last checkpoint "
-        "before taking the partitions: the broker's ack_wait, after which it redelivers what was "
-        "not acknowledged (before newer readings, which would make them late).",
+        description="After an unclean stop, wait this long after the dead run's last sign of "
+        "life before taking the partitions: the broker's ack_wait (after which it redelivers what "
+        "was not acknowledged) plus a margin of 10-15 s, as the broker goes on delivering to the "
+        "dead run for seconds. Too short, and redeliveries come after newer readings and are "
+        "lost (oteo_redelivered_late_total).",
     )
 
     @model_validator(mode="after")
     def _check_ownership(self) -> PartitionsSection:
         if self.ack_after_checkpoint and 0 < self.redelivery_wait_s <= self.checkpoint_s:
             # Acks held longer than the broker's ack_wait come back as redeliveries.
-            raise ValueError("checkpoint_s must be below redelivery_wait_s (the broker's ack_wait)")
+            raise ValueError(
+                "checkpoint_s must be below redelivery_wait_s (and the broker's ack_wait)"
+            )
         if self.count is None:
             given = [n for n in ("owned", "index", "of") if getattr(self, n) is not None]
             if given:

@@ -35,6 +35,9 @@ class LinkMirror:
         self._mirror(m.outbox_errors_total, "outbox_errors", counters.outbox_errors)
         self._mirror(m.mqtt_publish_acks_total, "acked", counters.acked)
         self._mirror(m.mqtt_reconnects_total, "reconnects", counters.reconnects)
+        unsent = m.mqtt_publish_dropped_total
+        self._mirror(unsent.labels(reason="not_connected"), "nc", counters.dropped_not_connected)
+        self._mirror(unsent.labels(reason="queue_full"), "full", counters.dropped_queue_full)
         # Dropped inside the link, before the intake saw them: counted like the intake's own.
         qos0_full = m.messages_total.labels(result="queue_full_qos0")
         self._mirror(qos0_full, "link_qos0", counters.dropped_qos0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import heapq
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,9 @@ class PushOutcome:
     windows_ready: int  # windows that became ready; fetch them with `take_at(0 .. n - 1)`
     seq_gap: int  # readings missing according to `seq`
     filled: int  # samples synthesised by interpolation
+    # LATE only: its slot is in the ring and was interpolated, so this reading was never
+    # taken (not a redelivery of one that was).
+    missed: bool = False
 
     def windows_only(self) -> PushOutcome:
         """This outcome with its counts cleared: a drained reading was counted on arrival."""
@@ -63,6 +67,7 @@ _ACCEPTED = PushOutcome(PushResult.ACCEPTED, 0, 0, 0)
 _READY = PushOutcome(PushResult.ACCEPTED, 1, 0, 0)
 _DUPLICATE = PushOutcome(PushResult.DUPLICATE, 0, 0, 0)
 _LATE = PushOutcome(PushResult.LATE, 0, 0, 0)
+_MISSED = PushOutcome(PushResult.LATE, 0, 0, 0, missed=True)
 
 
 def _merge(a: PushOutcome, b: PushOutcome) -> PushOutcome:
@@ -92,8 +97,10 @@ class StreamBuffer:
 
     Duplicates and late readings: a reading in the newest committed slot, or in an older slot
     that holds a received sample, is a DUPLICATE; one in an older slot that was interpolated is
-    LATE (it never arrived in time). Beyond the ring, or before the last reset, it is a
-    DUPLICATE if its `seq` is not above the last one (a QoS 1 redelivery), else LATE. A `seq` at
+    LATE with `missed` set (it never arrived in time: never taken). Beyond the ring, or before
+    the last reset, it is a DUPLICATE if its `seq` is not above the last one (a QoS 1
+    redelivery) unless that seq is in one of the last gaps `seq` showed (LATE, missed); else
+    LATE. A `seq` at
     or below the last one on a reading that is *newer* by time is taken as the sender restarting
     its counter: accepted, and not counted as a gap.
 
@@ -158,12 +165,16 @@ class StreamBuffer:
         gap and redeliveries as duplicates.
         """
         last_seq = getattr(self, "_last_seq", None) if keep_seq else None
+        gaps = getattr(self, "_seq_gaps", None) if keep_seq else None
         self._anchor: float | None = None  # grid time of slot 0
         self._last_slot = 0  # slot of the newest committed sample (valid when _count > 0)
         self._count = 0  # samples committed since the reset
         self._until_ready = self.window  # samples until the next window is ready
         self._pos = self._capacity - 1  # ring row of the newest sample
         self._last_seq: int | None = last_seq
+        # The newest seq ranges found missing (first, last): a reading from one that turns up
+        # beyond the ring was never taken (LATE, missed), not a redelivery of one that was.
+        self._seq_gaps: deque[tuple[int, int]] = gaps if gaps is not None else deque(maxlen=8)
         self._held: list[tuple[float, int, int, int | None]] = []  # heap: ts, slot, row, seq
         self._held_slots: set[int] = set()
         self._free_rows = list(range(self._stage_rows))
@@ -267,9 +278,9 @@ class StreamBuffer:
             return _DUPLICATE
         if back < min(self._count, self._capacity):
             row = (self._pos - back) % self._capacity
-            return _DUPLICATE if self._received[row] else _LATE
+            return _DUPLICATE if self._received[row] else _MISSED
         if seq is not None and self._last_seq is not None and seq <= self._last_seq:
-            return _DUPLICATE
+            return _MISSED if any(lo <= seq <= hi for lo, hi in self._seq_gaps) else _DUPLICATE
         return _LATE
 
     def _hold(self, ts: float, slot: int, values: FloatArray, seq: int | None) -> PushOutcome:
@@ -309,6 +320,8 @@ class StreamBuffer:
             if self._last_seq is not None and seq > self._last_seq + 1:
                 # A jump beyond any plausible loss is a sender that changed its counter.
                 seq_gap = seq - self._last_seq - 1 if seq - self._last_seq <= MAX_SEQ_GAP else 0
+                if seq_gap:
+                    self._seq_gaps.append((self._last_seq + 1, seq - 1))
             self._last_seq = seq  # also when lower: the sender restarted its counter
         result = PushResult.ACCEPTED
         step = slot - self._last_slot

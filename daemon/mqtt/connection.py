@@ -70,8 +70,10 @@ class Connection:
         online: Callable[[], Outgoing],
         on_state: Callable[[LinkState, str], None] | None,
         stopping: threading.Event,
+        client_id: str = "",
     ) -> None:
         self._cfg = cfg
+        self._client_id = client_id  # in log lines: a daemon with partitions has many sessions
         self._client = client
         self.counters = counters
         self._inbox = inbox
@@ -150,7 +152,8 @@ class Connection:
         self.set_state(LinkState.DISCONNECTED, reason)
 
     def _where(self) -> str:
-        return f"{self._cfg.host}:{self._cfg.port}"
+        who = f" as {self._client_id}" if self._client_id else ""
+        return f"{self._cfg.host}:{self._cfg.port}{who}"
 
     # -- paho callbacks ----------------------------------------------------------------------
 

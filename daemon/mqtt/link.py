@@ -105,6 +105,7 @@ class MqttLink:
             online=lambda: Outgoing(self._status_topic, self._online_payload, 1, True),
             on_state=on_state,
             stopping=self._stop_requested,
+            client_id=client_id,
         )
         self._loop_log = Throttle()
 

@@ -1032,7 +1032,7 @@ def test_it_says_what_it_does_while_it_runs(
     log = daemon.log_text()
     fault = demo.channels[FAULT_CHANNEL]
     expected = [
-        rf"MQTT connected to {mosquitto.host}:{mosquitto.port} \(session present: False\)",
+        rf"MQTT connected to {mosquitto.host}:{mosquitto.port} as \S+ \(session present: False\)",
         rf"stream loud: alarm \w+ started, score [\d.e+-]+ / threshold [\d.e+-]+; top: {fault}",
         rf"stream loud: alarm \w+ ended \(cleared\) after \d+ s, peak [\d.e+-]+; top: {fault}",
         r"reloaded \(SIGHUP\): model demo 1",

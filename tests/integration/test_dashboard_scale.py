@@ -45,6 +45,7 @@ def test_scale_out_row_is_collapsed_and_covers_owners_throughput_and_checkpoints
         "oteo_checkpoints_total",
         "oteo_partition_acks_held",
         "oteo_redelivered_duplicates_total",
+        "oteo_redelivered_late_total",
     ):
         assert metric in row_exprs, f"the Scale out row does not show {metric}"
     assert "sum by (instance) (rate(oteo_readings_total" in row_exprs

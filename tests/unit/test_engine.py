@@ -232,6 +232,42 @@ def test_readings_redelivered_on_a_partition_are_counted_as_duplicates(
     assert value(metrics, "oteo_messages_total", result="late") == 0
 
 
+def test_readings_redelivered_after_newer_ones_are_counted_as_lost_not_seen(
+    model, normal_rows, tmp_path
+):
+    # After a crash the broker may redeliver what the dead owner never acknowledged *after*
+    # newer readings (the restarted daemon connected too soon): their slots were interpolated,
+    # so they were never taken. Dropped (the window moved on), but counted as lost.
+    engine, _, metrics, _ = make_engine(model, tmp_path)
+
+    def push(rows: np.ndarray, t0: int) -> None:
+        readings = [ParsedReading(float(t0 + i), t0 + i, row) for i, row in enumerate(rows)]
+        w = work(model, "a", readings)
+        w.partition = 3
+        engine.handle(w)
+
+    push(normal_rows[:50], 0)
+    push(normal_rows[53:60], 53)  # 50..52 not delivered yet: interpolated
+    accepted = value(metrics, "oteo_readings_total")
+    push(normal_rows[50:53], 50)
+    push(normal_rows[55:57], 55)  # and two true duplicates
+    assert value(metrics, "oteo_redelivered_late_total") == 3
+    assert value(metrics, "oteo_messages_total", result="late") == 3
+    assert value(metrics, "oteo_redelivered_duplicates_total") == 2
+    assert value(metrics, "oteo_readings_total") == accepted
+    assert value(metrics, "oteo_gap_resets_total") == 0
+    # Off partitions the same readings are late too, but no evidence of a clock that jumped
+    # back (a run of those restarts the window).
+    feed(engine, "b", normal_rows[:50])
+    feed(engine, "b", normal_rows[53:60], t0=53, seq0=53)
+    engine.handle(
+        work(model, "b", [ParsedReading(50.0 + i, None, normal_rows[50 + i]) for i in range(3)])
+    )
+    assert value(metrics, "oteo_messages_total", result="late") == 6
+    assert value(metrics, "oteo_redelivered_late_total") == 3
+    assert engine.streams["b"].late_run == 0
+
+
 def test_mute_suppresses_events_and_publishes_muted(model, normal_rows, tmp_path):
     engine, capture, _, _ = make_engine(model, tmp_path)
     feed(engine, "a", normal_rows[:20])

@@ -93,7 +93,7 @@ def test_index_of_owns_every_partition_congruent_to_the_index(tmp_path: Path) ->
         ({"count": 4}, "partitions: give owned, or both index and of"),
         ({"index": 0, "of": 2}, "partitions: index, of need count"),
         (
-            {"count": 4, "index": 0, "of": 2, "checkpoint_s": 30.0},
+            {"count": 4, "index": 0, "of": 2, "checkpoint_s": 45.0},
             "partitions: checkpoint_s must be below redelivery_wait_s",
         ),
         (

@@ -153,6 +153,31 @@ def test_replay_older_than_the_ring_is_duplicate_by_seq_late_without() -> None:
     assert push(buf, 3) is PushResult.LATE
 
 
+def test_a_late_reading_says_whether_it_was_never_taken() -> None:
+    # `missed`: its slot is in the ring and was interpolated. A partition's broker that
+    # redelivers after newer readings makes these: the engine counts them as lost, not seen.
+    buf = buffer(window=4, hop=1, max_gap_s=5 * P)
+    push(buf, 0, seq=0)
+    push(buf, 3, seq=3)  # 1 and 2 interpolated
+    late = buf.push(T0 + 2 * P, row(2), 2)
+    assert late.result is PushResult.LATE and late.missed
+    seen = buf.push(T0, row(0), 0)
+    assert seen.result is PushResult.DUPLICATE and not seen.missed
+    for i in range(4, 40):
+        push(buf, i)
+    old = buf.push(T0 + P, row(1))  # beyond the ring, no seq: late, but not known as missed
+    assert old.result is PushResult.LATE and not old.missed
+    # With seq, beyond the ring: a seq the stream skipped was never taken.
+    push(buf, 40, seq=40)
+    push(buf, 45, seq=45)  # 41..44 missing by seq (and interpolated)
+    for i in range(46, 90):
+        push(buf, i, seq=i)
+    skipped = buf.push(T0 + 42 * P, row(42), 42)
+    assert skipped.result is PushResult.LATE and skipped.missed
+    again = buf.push(T0 + 47 * P, row(47), 47)
+    assert again.result is PushResult.DUPLICATE and not again.missed
+
+
 def test_seq_gap_counted_and_reading_still_used() -> None:
     buf = buffer()
     buf.push(T0, row(0), seq=1)
