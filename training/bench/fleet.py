@@ -28,6 +28,10 @@ PARTITIONS = 16
 # nats-server's MQTT ack_wait here: 5 s caused thousands of needless redeliveries under load
 # (a drained backlog is delivered faster than it is acknowledged).
 ACK_WAIT_S = 10.0
+# The instances' redelivery_wait_s: ack_wait plus a margin. The broker goes on delivering to a
+# killed instance for seconds; with no margin, a clean-clone CI run lost 3,502 readings whose
+# redeliveries came after newer ones (docs/scale-out.md).
+REDELIVERY_WAIT_S = ACK_WAIT_S + 10.0
 
 
 def nats_binary() -> str:
@@ -138,6 +142,24 @@ class NatsCluster:
             time.sleep(0.1)
         raise click.ClickException("the NATS cluster has no JetStream leader after 30 s")
 
+    def wait_streams_led(self, timeout_s: float = 30.0) -> None:
+        """Every JetStream stream (the MQTT sessions', messages', retained messages') has a
+        leader, as the first running node sees them: until then QoS 1 stores time out, and the
+        broker closes the connection that asked (after 4 s)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            running = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+            doc = running[0].jsz("?accounts=true&streams=true") if running else {}
+            streams = [
+                stream
+                for account in doc.get("account_details") or []
+                for stream in account.get("stream_detail") or []
+            ]
+            if streams and all((s.get("cluster") or {}).get("leader") for s in streams):
+                return
+            time.sleep(0.2)
+        raise click.ClickException(f"JetStream streams without a leader after {timeout_s:g} s")
+
     def subscribed_partitions(self) -> set[int]:
         """Partitions whose MQTT session has subscribed, as the first running node sees them."""
         for node in self.nodes:
@@ -186,20 +208,32 @@ class Instance:
         if self.partitions:
             text += (
                 f"[partitions]\ncount = {self.partitions}\nindex = {self.index}\nof = {self.of}\n"
-                f'checkpoint_dir = "{shared}"\nredelivery_wait_s = {ACK_WAIT_S:g}\n'
+                f'checkpoint_dir = "{shared}"\nredelivery_wait_s = {REDELIVERY_WAIT_S:g}\n'
             )
         path = self.directory / "oteo.toml"
         path.write_text(text)
         return path
 
     def start(self, wait: bool = True) -> None:
-        script = Path(sys.executable).with_name("oteo")
-        cmd = [str(script), "run", "--config", str(self.write_config())]
-        log = open(self.directory / "oteo.log", "ab")  # noqa: SIM115 - the child has it
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        log.close()
-        if wait:
-            self.wait_http()
+        for attempt in range(3):
+            script = Path(sys.executable).with_name("oteo")
+            cmd = [str(script), "run", "--config", str(self.write_config())]
+            log = open(self.directory / "oteo.log", "ab")  # noqa: SIM115 - the child has it
+            began = log.tell()
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            log.close()
+            if not wait:
+                return
+            try:
+                self.wait_http()
+                return
+            except click.ClickException:
+                # free_port() only found a port free a moment ago: an outgoing connection on
+                # loopback may have taken it since (a run here lost one that way). Another one.
+                text = (self.directory / "oteo.log").read_bytes()[began:]
+                if attempt == 2 or b"cannot listen on" not in text:
+                    raise
+                self.http_port = free_port()
 
     def wait_http(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s

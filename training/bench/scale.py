@@ -10,10 +10,10 @@ model, 200 simulated streams (every 10th with recurring faults), single readings
    exactly one instance (their per-stream counters).
 2. The same drain through Mosquitto for one instance without partitions, for comparison.
 3. Faults: two instances publishing every window's score, publishers at a fixed rate; a kill -9
-   of one instance early on, restarted at once (it waits for the broker's redelivery), then a
-   kill -9 of one NATS node and more readings. Every reading must have been scored (`lost`, by
-   seq: the window ending at it), readings scored twice are `duplicates`, and every fault is
-   alarmed once.
+   of one instance early on, restarted at once (it waits for the broker's redelivery: ack_wait
+   plus a margin), then, once it has taken its backlog, a kill -9 of one NATS node and more
+   readings. Every reading must have been scored (`lost`, by seq: the window ending at it),
+   readings scored twice are `duplicates`, and every fault is alarmed once.
 """
 
 from __future__ import annotations
@@ -160,13 +160,17 @@ def fault_phase(
         # Not strict: under this load nats-server now and then never acknowledges a publication
         # (it timed out storing it); `lost` is then counted, not matched by seq (below).
         published = finish(pubs, strict=False)
-        # The node goes after the publishers are done: killed under publishing load, the
-        # surviving nodes took seconds per QoS 1 publication here and publishers stalled
-        # (docs/scale-out.md). The instances' sessions must carry on, and readings published
-        # after the kill must arrive.
+        # The node goes after the publishers are done and the restarted instance has taken its
+        # backlog: killed under publishing load, the surviving nodes took seconds per QoS 1
+        # publication here and publishers stalled (docs/scale-out.md); killed while an instance
+        # still drained, it cut that instance's output link (a retained state's store timed
+        # out) and the window scores of those seconds were never published. The instances'
+        # sessions must carry on, and readings published after the kill must arrive.
+        wait_quiet(instances, 5.0, 120.0)
         say("kill -9 of NATS node 3, then more readings")
         cluster.nodes[2].stop(9)
         cluster.wait_ready()
+        cluster.wait_streams_led()
         after = finish(
             publish(ports, series, STREAMS, AFTER_NODE_KILL, start + sizes.live_per_stream),
             strict=False,
@@ -178,7 +182,12 @@ def fault_phase(
             for k, v in i.metrics().items()
             if k.startswith("oteo_partition_owned{")
         )
-        dropped = sum(i.metrics().get("oteo_redelivered_duplicates_total", 0.0) for i in instances)
+        ends = [i.metrics() for i in instances]
+        dropped = sum(m.get("oteo_redelivered_duplicates_total", 0.0) for m in ends)
+        late = sum(m.get("oteo_redelivered_late_total", 0.0) for m in ends)
+        unsent = sum(
+            v for m in ends for k, v in m.items() if k.startswith("oteo_mqtt_publish_dropped_total")
+        )
     finally:
         for instance in instances:
             instance.stop()
@@ -188,7 +197,8 @@ def fault_phase(
     expected = {(f"s{s}", start + r) for s in range(STREAMS) for r in range(n)}
     later = {key for key in scores if start + n <= key[1] < start + n + AFTER_NODE_KILL}
     starts = [(stream, seq) for kind, stream, seq in rows if kind == "start"]
-    unscored = len(expected - set(scores))
+    missing = expected - set(scores)
+    unscored = len(missing)
     if published["acked"] < published["sent"]:
         # Which publications were acknowledged is not known: lost = acknowledged but unscored,
         # counted (a scored reading was stored, so it can only lower the count).
@@ -202,6 +212,17 @@ def fault_phase(
         "lost": lost,
         "duplicates": sum(c - 1 for c in scores.values() if c > 1),
         "redelivered_duplicates_dropped": dropped,
+        # Redelivered after newer readings of their stream: dropped unscored (what the
+        # restarted instance could tell; `lost` is the count by seq).
+        "redelivered_late_dropped": late,
+        # Scores (and states) the running instances did not publish (their link was down): a
+        # reading scored but not seen by the collector. The killed run's count died with it.
+        "score_publications_dropped": unsent,
+        # Where the unscored readings are: per instance (of 2), their count and seq range.
+        "unscored_by_instance": [
+            [len(seqs), min(seqs, default=None), max(seqs, default=None)]
+            for seqs in ([q for stream, q in missing if owner(stream) == i] for i in range(2))
+        ],
         "restart_to_owned_s": back - killed_at if back else None,
         "after_node_kill_sent": after["sent"],
         "after_node_kill_acked": after["acked"],
@@ -365,7 +386,9 @@ def table(r: dict[str, Any]) -> str:
         f"  after the node kill: {r['after_node_kill_acked']} of {r['after_node_kill_sent']} "
         f"acknowledged, {r['after_node_kill_scored']} scored",
         f"  lost {r['lost']}, duplicates {r['duplicates']} (scored twice), "
-        f"{r['redelivered_duplicates_dropped']:.0f} redeliveries dropped as seen",
+        f"{r['redelivered_duplicates_dropped']:.0f} redeliveries dropped as seen, "
+        f"{r['redelivered_late_dropped']:.0f} as too late (lost); "
+        f"{r['score_publications_dropped']:.0f} scores unpublished (link down)",
         f"  restarted instance owned its partitions again after {r['restart_to_owned_s']} s",
         f"  faults {r['faults']}: alarmed once {r['faults_alarmed_once']}, missed "
         f"{r['faults_missed']}, repeatedly {r['faults_alarmed_repeatedly']}; alarms outside "
