@@ -218,7 +218,8 @@ class Metrics:
         self.mqtt_publish_dropped_total = self._counter(
             "oteo_mqtt_publish_dropped_total",
             "Messages not published, by reason: not_connected (window scores, states and replies "
-            "while the broker link is down; events wait in the outbox instead) or queue_full.",
+            "while the broker link is down, or not yet written when it went; events wait in the "
+            "outbox instead) or queue_full.",
             ["reason"],
         )
         _touch(self.mqtt_publish_dropped_total, ("not_connected", "queue_full"))

@@ -230,6 +230,7 @@ class Connection:
     ) -> None:
         if self.state is LinkState.CONNECTED:
             self._inbox.generation += 1
+            self._sender.connection_lost()
             if self._stopping.is_set():
                 self.set_state(LinkState.DISCONNECTED, "disconnected")
                 return

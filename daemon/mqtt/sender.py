@@ -51,6 +51,9 @@ class Sender:
         self._closed = False
         # Network thread only.
         self.unacked: dict[int, int | None] = {}  # paho mid -> outbox id (None: not durable)
+        # QoS 0 messages paho took but has not written yet: paho drops them when the connection
+        # goes, without a word (`connection_lost` counts them).
+        self._qos0_unwritten = 0
         self.inflight_limit = inflight_limit
         self._durable_inflight = 0
         self._outbox_cursor = 0  # last outbox id handed to paho by this process
@@ -118,6 +121,7 @@ class Sender:
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._count_drop()
                 return None
+            self._qos0_unwritten += 1
         else:
             # NO_CONN here still means taken: paho sends it after the next CONNACK. (The mid is
             # recorded after publish() returns; a PUBACK can only arrive in a later loop_read.)
@@ -159,8 +163,9 @@ class Sender:
                 self._outbox_ack(entry.id)  # QoS 0 is as delivered as it will ever be
 
     def acknowledged(self, mid: int, reason: ReasonCode) -> None:
-        """A PUBACK (paho also reports written QoS 0 messages: those mids are not tracked)."""
+        """A PUBACK, or a QoS 0 message written to the socket (its mid is not tracked)."""
         if mid not in self.unacked:
+            self._qos0_unwritten = max(0, self._qos0_unwritten - 1)
             return
         outbox_id = self.unacked.pop(mid)
         self.counters.pending_unacked = len(self.unacked)
@@ -172,6 +177,13 @@ class Sender:
         if outbox_id is not None:
             self._durable_inflight -= 1
             self._outbox_ack(outbox_id)
+
+    def connection_lost(self) -> None:
+        """The connection closed: QoS 0 messages paho had not written are gone; count them."""
+        if self._qos0_unwritten:
+            with self._lock:  # enqueue() counts into the same field from other threads
+                self.counters.dropped_not_connected += self._qos0_unwritten
+            self._qos0_unwritten = 0
 
     def outbox_empty(self) -> bool:
         if self._outbox is None:

@@ -101,6 +101,11 @@ class Broker:
         self.stop(kill=True)
         pytest.fail(f"mosquitto did not listen on {self.port} in {START_TIMEOUT_S} s")
 
+    def pause(self) -> None:
+        """SIGSTOP: the broker reads nothing until `stop` (SIGKILL ends a stopped process)."""
+        assert self._proc is not None and self._proc.poll() is None
+        self._proc.send_signal(signal.SIGSTOP)
+
     def stop(self, kill: bool = False) -> None:
         """SIGTERM (Mosquitto saves its persistence database) or SIGKILL, then wait."""
         if self._proc is not None:

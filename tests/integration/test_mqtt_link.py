@@ -630,6 +630,32 @@ def test_publish_while_disconnected_is_dropped_and_counted(
     assert link.counters.published == 0
 
 
+def test_qos0_messages_paho_had_not_written_when_the_connection_went_are_counted(
+    make_broker: BrokerFactory, links: Links
+) -> None:
+    # A stalled broker reads nothing: the socket fills and paho keeps the rest of the QoS 0
+    # messages (window scores) in memory; when the connection goes, paho drops them silently.
+    broker = make_broker()
+    link = links(broker, subscriptions=(), keepalive_s=120)  # the kill ends it, not keep-alive
+    assert link.wait_connected(15)
+    n, payload = 4000, b"x" * 4096  # 16 MB; loopback socket buffers hold a few
+    broker.pause()
+    try:
+        for _ in range(n):
+            link.publish(Outgoing("oteo/pump/score", payload))
+        # While the socket is full the link hands batches to paho slowly: half is plenty.
+        assert wait_until(lambda: link.counters.published >= n // 2, 60.0), link.counters
+    finally:
+        broker.stop(kill=True)
+    c = link.counters
+    assert wait_until(lambda: c.disconnects == 1 and c.published + c.dropped_not_connected >= n)
+    # Each message is written or counted as dropped, once; those paho held unwritten when the
+    # connection went count as dropped although handed over (before, they counted nowhere).
+    unwritten = c.published + c.dropped_not_connected - n
+    print(f"handed {c.published}, dropped {c.dropped_not_connected}, of them unwritten {unwritten}")
+    assert 0 < unwritten <= c.published, c
+
+
 def test_publish_is_sent_at_once_not_at_the_next_poll(mosquitto: Broker, links: Links) -> None:
     link = links(mosquitto, subscriptions=())
     assert link.wait_connected(15)
