@@ -54,8 +54,8 @@ class PushOutcome:
     windows_ready: int  # windows that became ready; fetch them with `take_at(0 .. n - 1)`
     seq_gap: int  # readings missing according to `seq`
     filled: int  # samples synthesised by interpolation
-    # LATE only: its slot is in the ring and was interpolated, so this reading was never
-    # taken (not a redelivery of one that was).
+    # LATE only: this reading was never taken (not a redelivery of one that was): its slot is
+    # in the ring and was interpolated, or its seq is in a gap `seq` showed.
     missed: bool = False
 
     def windows_only(self) -> PushOutcome:
@@ -99,10 +99,9 @@ class StreamBuffer:
     that holds a received sample, is a DUPLICATE; one in an older slot that was interpolated is
     LATE with `missed` set (it never arrived in time: never taken). Beyond the ring, or before
     the last reset, it is a DUPLICATE if its `seq` is not above the last one (a QoS 1
-    redelivery) unless that seq is in one of the last gaps `seq` showed (LATE, missed); else
-    LATE. A `seq` at
-    or below the last one on a reading that is *newer* by time is taken as the sender restarting
-    its counter: accepted, and not counted as a gap.
+    redelivery) unless that seq is in one of the last 8 gaps `seq` showed (LATE, missed); else
+    LATE. A `seq` at or below the last one on a reading that is *newer* by time is taken as the
+    sender restarting its counter: accepted, not counted as a gap, and the old gaps forgotten.
 
     Reordering: with `reorder_tolerance_s` > 0, readings are held until the newest timestamp
     seen is that much newer, then committed in time order; a reading whose slot is already
@@ -322,6 +321,8 @@ class StreamBuffer:
                 seq_gap = seq - self._last_seq - 1 if seq - self._last_seq <= MAX_SEQ_GAP else 0
                 if seq_gap:
                     self._seq_gaps.append((self._last_seq + 1, seq - 1))
+            elif self._last_seq is not None and seq <= self._last_seq:
+                self._seq_gaps.clear()  # the old counter's gaps mean nothing now
             self._last_seq = seq  # also when lower: the sender restarted its counter
         result = PushResult.ACCEPTED
         step = slot - self._last_slot

@@ -176,6 +176,11 @@ def test_a_late_reading_says_whether_it_was_never_taken() -> None:
     assert skipped.result is PushResult.LATE and skipped.missed
     again = buf.push(T0 + 47 * P, row(47), 47)
     assert again.result is PushResult.DUPLICATE and not again.missed
+    # A sender that restarts its counter: its old gaps say nothing about the new seqs.
+    push(buf, 90, seq=0)
+    for i in range(91, 140):
+        push(buf, i, seq=i - 90)
+    assert buf.push(T0 + 92 * P, row(92), 42).result is PushResult.DUPLICATE
 
 
 def test_seq_gap_counted_and_reading_still_used() -> None:
