@@ -173,10 +173,7 @@ def fault_phase(
         cluster.nodes[2].stop(9)
         cluster.wait_ready()
         cluster.wait_streams_led()
-        after = finish(
-            publish(ports, series, STREAMS, AFTER_NODE_KILL, start + sizes.live_per_stream),
-            strict=False,
-        )
+        after = publish_after_node_kill(ports, series, start + sizes.live_per_stream, say)
         wait_quiet(instances, 5.0, 120.0)
         owned_after = sum(
             v
@@ -241,10 +238,14 @@ def fault_phase(
         # known, so counted: scored readings can only come from stored publications).
         "after_node_kill_lost": max(0, int(after["acked"]) - len(later) - int(unsent_after)),
         "after_node_kill_publishers_failed": after["failed"],
+        "after_node_kill_publish_attempts": after["attempts"],
         # The instances' 16 sessions stayed (or came back) connected through the node kill, and
         # whatever the broker acknowledged afterwards was scored.
         "owned_after_node_kill": owned_after,
-        "node_kill_continued": owned_after == 16 and len(later) + unsent_after >= after["acked"],
+        # ... and something was: a publisher that never got through proves nothing.
+        "node_kill_continued": owned_after == 16
+        and after["acked"] > 0
+        and len(later) + unsent_after >= after["acked"],
         "publisher_reconnects": published["reconnects"] + after["reconnects"],
         **alarm_counts(starts, start, sizes.live_per_stream),
         # The same counts for the streams of the instance that was never killed: what the
@@ -256,6 +257,23 @@ def fault_phase(
             ).items()
         },
     }
+
+
+def publish_after_node_kill(
+    ports: list[int], series: Path, start: int, say: Any, attempts: int = 3
+) -> dict[str, float]:
+    """AFTER_NODE_KILL readings per stream, published again while a publisher could not
+    connect: right after a node died nats-server left new connections unanswered for 30 s in
+    about one run of five here, and a check on what nobody could send would pass for nothing.
+    A half sent twice reaches the instances as duplicates (same seq), dropped as such."""
+    failed = 0
+    for attempt in range(1, attempts + 1):
+        after = finish(publish(ports, series, STREAMS, AFTER_NODE_KILL, start), strict=False)
+        failed += int(after["failed"])
+        if not after["failed"]:
+            break
+        say(f"  {after['failed']:.0f} publisher(s) could not connect (attempt {attempt})")
+    return {**after, "failed": failed, "attempts": attempt}
 
 
 def checkpointed_seqs(directory: Path) -> dict[str, int]:
