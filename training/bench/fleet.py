@@ -131,12 +131,15 @@ class NatsCluster:
             node.start()
         self.wait_ready()
 
+    def running(self) -> list[Node]:
+        """The nodes whose process is alive (one may have been killed)."""
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Every running node agrees on a JetStream meta leader."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            running = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
-            leaders = {n.jsz().get("meta_cluster", {}).get("leader") for n in running}
+            leaders = {n.jsz().get("meta_cluster", {}).get("leader") for n in self.running()}
             if len(leaders) == 1 and None not in leaders:
                 return
             time.sleep(0.1)
@@ -148,7 +151,7 @@ class NatsCluster:
         broker closes the connection that asked (after 4 s)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            running = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+            running = self.running()
             doc = running[0].jsz("?accounts=true&streams=true") if running else {}
             streams = [
                 stream
@@ -162,12 +165,9 @@ class NatsCluster:
 
     def subscribed_partitions(self) -> set[int]:
         """Partitions whose MQTT session has subscribed, as the first running node sees them."""
-        for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                return subscribed_partitions(
-                    node.jsz("?accounts=true&streams=true&consumers=true&config=true")
-                )
-        return set()
+        running = self.running()
+        query = "?accounts=true&streams=true&consumers=true&config=true"
+        return subscribed_partitions(running[0].jsz(query)) if running else set()
 
     def stop(self) -> None:
         for node in self.nodes:

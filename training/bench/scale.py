@@ -168,23 +168,18 @@ def fault_phase(
         # out) and the window scores of those seconds were never published. The instances'
         # sessions must carry on, and readings published after the kill must arrive.
         wait_quiet(instances, 5.0, 120.0)
-        unsent_before = unpublished(instances)
+        unsent_before = total([i.metrics() for i in instances], "oteo_mqtt_publish_dropped_total")
         say("kill -9 of NATS node 3, then more readings")
         cluster.nodes[2].stop(9)
         cluster.wait_ready()
         cluster.wait_streams_led()
         after = publish_after_node_kill(ports, series, start + sizes.live_per_stream, say)
         wait_quiet(instances, 5.0, 120.0)
-        owned_after = sum(
-            v
-            for i in instances
-            for k, v in i.metrics().items()
-            if k.startswith("oteo_partition_owned{")
-        )
         ends = [i.metrics() for i in instances]
-        dropped = sum(m.get("oteo_redelivered_duplicates_total", 0.0) for m in ends)
-        late = sum(m.get("oteo_redelivered_late_total", 0.0) for m in ends)
-        unsent_after = unpublished(instances) - unsent_before
+        owned_after = total(ends, "oteo_partition_owned{")
+        dropped = total(ends, "oteo_redelivered_duplicates_total")
+        late = total(ends, "oteo_redelivered_late_total")
+        unsent_after = total(ends, "oteo_mqtt_publish_dropped_total") - unsent_before
     finally:
         for instance in instances:
             instance.stop()
@@ -289,14 +284,9 @@ def checkpointed_seqs(directory: Path) -> dict[str, int]:
     return out
 
 
-def unpublished(instances: list[Instance]) -> float:
-    """Outputs the instances counted as not published (their broker link was down)."""
-    return sum(
-        v
-        for i in instances
-        for k, v in i.metrics().items()
-        if k.startswith("oteo_mqtt_publish_dropped_total")
-    )
+def total(scrapes: list[dict[str, float]], prefix: str) -> float:
+    """The sum over the instances' scrapes of every sample whose key starts with `prefix`."""
+    return sum(v for m in scrapes for k, v in m.items() if k.startswith(prefix))
 
 
 def owner(stream: str) -> int:
